@@ -1,0 +1,128 @@
+"""Basic layers shared by the UNet, the VAE and the CLIP text towers.
+
+Layout is NHWC. Parameters are created in `param_dtype` and cast to the compute `dtype` at use;
+normalisation statistics are always float32. Every parameter carries logical axis names in its
+`axes` metadata; `mapo_jax.sharding` maps them to mesh axes. Attribute names (`kernel`, `bias`,
+`scale`, `embedding`) are translated to PyTorch names in `mapo_jax.convert`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = jnp.dtype
+
+
+def _param(rngs: nnx.Rngs, init, shape, param_dtype, axes) -> nnx.Param:
+  return nnx.Param(init(rngs.params(), shape, param_dtype), axes=axes)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel + bias, kernel (in, out). `axes` names the (in, out) logical axes."""
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+               axes: tuple[str, str] = ("embed", "mlp"), dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    init = jax.nn.initializers.lecun_normal()
+    self.kernel = _param(rngs, init, (in_features, out_features), param_dtype, axes)
+    self.bias = (_param(rngs, jax.nn.initializers.zeros, (out_features,), param_dtype, axes[1:])
+                 if use_bias else None)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class Conv2d(nnx.Module):
+  """2-D convolution on NHWC inputs; kernel (kh, kw, in, out) with symmetric padding."""
+
+  def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
+               padding: int | None = None, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    init = jax.nn.initializers.lecun_normal()
+    shape = (kernel_size, kernel_size, in_channels, out_channels)
+    self.kernel = _param(rngs, init, shape, param_dtype, ("conv_h", "conv_w", "conv_in", "conv_out"))
+    self.bias = _param(rngs, jax.nn.initializers.zeros, (out_channels,), param_dtype, ("conv_out",))
+    self.stride = stride
+    self.padding = kernel_size // 2 if padding is None else padding
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    p = self.padding
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+        window_strides=(self.stride, self.stride), padding=((p, p), (p, p)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + self.bias[...].astype(self.dtype)
+
+
+class GroupNorm(nnx.Module):
+  """GroupNorm over the channel axis (last) with float32 statistics, optionally fused with SiLU."""
+
+  def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-5,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    if num_channels % num_groups:
+      raise ValueError(f"GroupNorm: {num_channels} channels do not split into {num_groups} groups")
+    self.scale = _param(rngs, jax.nn.initializers.ones, (num_channels,), param_dtype, ("norm",))
+    self.bias = _param(rngs, jax.nn.initializers.zeros, (num_channels,), param_dtype, ("norm",))
+    self.num_groups, self.eps, self.dtype = num_groups, eps, dtype
+
+  def __call__(self, x: jax.Array, *, silu: bool = False) -> jax.Array:
+    shape = x.shape
+    g = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, shape[-1] // self.num_groups)
+    mean = g.mean(axis=(1, 3), keepdims=True)
+    var = jnp.square(g - mean).mean(axis=(1, 3), keepdims=True)
+    y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    if silu:
+      y = jax.nn.silu(y)
+    return y.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis with float32 statistics."""
+
+  def __init__(self, num_features: int, *, eps: float = 1e-5, use_affine: bool = True,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    if use_affine:
+      self.scale = _param(rngs, jax.nn.initializers.ones, (num_features,), param_dtype, ("norm",))
+      self.bias = _param(rngs, jax.nn.initializers.zeros, (num_features,), param_dtype, ("norm",))
+    else:
+      self.scale = self.bias = None
+    self.eps, self.dtype = eps, dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    if self.scale is not None:
+      y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class Embed(nnx.Module):
+  """Lookup table (num_embeddings, features)."""
+
+  def __init__(self, num_embeddings: int, features: int, *, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    init = jax.nn.initializers.normal(0.02)
+    self.embedding = _param(rngs, init, (num_embeddings, features), param_dtype, ("vocab", "embed"))
+    self.dtype = dtype
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
+class Dropout(nnx.Module):
+  """A parameter-free placeholder that keeps module indices aligned with PyTorch checkpoints.
+
+  Preference fine-tuning of these models uses no dropout, so it is the identity.
+  """
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x
