@@ -1,9 +1,9 @@
 """Preference objectives as pure functions of per-sample denoising errors.
 
-Every objective takes per-sample errors `l_k = mean_{H,W,C} (pred_k - target_k)^2` of shape (B,), one entry
-per preference pair (winner `w`, loser `l`, same noise and timestep), and returns `(loss, metrics)`: a float32
-scalar and a flat dict of float32 scalars. Inputs of any float dtype are upcast to float32 first. All functions
-are jittable and hold no state; reference errors must already be under `jax.lax.stop_gradient`.
+Every objective takes per-sample errors `l_k = mean_{H,W,C} (pred_k - target_k)^2` of shape (B,), one
+entry per preference pair (winner `w`, loser `l`, same noise and timestep), and returns `(loss, metrics)`:
+a float32 scalar and a flat dict of float32 scalars. Inputs of any float dtype are upcast to float32 first.
+All functions are jittable and hold no state; reference errors must already be under `stop_gradient`.
 
 Reductions are plain means over the B pairs. Under `jax.jit` with batch-sharded inputs, these jnp reductions
 already span the global batch (XLA inserts the cross-device collectives), so pass the global arrays, not

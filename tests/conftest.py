@@ -1,29 +1,15 @@
 """Shared fixtures: tiny random diffusers/transformers models saved with `save_pretrained`."""
+import functools
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-# Tiny UNet configs with the block layouts of the real checkpoints (SDXL base, SD 1.5, SD 2.1).
-TINY_SDXL_UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=[32, 64, 64], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    attention_head_dim=[2, 4, 4], transformer_layers_per_block=[1, 2, 3], cross_attention_dim=48,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=8, upcast_attention=False)
-TINY_SD15_UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[32, 64],
-    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-    attention_head_dim=4, cross_attention_dim=40, norm_num_groups=8)
-TINY_SD2_UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64, 64],
-    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    attention_head_dim=[2, 4, 4], cross_attention_dim=40, use_linear_projection=True, upcast_attention=True,
-    norm_num_groups=8)
+from mapo_jax.models.presets import TINY_SD2_UNET, TINY_SD15_UNET, TINY_SDXL_UNET  # noqa: F401
 
 
 def perturb_(module, seed=0, scale=0.05):
@@ -55,3 +41,95 @@ def tiny_sdxl_unet_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp("tiny_sdxl_unet")
   make_diffusers_unet(TINY_SDXL_UNET, path)
   return path
+
+
+# --- Tiny SDXL / SD pipelines (VAE, CLIP towers, tokenizers) ---------------------------------------
+
+TINY_VAE = dict(  # four blocks, so latents are /8 as with the real VAEs
+    block_out_channels=[8, 8, 16, 16], down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=1, latent_channels=4, norm_num_groups=4,
+    sample_size=64, scaling_factor=0.13025)
+# Tower 1 (CLIP ViT-L-like: quick_gelu, eos_token_id 2 → argmax pooling) and tower 2 (OpenCLIP bigG-like:
+# gelu, projection, real EOS id → first-EOS pooling). Hidden sizes 16 + 32 = TINY_SDXL_UNET's cross_attention_dim.
+TINY_CLIP_L = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                   max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0, pad_token_id=1,
+                   eos_token_id=2)
+TINY_CLIP_G = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                   max_position_embeddings=77, hidden_act="gelu", projection_dim=32)
+
+
+def make_clip_tokenizer(folder, **kwargs):
+  """A CLIP BPE tokenizer over a hand-made vocabulary (letters, a few words, the two specials last)."""
+  import json
+  from pathlib import Path
+  from transformers import CLIPTokenizer
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  letters = "abcdefghijklmnopqrstuvwxyz"
+  merges = ["c a", "ca t</w>", "d o", "do g</w>", "r e", "re d</w>", "o n</w>", "t h", "th e</w>"]
+  tokens = ["!", "!</w>", ",</w>", ".</w>", *letters, *(c + "</w>" for c in letters),
+            *("".join(m.split()) for m in merges), "<|startoftext|>", "<|endoftext|>"]
+  (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+  (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+  return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77, **kwargs)
+
+
+def make_clip_text_model(config, *, projection=False, seed=0):
+  import torch
+  from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+  torch.manual_seed(seed)
+  cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+  return perturb_(cls(CLIPTextConfig(**config)), seed).eval()
+
+
+def make_diffusers_vae(config, seed=0):
+  import torch
+  from diffusers import AutoencoderKL
+  torch.manual_seed(seed)
+  return perturb_(AutoencoderKL(**config), seed).eval()
+
+
+def sdxl_scheduler():
+  from diffusers import EulerDiscreteScheduler
+  return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
+                                prediction_type="epsilon")
+
+
+def make_tiny_sdxl_pipeline(path, seed=0):
+  """Saves a tiny random SDXL pipeline folder (diffusers layout, 64 px default) and returns the torch pipeline."""
+  import torch
+  from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+  tokenizer = make_clip_tokenizer(f"{path}/tokenizer")
+  tokenizer_2 = make_clip_tokenizer(f"{path}/tokenizer_2", pad_token="!")  # as SDXL's second tokenizer
+  eos = tokenizer.eos_token_id
+  text_encoder = make_clip_text_model({**TINY_CLIP_L, "vocab_size": len(tokenizer)}, seed=seed)
+  text_encoder_2 = make_clip_text_model(
+      {**TINY_CLIP_G, "vocab_size": len(tokenizer), "bos_token_id": eos - 1, "eos_token_id": eos, "pad_token_id": 0},
+      projection=True, seed=seed + 1)
+  torch.manual_seed(seed)
+  unet = perturb_(UNet2DConditionModel(**{**TINY_SDXL_UNET, "sample_size": 8}), seed + 2).eval()
+  pipe = StableDiffusionXLPipeline(
+      vae=make_diffusers_vae(TINY_VAE, seed + 3), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=sdxl_scheduler(), add_watermarker=False)
+  pipe.save_pretrained(path)
+  return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("tiny_sdxl_pipeline")
+  make_tiny_sdxl_pipeline(path)
+  return path
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef, state, args, kwargs):
+  return nnx.merge(graphdef, state)(*args, **kwargs)
+
+
+def jit_call(model, *args, **kwargs):
+  """model(*args, **kwargs) under one jit shared by every model with the same structure, so tests that
+  load the same architecture several times compile it once."""
+  graphdef, state = nnx.split(model)
+  return _apply(graphdef, state, args, kwargs)

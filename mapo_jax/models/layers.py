@@ -14,8 +14,16 @@ from flax import nnx
 Dtype = jnp.dtype
 
 
+def _next_key(rngs: nnx.Rngs) -> jax.Array:
+  """`rngs.params()` without its in-place counter update, which is quadratic under tracing (jax 0.10)."""
+  stream = rngs.params
+  count = stream.count.get_value()
+  stream.count.set_value(count + 1)
+  return jax.random.fold_in(stream.key.get_value(), count)
+
+
 def _param(rngs: nnx.Rngs, init, shape, param_dtype, axes) -> nnx.Param:
-  return nnx.Param(init(rngs.params(), shape, param_dtype), axes=axes)
+  return nnx.Param(init(_next_key(rngs), shape, param_dtype), axes=axes)
 
 
 class Linear(nnx.Module):

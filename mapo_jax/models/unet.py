@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -72,7 +73,7 @@ REMAT_POLICIES = {
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
   """A validated diffusers UNet config with every per-block option expanded to a tuple."""
-  raw: Mapping[str, Any]
+  raw_json: str  # the config.json contents; a string keeps the dataclass hashable (static under jit)
   in_channels: int
   out_channels: int
   flip_sin_to_cos: bool
@@ -133,7 +134,7 @@ class UNetConfig:
         if c[key] is None:
           raise ValueError(f"UNet config: addition_embed_type='text_time' needs {key}")
     return cls(
-        raw=dict(config), in_channels=c["in_channels"], out_channels=c["out_channels"],
+        raw_json=json.dumps(dict(config), sort_keys=True), in_channels=c["in_channels"], out_channels=c["out_channels"],
         flip_sin_to_cos=c["flip_sin_to_cos"], freq_shift=c["freq_shift"],
         down_block_types=tuple(c["down_block_types"]), up_block_types=tuple(c["up_block_types"]),
         block_out_channels=tuple(c["block_out_channels"]),
@@ -419,7 +420,7 @@ class UNet2DConditionModel(nnx.Module):
   @property
   def config(self) -> dict[str, Any]:
     """The diffusers config dict this model was built from."""
-    return dict(self.cfg.raw)
+    return json.loads(self.cfg.raw_json)
 
   def __call__(self, sample, timesteps, encoder_hidden_states, text_embeds=None, time_ids=None):
     cfg, dtype = self.cfg, self.options.dtype

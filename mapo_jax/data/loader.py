@@ -1,0 +1,110 @@
+"""Training input: grain pipelines that yield batches of `BATCH_KEYS`, from the cache or on the fly.
+
+Order of operations (both modes): seeded global shuffle (reshuffled each epoch) -> repeat ->
+this process's slice `[process_index::process_count]` -> per-pair read, threaded -> batch of
+`batch_size` pairs (per process) -> dtype cast / encode -> optionally a global jax.Array batch
+(`make_array_from_process_local_data` with the caller's sharding) with a small prefetch.
+Together the processes consume the shuffled stream in contiguous windows of
+`batch_size * process_count` pairs, so a global batch holds the same pairs whatever the host count.
+
+The loader yields VAE posterior moments, not latents: the train step samples latents with its
+own RNG. Checkpoint the iterator with grain's Orbax handler:
+    it = iter(cached_loader(...))
+    manager.save(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it), ...))
+    manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(it), ...))
+"""
+
+import concurrent.futures
+import functools
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from absl import logging
+
+from mapo_jax.data.cache import ENCODED_KEYS, EncodeFn, RecordLayout, read_manifest
+from mapo_jax.data.pairs import Counts, prepare_pair, prepare_rows
+from mapo_jax.data.sources import Source
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+  """Per-process numpy batch -> global arrays whose leading (pair) axis spans all processes."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def _batches(ds: grain.MapDataset, prepare, finish, *, batch_size: int, seed: int,
+             num_epochs: int | None, sharding: jax.sharding.Sharding | None,
+             process_index: int | None, process_count: int | None, num_threads: int) -> grain.IterDataset:
+  if process_count is None:
+    process_index, process_count = jax.process_index(), jax.process_count()
+  global_batch = batch_size * process_count
+  if len(ds) < global_batch:
+    raise ValueError(f"{len(ds)} pairs cannot fill one global batch of {global_batch}")
+  ds = ds.shuffle(seed).repeat(num_epochs)
+  if num_epochs is not None:  # every process must take the same number of steps
+    ds = ds[:len(ds) // global_batch * global_batch]
+  ds = ds[process_index::process_count].map(prepare)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                            prefetch_buffer_size=max(2 * batch_size, num_threads)))
+  ds = ds.batch(batch_size, drop_remainder=True).map(finish)
+  if sharding is not None:
+    ds = ds.map(functools.partial(to_global, sharding=sharding))
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
+  return ds
+
+
+def cached_loader(cache_dir: str | Path, *, batch_size: int, seed: int, num_epochs: int | None = None,
+                  dtype: Any = np.float32, sharding: jax.sharding.Sharding | None = None,
+                  process_index: int | None = None, process_count: int | None = None,
+                  num_threads: int = 8) -> grain.IterDataset:
+  """Batches of `BATCH_KEYS` from a cache written by `python -m mapo_jax.encode`.
+
+  batch_size: pairs per process. dtype: every array is cast to it (default float32); None keeps
+  the stored dtypes (cache_dtype for the big arrays, float32 for time_ids and rpo_emb).
+  sharding: if given, yields global jax.Arrays; else per-process numpy arrays.
+  process_index/count: default to jax's; pass them to build one process's view explicitly.
+  """
+  manifest = read_manifest(cache_dir)
+  layout = RecordLayout.from_json(manifest["record"])
+  files = [str(Path(cache_dir) / s["file"]) for s in manifest["shards"] if s["pairs"]]
+  records = grain.sources.ArrayRecordDataSource(files)
+  if len(records) != manifest["pairs"]:
+    raise ValueError(f"{cache_dir}: shards hold {len(records)} records, manifest says {manifest['pairs']}")
+
+  def finish(batch):
+    return batch if dtype is None else {k: v.astype(dtype, copy=False) for k, v in batch.items()}
+
+  return _batches(grain.MapDataset.source(records), layout.deserialize, finish, batch_size=batch_size,
+                  seed=seed, num_epochs=num_epochs, sharding=sharding, process_index=process_index,
+                  process_count=process_count, num_threads=num_threads)
+
+
+def onthefly_loader(source: Source, encode_fn: EncodeFn, *, resolution: int, batch_size: int, seed: int,
+                    random_crop: bool = False, strict: bool = False, num_epochs: int | None = None,
+                    sharding: jax.sharding.Sharding | None = None, process_index: int | None = None,
+                    process_count: int | None = None, num_threads: int = 8) -> grain.IterDataset:
+  """Like `cached_loader` (float32 arrays), but decodes and encodes every pair each time it is read.
+
+  For small datasets: every row is read into memory and checked once up front (ties dropped,
+  bad rows skipped and logged, or raised with `strict`), so all processes agree on the pairs.
+  Flips and crops are seeded by (seed, row index) exactly as in the cache.
+  """
+  pair_kwargs = {"resolution": resolution, "seed": seed, "random_crop": random_crop}
+  counts = Counts()
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    kept = prepare_rows(list(source.read(0, len(source))), pool, counts, strict=strict, **pair_kwargs)
+  logging.info("%s: %s", source.name, counts)
+  if not kept:
+    raise ValueError(f"{source.name}: no usable pairs ({counts})")
+
+  def finish(batch):
+    encoded = encode_fn(batch["pixels_w"], batch["pixels_l"], [str(c) for c in batch["caption"]])
+    encoded = jax.device_get({k: encoded[k] for k in ENCODED_KEYS})
+    return {k: np.asarray(v, np.float32) for k, v in encoded.items()} | {"time_ids": batch["time_ids"]}
+
+  return _batches(grain.MapDataset.source([row for row, _ in kept]),
+                  functools.partial(prepare_pair, **pair_kwargs), finish, batch_size=batch_size,
+                  seed=seed, num_epochs=num_epochs, sharding=sharding, process_index=process_index,
+                  process_count=process_count, num_threads=num_threads)

@@ -1,0 +1,96 @@
+"""Encode every preference pair once into an ArrayRecord cache for training.
+
+    python -m mapo_jax.encode --pipeline DIR --data PATH --out DIR --resolution 1024 [--strict]
+
+--data is a Pick-a-Pic-style parquet file or folder, a JSONL of {"prompt", "chosen", "rejected"}
+(see mapo_jax/data/sources.py), or tfds:NAME[:SPLIT]. Each pair stores the VAE posterior moments
+of winner and loser ([mean, logvar] on the channel axis, unscaled: the train step samples and
+scales), the prompt embeddings, the pooled embedding, SDXL time ids and the RPO embedding.
+Run the same command on every host of a multi-host job (with --distributed): each encodes its
+share of the shards on its local devices; the last to finish writes manifest.json. Re-running
+skips finished shards. Bad rows are skipped and counted (logged with file and row) unless --strict.
+"""
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, logging
+from absl.flags import argparse_flags
+from flax import nnx
+
+from mapo_jax.data.cache import EncodeFn, EncodeSettings, write_cache
+from mapo_jax.data.sources import open_source
+from mapo_jax.models import encode_prompts, load_pipeline
+
+RPO_EMBEDDINGS = ("pooled", "mean_tokens")
+
+
+def make_encoder(pipe, *, rpo_embedding: str = "pooled") -> EncodeFn:
+  """VAE moments of both images and prompt embeddings, with the images split over local devices."""
+  if rpo_embedding not in RPO_EMBEDDINGS:
+    raise ValueError(f"rpo_embedding={rpo_embedding!r}; expected one of {RPO_EMBEDDINGS}")
+  devices = jax.local_devices()
+  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+  graphdef, state = nnx.split(pipe.vae)
+  state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.P()))
+
+  @jax.jit
+  def moments(state, x):
+    mean, logvar = nnx.merge(graphdef, state).encode(x)
+    return jnp.concatenate([mean, logvar], axis=-1).astype(jnp.float32)
+
+  def encode(pixels_w, pixels_l, captions):
+    b = len(captions)
+    pad = [(0, -b % len(devices))] + [(0, 0)] * 3  # equal shards of winners and of losers
+    x = np.concatenate([np.pad(pixels_w, pad), np.pad(pixels_l, pad)])
+    m = moments(state, jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.P("data"))))
+    text = encode_prompts(pipe, list(captions))
+    rpo = text["pooled_prompt_embeds"] if rpo_embedding == "pooled" else text["prompt_embeds"].mean(axis=1)
+    return {"moments_w": m[:b], "moments_l": m[len(x) // 2:len(x) // 2 + b],
+            "prompt_embeds": text["prompt_embeds"], "pooled_prompt_embeds": text["pooled_prompt_embeds"],
+            "rpo_emb": rpo.astype(jnp.float32)}
+
+  return encode
+
+
+def parse_flags(argv: list[str]) -> argparse.Namespace:
+  # argparse rather than absl's global flags, so importing make_encoder elsewhere defines nothing.
+  p = argparse_flags.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--pipeline", required=True, help="diffusers-layout pipeline folder (SDXL or SD 1.x/2.x)")
+  p.add_argument("--data", required=True, help="parquet file/folder, .jsonl file, or tfds:NAME[:SPLIT]")
+  p.add_argument("--out", required=True, help="cache folder (shards + manifest.json)")
+  p.add_argument("--resolution", required=True, type=int, help="square training resolution in pixels")
+  p.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
+  p.add_argument("--batch_size", type=int, default=8, help="pairs per encoder call (padded to the local device count)")
+  p.add_argument("--shard_size", type=int, default=1000, help="source rows per shard (unit of resume and host split)")
+  p.add_argument("--cache_dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                 help="storage dtype of moments and prompt embeddings")
+  p.add_argument("--seed", type=int, default=0, help="seeds each pair's flip (and random crop)")
+  p.add_argument("--random_crop", action="store_true", help="random instead of centre crop")
+  p.add_argument("--rpo_embedding", default="pooled", choices=RPO_EMBEDDINGS,
+                 help="pooled: the pooled prompt embedding; mean_tokens: prompt_embeds averaged over tokens")
+  p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+  return p.parse_args(argv[1:])
+
+
+def main(args: argparse.Namespace) -> None:
+  if args.distributed:
+    jax.distributed.initialize()
+  source = open_source(args.data)
+  pipe = load_pipeline(args.pipeline, components=("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
+  settings = EncodeSettings(resolution=args.resolution, seed=args.seed, random_crop=args.random_crop,
+                            cache_dtype=args.cache_dtype, shard_size=args.shard_size)
+  manifest = write_cache(source, args.out, make_encoder(pipe, rpo_embedding=args.rpo_embedding), settings,
+                         pipeline=args.pipeline, batch_size=args.batch_size, strict=args.strict,
+                         process_index=jax.process_index(), process_count=jax.process_count())
+  if manifest is None:
+    logging.info("this host's shards are done; the last host to finish writes the manifest")
+  else:
+    logging.info("wrote %s/manifest.json: %d pairs, %d ties dropped, %d skipped", args.out,
+                 manifest["pairs"], manifest["ties_dropped"], manifest["skipped"])
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
