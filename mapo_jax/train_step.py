@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from mapo_jax import diffusion, objectives
+from mapo_jax import diffusion, objectives, sharding
 
 Params = Any
 Batch = dict[str, jax.Array]
@@ -75,28 +75,34 @@ def per_sample_errors(graphdef, params, batch: Batch, draws, schedule, cfg: Step
   return jnp.split(err, 2) if pair else (err, None)
 
 
-def make_train_step(graphdef, ref_graphdef, tx, schedule, cfg: StepConfig, uses_text_time: bool):
-  """Returns `step(state, batch, ref_params) -> (state, metrics)`; jit it with the state donated."""
+def make_loss_fn(graphdef, ref_graphdef, schedule, cfg: StepConfig, uses_text_time: bool):
+  """`loss_fn(params, ref_params, batch, draws) -> (loss, metrics)` for one (micro-)batch."""
   objective = objectives.get_objective(cfg.objective)
   pair = "err_l" in objective.inputs
-  if not uses_text_time:  # SD 1.x/2.x: no pooled embeddings or time ids in the UNet
-    graph_batch = lambda b: {k: v for k, v in b.items() if k not in ("pooled_prompt_embeds", "time_ids")}
-  else:
-    graph_batch = lambda b: b
+  drop = () if uses_text_time else ("pooled_prompt_embeds", "time_ids")  # SD 1.x/2.x UNets take neither
 
   def loss_fn(params, ref_params, batch, draws):
-    err_w, err_l = per_sample_errors(graphdef, params, graph_batch(batch), draws, schedule, cfg, pair)
+    batch = {k: v for k, v in batch.items() if k not in drop}
+    err_w, err_l = per_sample_errors(graphdef, params, batch, draws, schedule, cfg, pair)
     ref_w = ref_l = None
     if objective.needs_reference:
       ref_w, ref_l = jax.lax.stop_gradient(
-          per_sample_errors(ref_graphdef, ref_params, graph_batch(batch), draws, schedule, cfg, pair))
+          per_sample_errors(ref_graphdef, ref_params, batch, draws, schedule, cfg, pair))
     return objectives.objective_loss(cfg.objective, err_w, err_l, ref_err_w=ref_w, ref_err_l=ref_l,
                                      emb=batch.get("rpo_emb"), **cfg.hparams)
+
+  return loss_fn
+
+
+def make_train_step(graphdef, ref_graphdef, tx, schedule, cfg: StepConfig, uses_text_time: bool):
+  """Returns `step(state, batch, ref_params) -> (state, metrics)`; jit it with the state donated."""
+  loss_fn = make_loss_fn(graphdef, ref_graphdef, schedule, cfg, uses_text_time)
 
   def step(state: TrainState, batch: Batch, ref_params=None):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     draws = draw_noise(key, batch, schedule.num_train_timesteps)
-    micro = lambda x: x.reshape(cfg.accum_steps, -1, *x.shape[1:])
+    # Micro-batch j takes pairs j, j+k, j+2k, ...: each device's shard of the batch splits in place.
+    micro = lambda x: x.reshape(-1, cfg.accum_steps, *x.shape[1:]).swapaxes(0, 1)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def accumulate(carry, xs):
@@ -109,14 +115,56 @@ def make_train_step(graphdef, ref_graphdef, tx, schedule, cfg: StepConfig, uses_
                                        jax.tree.map(micro, (batch, draws)))
     grads, metrics = jax.tree.map(lambda x: x / cfg.accum_steps, (grads, metrics))
 
-    finite = jnp.isfinite(metrics["loss"]) & jnp.all(jnp.array(
-        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    # A NaN/inf anywhere in the gradient makes its global norm non-finite. lax.cond (not a per-leaf
+    # select) keeps XLA from fusing the whole backward pass into the update: 4x faster to compile.
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+
+    def update(_):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      return optax.apply_updates(state.params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
     skipped = state.skipped + (~finite).astype(jnp.int32)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads), skipped_steps=skipped)
-    return state.replace(step=state.step + 1, params=keep(params, state.params),
-                         opt_state=keep(opt_state, state.opt_state), skipped=skipped), metrics
+    metrics = dict(metrics, grad_norm=grad_norm, skipped_steps=skipped)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, skipped=skipped), metrics
 
   return step
+
+
+def create_sharded_state(unet: nnx.Module, tx, mesh, seed: int):
+  """Splits the UNet into (graphdef, pure params) and places params + optimizer state on `mesh` by the
+  logical-axis rules; the optimizer state is created already sharded (jit with out_shardings).
+
+  Returns (graphdef, state, state_shardings).
+  """
+  graphdef, params = nnx.split(unet, nnx.Param)
+  params = nnx.to_pure_dict(params)
+  param_sh = sharding.param_shardings(params, sharding.logical_axes(unet), mesh)
+  params = jax.device_put(params, param_sh)
+  abstract = jax.eval_shape(lambda p: init_state(p, tx, seed), params)
+  state_sh = _state_shardings(abstract, param_sh, mesh)
+  state = jax.jit(lambda p: init_state(p, tx, seed), out_shardings=state_sh)(params)
+  return graphdef, state, state_sh
+
+
+def _state_shardings(abstract: TrainState, param_sh, mesh):
+  """Optimizer moments shaped like the params are sharded like them; everything else is replicated."""
+  rep = sharding.replicated(mesh)
+  param_struct = jax.tree.structure(abstract.params)
+
+  def like_params(subtree):
+    if jax.tree.structure(subtree) == param_struct:
+      return param_sh
+    return None
+
+  opt_sh = jax.tree.map(lambda x: like_params(x) or jax.tree.map(lambda _: rep, x), abstract.opt_state,
+                        is_leaf=lambda x: jax.tree.structure(x) == param_struct)
+  return TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep, skipped=rep)
+
+
+def jit_train_step(step_fn, state_shardings, mesh, ref_shardings=None):
+  """jit with the state donated, batch sharded over (data, fsdp) and metrics replicated."""
+  return jax.jit(step_fn, donate_argnums=(0,),
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh), ref_shardings),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)))

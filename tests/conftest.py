@@ -3,6 +3,9 @@ import functools
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# 8 host devices, so sharded code is tested on real meshes (set before JAX initialises).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import jax
 import numpy as np
@@ -133,3 +136,39 @@ def jit_call(model, *args, **kwargs):
   load the same architecture several times compile it once."""
   graphdef, state = nnx.split(model)
   return _apply(graphdef, state, args, kwargs)
+
+
+# --- Micro SDXL pipeline for sampling tests: the same layout at the fewest ops (fast sampler compiles) -------
+
+def make_micro_sdxl_pipeline(path, seed=0):
+  """Saves a micro random SDXL pipeline folder (MICRO_SDXL_UNET, towers sized to fit it, TINY_VAE)."""
+  from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+  from mapo_jax.models.presets import MICRO_SDXL_UNET
+  import torch
+  pooled = MICRO_SDXL_UNET["projection_class_embeddings_input_dim"] - 6 * MICRO_SDXL_UNET["addition_time_embed_dim"]
+  width_l = MICRO_SDXL_UNET["cross_attention_dim"] - pooled  # tower 2's hidden size = its projection = pooled
+  tokenizer = make_clip_tokenizer(f"{path}/tokenizer")
+  tokenizer_2 = make_clip_tokenizer(f"{path}/tokenizer_2", pad_token="!")
+  eos = tokenizer.eos_token_id
+  small = dict(num_hidden_layers=2, num_attention_heads=2)
+  text_encoder = make_clip_text_model(
+      {**TINY_CLIP_L, **small, "hidden_size": width_l, "intermediate_size": 2 * width_l, "vocab_size": len(tokenizer)},
+      seed=seed)
+  text_encoder_2 = make_clip_text_model(
+      {**TINY_CLIP_G, **small, "hidden_size": pooled, "intermediate_size": 2 * pooled, "projection_dim": pooled,
+       "vocab_size": len(tokenizer), "bos_token_id": eos - 1, "eos_token_id": eos, "pad_token_id": 0},
+      projection=True, seed=seed + 1)
+  torch.manual_seed(seed)
+  unet = perturb_(UNet2DConditionModel(**MICRO_SDXL_UNET), seed + 2, scale=0.2).eval()
+  pipe = StableDiffusionXLPipeline(
+      vae=make_diffusers_vae(TINY_VAE, seed + 3), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=sdxl_scheduler(), add_watermarker=False)
+  pipe.save_pretrained(path)
+  return pipe
+
+
+@pytest.fixture(scope="session")
+def micro_sdxl_pipeline_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("micro_sdxl_pipeline")
+  make_micro_sdxl_pipeline(path)
+  return path

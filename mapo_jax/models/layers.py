@@ -7,6 +7,8 @@ normalisation statistics are always float32. Every parameter carries logical axi
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -22,6 +24,16 @@ def _next_key(rngs: nnx.Rngs) -> jax.Array:
   return jax.random.fold_in(stream.key.get_value(), count)
 
 
+def fan_in_normal(std_scale: float = 1.0):
+  """N(0, std_scale² / fan_in) (LeCun normal), drawn flat and reshaped: XLA on CPU compiles
+  multi-dimensional random draws several times slower."""
+  def init(key, shape, dtype):
+    fan_in = math.prod(shape[:-1]) or 1
+    flat = jax.random.normal(key, (math.prod(shape),), jnp.float32) * (std_scale / math.sqrt(fan_in))
+    return flat.reshape(shape).astype(dtype)
+  return init
+
+
 def _param(rngs: nnx.Rngs, init, shape, param_dtype, axes) -> nnx.Param:
   return nnx.Param(init(_next_key(rngs), shape, param_dtype), axes=axes)
 
@@ -32,7 +44,7 @@ class Linear(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
                axes: tuple[str, str] = ("embed", "mlp"), dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-    init = jax.nn.initializers.lecun_normal()
+    init = fan_in_normal()
     self.kernel = _param(rngs, init, (in_features, out_features), param_dtype, axes)
     self.bias = (_param(rngs, jax.nn.initializers.zeros, (out_features,), param_dtype, axes[1:])
                  if use_bias else None)
@@ -51,7 +63,7 @@ class Conv2d(nnx.Module):
   def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
                padding: int | None = None, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-    init = jax.nn.initializers.lecun_normal()
+    init = fan_in_normal()
     shape = (kernel_size, kernel_size, in_channels, out_channels)
     self.kernel = _param(rngs, init, shape, param_dtype, ("conv_h", "conv_w", "conv_in", "conv_out"))
     self.bias = _param(rngs, jax.nn.initializers.zeros, (out_channels,), param_dtype, ("conv_out",))
@@ -118,7 +130,7 @@ class Embed(nnx.Module):
 
   def __init__(self, num_embeddings: int, features: int, *, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-    init = jax.nn.initializers.normal(0.02)
+    init = fan_in_normal(0.02 * math.sqrt(num_embeddings))  # N(0, 0.02²) as CLIP initialises
     self.embedding = _param(rngs, init, (num_embeddings, features), param_dtype, ("vocab", "embed"))
     self.dtype = dtype
 

@@ -45,5 +45,24 @@ TINY_SD2_UNET = dict(
     attention_head_dim=[2, 4, 4], cross_attention_dim=40, use_linear_projection=True, upcast_attention=True,
     norm_num_groups=8)
 
+
+# The smallest SDXL-layout UNet (text_time conditioning, one attention level): train-step tests.
+MICRO_SDXL_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[16, 32],
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+    attention_head_dim=[2, 4], transformer_layers_per_block=1, cross_attention_dim=24,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=4,
+    projection_class_embeddings_input_dim=16 + 6 * 4, norm_num_groups=4)
+
 UNETS = {"sdxl": SDXL_BASE_UNET, "sd15": SD15_UNET, "tiny": TINY_SDXL_UNET, "tiny_sd15": TINY_SD15_UNET,
-         "tiny_sd2": TINY_SD2_UNET}
+         "tiny_sd2": TINY_SD2_UNET,
+         "micro": MICRO_SDXL_UNET}
+
+# The "tiny" layout of the PyTorch reference benchmark (shared/bench/torch_reference.py), so both
+# implementations time the same architecture.
+BENCH_TINY_UNET = dict(
+    SDXL_BASE_UNET, attention_head_dim=[2, 4], block_out_channels=[32, 64], cross_attention_dim=32,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+    transformer_layers_per_block=[1, 2], norm_num_groups=8, addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=32 + 6 * 8, sample_size=8)
+UNETS["bench_tiny"] = BENCH_TINY_UNET

@@ -467,3 +467,10 @@ def save_unet(unet: UNet2DConditionModel, out_dir, *, dtype: str | None = None):
   """Writes a diffusers UNet folder that `UNet2DConditionModel.from_pretrained` loads."""
   config = {"_class_name": "UNet2DConditionModel", **unet.config}
   return convert.save_model(unet, out_dir, config, stem=convert.DIFFUSERS_STEM, dtype=dtype)
+
+
+def init_unet(config: Mapping[str, Any], *, options: Options = Options(), seed: int = 0) -> UNet2DConditionModel:
+  """A randomly initialised UNet (benchmarks, tests), created in one compiled program: eager
+  initialisation dispatches and compiles every parameter's initialiser separately."""
+  cfg = UNetConfig.from_dict(config)
+  return nnx.jit(lambda: UNet2DConditionModel(cfg, options=options, rngs=nnx.Rngs(seed)))()

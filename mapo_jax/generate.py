@@ -1,0 +1,118 @@
+"""Generate images with a diffusers pipeline folder or a trained model's export.
+
+    python -m mapo_jax.generate --model DIR --prompt "a red cat" --out OUT
+    python -m mapo_jax.generate --model DIR --prompts prompts.txt --out OUT [--steps 50] [--guidance 5]
+        [--seed 0] [--height 1024 --width 1024] [--negative-prompt TEXT] [--sampler euler|ddim]
+        [--init-latents noise.npy] [--output-latents latents.npy] [--batch-size 8]
+
+--model: a diffusers pipeline folder (model_index.json; SDXL or SD 1.x/2.x), or a training workdir whose
+export/ holds one. A workdir without export/ is refused: export it first with `python -m mapo_jax.export`.
+--prompts: a text file, one prompt per line (blank lines skipped).
+Writes OUT/0000.png, OUT/0001.png, ... (one per prompt, in order), OUT/grid.png and OUT/metadata.json
+(the settings, and the prompt of each file). Without --init-latents, image i starts from noise drawn
+from (--seed, i), whatever the batching. --init-latents: (N, H/8, W/8, 4) float32 NHWC unit-variance
+noise, one per prompt (it sets the size), to compare with other implementations from the same noise
+(diffusers: pass it as NCHW `latents=`; the pipeline scales it by the scheduler's init_noise_sigma).
+--output-latents: the final latents (N, H/8, W/8, 4) float32 NHWC, before VAE decoding.
+Flags take dashes (--init-latents) or underscores (--init_latents).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from absl import app, logging
+from absl.flags import argparse_flags
+from PIL import Image
+
+from mapo_jax import sampling
+from mapo_jax.models import load_pipeline
+
+
+def resolve_pipeline(path: str | os.PathLike) -> Path:
+  """The diffusers pipeline folder `path` names: itself, or a training workdir's export/."""
+  path = Path(path)
+  for folder in (path, path / "export"):
+    if (folder / "model_index.json").is_file():
+      return folder
+  raise FileNotFoundError(
+      f"{path} is not a diffusers pipeline folder (no model_index.json), nor a training workdir with an exported "
+      f"pipeline in {path / 'export'}. To sample a training workdir or checkpoint, export it first with "
+      "`python -m mapo_jax.export`, which writes the pipeline to WORKDIR/export/.")
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+  """One prompt per line; blank lines are skipped."""
+  prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+  if not prompts:
+    raise ValueError(f"{path} holds no prompts")
+  return prompts
+
+
+def save_images(images: np.ndarray, out: Path) -> list[str]:
+  """Writes OUT/0000.png, ... and OUT/grid.png (about square); returns the file names, in order."""
+  out.mkdir(parents=True, exist_ok=True)
+  names = [f"{i:04d}.png" for i in range(len(images))]
+  for name, image in zip(names, images):
+    Image.fromarray(image).save(out / name)
+  Image.fromarray(sampling.make_grid(images, math.ceil(math.sqrt(len(images))))).save(out / "grid.png")
+  return names
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+  """Flags shared with mapo_jax.evaluate. Defaults are diffusers' StableDiffusionXLPipeline defaults."""
+  p.add_argument("--steps", type=int, default=50, help="denoising steps")
+  p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance weight (<= 1: none)")
+  p.add_argument("--seed", type=int, default=0, help="image i starts from noise drawn from (seed, i)")
+  p.add_argument("--height", type=int, help="pixels (default: the UNet's sample_size x 8)")
+  p.add_argument("--width", type=int, help="pixels (default: the UNet's sample_size x 8)")
+  p.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt",
+                 help="for every prompt (default: none; SDXL then uses zero embeddings)")
+  p.add_argument("--sampler", default="euler", choices=sampling.SAMPLERS, help="Euler discrete or DDIM (eta 0)")
+  p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8,
+                 help="prompts per sampler call (the last batch is padded)")
+
+
+def parse_flags(argv: list[str]) -> argparse.Namespace:
+  # argparse rather than absl's global flags: the contract is dashed names, which absl flags lack.
+  p = argparse_flags.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", required=True, help="diffusers pipeline folder, or a workdir with export/")
+  prompts = p.add_mutually_exclusive_group(required=True)
+  prompts.add_argument("--prompt", help="one prompt")
+  prompts.add_argument("--prompts", help="text file, one prompt per line")
+  p.add_argument("--out", required=True, help="output folder")
+  add_sampling_flags(p)
+  p.add_argument("--init-latents", "--init_latents", dest="init_latents",
+                 help=".npy of (N, H/8, W/8, 4) float32 NHWC unit-variance initial noise")
+  p.add_argument("--output-latents", "--output_latents", dest="output_latents",
+                 help=".npy to save the final (N, H/8, W/8, 4) NHWC latents to, before decoding")
+  return p.parse_args(argv[1:])
+
+
+def main(args: argparse.Namespace) -> None:
+  prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+  model = resolve_pipeline(args.model)
+  pipe = load_pipeline(model)
+  init = None if args.init_latents is None else np.load(args.init_latents)
+  negatives = None if args.negative_prompt is None else [args.negative_prompt] * len(prompts)
+  images, latents = sampling.generate_images(
+      pipe, prompts, negative_prompts=negatives, steps=args.steps, guidance=args.guidance, seed=args.seed,
+      height=args.height, width=args.width, init_latents=init, sampler=args.sampler, batch_size=args.batch_size)
+  out = Path(args.out)
+  names = save_images(images, out)
+  if args.output_latents:
+    np.save(args.output_latents, latents)
+  settings = {k: getattr(args, k) for k in ("steps", "guidance", "seed", "negative_prompt", "sampler",
+                                            "init_latents")}
+  metadata = {"model": str(model), **settings, "height": int(images.shape[1]), "width": int(images.shape[2]),
+              "images": [{"file": name, "prompt": prompt} for name, prompt in zip(names, prompts)]}
+  (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+  logging.info("wrote %d images and grid.png to %s", len(images), out)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,95 @@
+"""Device mesh, logical-axis rules and sharded placement of parameters and batches.
+
+Layers name the axes of every parameter (`axes` metadata, e.g. ("embed", "heads")); the table below
+maps those logical names to mesh axes, in one place (MaxText's logical_axis_rules). Mesh axes:
+  data    pure data parallelism (parameters replicated),
+  fsdp    data parallelism with parameters and optimizer state sharded (ZeRO-3),
+  tensor  tensor parallelism over heads / MLP / conv output channels.
+The batch is sharded over (data, fsdp). A dimension that a mesh axis does not divide stays replicated.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis → mesh axis (None: replicated). Weights only; activations follow from XLA's propagation.
+LOGICAL_RULES: dict[str, str | None] = {
+    "embed": "fsdp",      # model width on the input side of a linear map
+    "kv_embed": "fsdp",   # cross-attention context width (text encoder dims)
+    "mlp": "tensor",      # feed-forward / projection width
+    "heads": "tensor",    # attention heads × head_dim
+    "conv_in": "fsdp",
+    "conv_out": "tensor",
+    "conv_h": None, "conv_w": None,
+    "norm": None,         # GroupNorm/LayerNorm scale and bias: small
+    "vocab": "tensor",
+}
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh; one entry may be -1 (all remaining devices)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = list(shape)
+  if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh shape {shape} must be 3 sizes (data, fsdp, tensor), at most one -1")
+  known = int(np.prod([s for s in shape if s != -1]))
+  if -1 in shape:
+    if len(devices) % known:
+      raise ValueError(f"mesh shape {shape} does not divide {len(devices)} devices")
+    shape[shape.index(-1)] = len(devices) // known
+  if int(np.prod(shape)) != len(devices):
+    raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, {len(devices)} available")
+  # Auto axes: XLA propagates activation shardings from the parameter and batch shardings (GSPMD).
+  return jax.make_mesh(tuple(shape), MESH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: dict[str, str | None] = LOGICAL_RULES) -> P:
+  """PartitionSpec for one parameter: each logical axis → its mesh axis, if that axis divides the dim."""
+  spec, used = [], set()
+  for name, dim in zip(axes, shape):
+    if name is not None and name not in rules:
+      raise KeyError(f"logical axis {name!r} has no sharding rule")
+    mesh_axis = rules.get(name) if name is not None else None
+    if mesh_axis is None or mesh_axis in used or dim % mesh.shape[mesh_axis]:
+      spec.append(None)
+    else:
+      spec.append(mesh_axis)
+      used.add(mesh_axis)
+  return P(*spec)
+
+
+def logical_axes(model: nnx.Module) -> dict:
+  """A pure dict (like `nnx.to_pure_dict(nnx.state(model))`) of each parameter's logical axes."""
+  state = nnx.state(model, nnx.Param)
+  return nnx.to_pure_dict(jax.tree.map(lambda v: v.replace(v.get_metadata().get("axes")), state,
+                                       is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def param_shardings(params: Any, axes: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a pure-dict parameter tree from the matching tree of logical axes."""
+  return jax.tree.map(lambda ax, p: NamedSharding(mesh, logical_to_spec(ax, p.shape, mesh)),
+                      axes, params, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Per-process batches (leading dim = this process's pairs) → one global array per key."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
