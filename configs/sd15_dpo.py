@@ -1,15 +1,20 @@
-"""Diffusion-DPO on Stable Diffusion 1.5 at 512 px (SalesforceAIResearch/DiffusionDPO): beta_dpo 5000, lr
-1e-8 per pair of the effective batch (official: 2048 pairs -> 2.048e-5; here 128 pairs -> 1.28e-6).
+"""Diffusion-DPO on Stable Diffusion 1.5 at 512 px, the official recipe (SalesforceAIResearch/DiffusionDPO):
+as sdxl_dpo.py (beta 5000, 2048 pairs, lr 1e-8 x 2048 = 2.048e-5, 500 warmup steps, 2000 steps).
 
     python -m mapo_jax.train --config configs/sd15_dpo.py --workdir /runs/sd15_dpo \
         --config.pipeline=/models/sd15 --config.data.cache_dir=/data/cache512
 """
-from configs import sdxl_dpo
+from mapo_jax.config import base_config
 
 
 def get_config():
-  config = sdxl_dpo.get_config()
+  config = base_config()
+  config.objective = "dpo"
+  config.global_batch_size = 2048
+  config.optim.lr = 1e-8 * config.global_batch_size  # official --scale_lr: 1e-8 per pair
+  config.optim.schedule = "linear_warmup"  # = constant_with_warmup
+  config.optim.warmup_steps = 500
   config.resolution = 512
-  config.accum_steps = 2
-  config.export_dtype = "fp32"
+  config.accum_steps = 16  # 8 GPUs x 16 pairs per micro-batch x 16 = 2048
+  config.export_dtype = "fp32"  # SD 1.5 checkpoints are usually shared in float32
   return config

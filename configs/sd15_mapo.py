@@ -4,7 +4,7 @@
     python -m mapo_jax.train --config configs/sd15_mapo.py --workdir /runs/sd15_mapo \
         --config.pipeline=/models/sd15 --config.data.cache_dir=/data/cache512
 """
-from configs.common import base_config
+from mapo_jax.config import base_config
 
 
 def get_config():

@@ -5,7 +5,7 @@
     python -m mapo_jax.train --config configs/sdxl_mapo.py --workdir /runs/mapo \
         --config.pipeline=/models/sdxl-base --config.data.cache_dir=/data/cache
 """
-from configs.common import base_config
+from mapo_jax.config import base_config
 
 
 def get_config():

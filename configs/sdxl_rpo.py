@@ -1,14 +1,20 @@
 """Diffusion-RPO on SDXL base 1.0: our construction (shared/NOTES.md; no official diffusion code exists):
-DPO's reference-relative rewards compared across all pairs of the global batch, weighted by the
-prompts' cosine similarity (tau 0.5), beta 5000. Optimizer as sdxl_dpo.py.
+DPO's reference-relative rewards compared across the pairs of each micro-batch, weighted by the
+prompts' cosine similarity (tau 0.5), beta 5000. Batch, optimizer and steps as sdxl_dpo.py. RPO's B x B
+matrix spans one micro-batch (the train step's unit), so larger micro-batches compare more pairs.
 
     python -m mapo_jax.train --config configs/sdxl_rpo.py --workdir /runs/rpo \
         --config.pipeline=/models/sdxl-base --config.data.cache_dir=/data/cache
 """
-from configs import sdxl_dpo
+from mapo_jax.config import base_config
 
 
 def get_config():
-  config = sdxl_dpo.get_config()
+  config = base_config()
   config.objective = "rpo"
+  config.global_batch_size = 2048
+  config.optim.lr = 1e-8 * config.global_batch_size  # official --scale_lr: 1e-8 per pair
+  config.optim.schedule = "linear_warmup"  # = constant_with_warmup
+  config.optim.warmup_steps = 500
+  config.accum_steps = 64
   return config

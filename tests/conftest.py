@@ -10,7 +10,11 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax
 import numpy as np
 import pytest
+import torch
 from flax import nnx
+
+# The tiny reference models run ~50x faster on one thread than with torch's two competing with XLA.
+torch.set_num_threads(1)
 
 from mapo_jax.models.presets import TINY_SD2_UNET, TINY_SD15_UNET, TINY_SDXL_UNET  # noqa: F401
 
@@ -172,3 +176,52 @@ def micro_sdxl_pipeline_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp("micro_sdxl_pipeline")
   make_micro_sdxl_pipeline(path)
   return path
+
+
+# --- The trainer as a subprocess (tests/test_train*.py, test_multihost.py, test_demo.py) -----------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory):
+  """The demo's tiny pipeline, pairs and cache (mapo_jax/demo.py), created once per session."""
+  from mapo_jax import demo
+  path = tmp_path_factory.mktemp("demo_assets")
+  demo.ensure_assets(path)
+  return path
+
+
+@pytest.fixture(scope="session")
+def trainer_env(tmp_path_factory):
+  """Environment for trainer subprocesses: CPU, and one persistent compilation cache for the session,
+  so the second and later runs of the same program skip XLA compilation. `devices` sets the host
+  device count (default 1)."""
+  cache = tmp_path_factory.mktemp("jax_compilation_cache")
+
+  def env(devices=1, **extra):
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "PYTHONPATH": REPO,
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}
+
+  return env
+
+
+def run_trainer(env, workdir, assets, *args, config="configs/demo.py", timeout=600, check=True):
+  """`python -m mapo_jax.train` on the demo config (assets at `assets`); returns the CompletedProcess."""
+  import subprocess
+  import sys
+  cmd = [sys.executable, "-m", "mapo_jax.train", "--config", os.path.join(REPO, config), "--workdir", str(workdir),
+         f"--config.demo_assets={assets}", *args]
+  proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-5000:]}")
+  return proc
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, demo_assets, trainer_env):
+  """The whole demo (configs/demo.py as written) in one workdir, shared by the train/export tests."""
+  workdir = tmp_path_factory.mktemp("demo_run")
+  proc = run_trainer(trainer_env(), workdir, demo_assets)
+  return workdir, proc

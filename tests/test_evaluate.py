@@ -14,15 +14,6 @@ from mapo_jax.models.reward import load_reward_model, preprocess
 PROMPTS = ["a cat", "the red dog!", "a dog on the red | cat", "red", "dog, dog", "the cat."]  # padded to 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-  """On this shared 2-core box torch's spinning OpenMP threads make tiny models far slower."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def reward_dir(tmp_path_factory):
   """A tiny random transformers CLIPModel folder (tokenizer, preprocessor_config.json); returns (path, model)."""

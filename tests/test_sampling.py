@@ -18,15 +18,6 @@ NEGATIVES = ["blurry", "", "a dog", "ugly cat", "red", "the", "dog", "cat"]
 HEIGHT, WIDTH, STEPS = 32, 48, 3  # smaller than the pipeline's 64 px default, and not square
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-  """On this shared 2-core box torch's spinning OpenMP threads make the micro models ~50x slower."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pipes(micro_sdxl_pipeline_dir):
   from diffusers import StableDiffusionXLPipeline

@@ -1,11 +1,12 @@
 """Training input: grain pipelines that yield batches of `BATCH_KEYS`, from the cache or on the fly.
 
 Order of operations (both modes): seeded global shuffle (reshuffled each epoch) -> repeat ->
-this process's slice `[process_index::process_count]` -> per-pair read, threaded -> batch of
+this process's block of each window (below) -> per-pair read, threaded -> batch of
 `batch_size` pairs (per process) -> dtype cast / encode -> optionally a global jax.Array batch
 (`make_array_from_process_local_data` with the caller's sharding) with a small prefetch.
 Together the processes consume the shuffled stream in contiguous windows of
-`batch_size * process_count` pairs, so a global batch holds the same pairs whatever the host count.
+`batch_size * process_count` pairs (process p the p-th block of each), so a global batch holds the same
+pairs in the same order whatever the host count.
 
 The loader yields VAE posterior moments, not latents: the train step samples latents with its
 own RNG. Checkpoint the iterator with grain's Orbax handler:
@@ -45,7 +46,12 @@ def _batches(ds: grain.MapDataset, prepare, finish, *, batch_size: int, seed: in
   ds = ds.shuffle(seed).repeat(num_epochs)
   if num_epochs is not None:  # every process must take the same number of steps
     ds = ds[:len(ds) // global_batch * global_batch]
-  ds = ds[process_index::process_count].map(prepare)
+  # Process p reads pairs [p * b, (p + 1) * b) of each window of global_batch pairs, so the global batch
+  # (process blocks in order) is the one-process batch pair for pair, and per-position random draws match.
+  stream = ds
+  ds = grain.MapDataset.range(len(stream) // process_count).map(
+      lambda k: stream[k // batch_size * global_batch + process_index * batch_size + k % batch_size])
+  ds = ds.map(prepare)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                             prefetch_buffer_size=max(2 * batch_size, num_threads)))
   ds = ds.batch(batch_size, drop_remainder=True).map(finish)

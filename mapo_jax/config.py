@@ -1,0 +1,192 @@
+"""The training config: `base_config()` with every key and its default, and `validate`, which checks a
+config before anything is loaded or compiled and names the offending key.
+
+Recipe files in configs/ call `base_config()` and override a few keys. Defaults are the official MaPO
+recipe (shared/NOTES.md): AdamW lr 1e-5 constant, no warmup, clip 1.0, 2000 steps, 1024 px, 8 pairs per
+GPU x 2 accumulation steps on 8 GPUs = 128 pairs per optimizer step (`global_batch_size`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+
+from mapo_jax import objectives, optim
+from mapo_jax.encode import RPO_EMBEDDINGS
+from mapo_jax.models.attention import IMPLEMENTATIONS
+from mapo_jax.models.unet import REMAT_POLICIES
+
+DATA_MODES = ("cached", "onthefly")
+DTYPES = ("float32", "bfloat16", "float16")
+EXPORT_DTYPES = ("fp32", "fp16", "bf16")
+
+
+class ConfigError(ValueError):
+  """A bad config value; the message starts with the key (`config.optim.lr: ...`)."""
+
+  def __init__(self, key: str, message: str):
+    super().__init__(f"config.{key}: {message}")
+    self.key = key
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # Models: local diffusers pipeline folders. `reference` ("" = the pipeline) is the frozen model of
+  # DPO / RPO; MaPO and SFT load none.
+  config.pipeline = ""
+  config.reference = ""
+
+  # Data. mode "cached": batches from `python -m mapo_jax.encode --out {cache_dir}`; "onthefly": decode
+  # and encode `source` (parquet file/folder or JSONL) every step, for small datasets.
+  config.data = ml_collections.ConfigDict(dict(
+      mode="cached", cache_dir="", source="", random_crop=False, rpo_embedding="pooled", num_threads=8))
+  config.resolution = 1024
+
+  # Objective: `objective` picks one; its hyper-parameters live in the block of the same name.
+  config.objective = "mapo"
+  config.mapo = ml_collections.ConfigDict(dict(beta=0.1, snr=0.5))  # MaPO official: beta 0.1, snr_value 0.5
+  config.dpo = ml_collections.ConfigDict(dict(beta=5000.0))  # Diffusion-DPO official beta_dpo
+  config.rpo = ml_collections.ConfigDict(dict(beta=5000.0, tau=0.5))
+
+  # Steps and batch. global_batch_size: preference pairs per optimizer step over all devices and
+  # accumulation steps (official MaPO: 8 per GPU x 2 accumulation x 8 GPUs = 128, 64 per micro-batch).
+  steps = ml_collections.FieldReference(2000)
+  config.steps = steps
+  config.global_batch_size = 128
+  config.accum_steps = 2
+
+  config.optim = optim.default_config()  # AdamW (0.9, 0.999, 1e-8, wd 1e-2), lr 1e-5 constant, clip 1.0
+  config.optim.total_steps = steps  # a cosine schedule decays over the whole run
+
+  # Parallelism: (data, fsdp, tensor) mesh sizes, one may be -1 (the remaining devices). Default: ZeRO-3.
+  config.mesh = (1, -1, 1)
+
+  # Numerics: compute in bf16 on float32 master parameters; the frozen reference is stored in bf16.
+  config.dtype = "bfloat16"
+  config.param_dtype = "float32"
+  config.ref_param_dtype = "bfloat16"
+  config.attention = ""  # "" = the backend's default (cudnn on GPU, pallas on TPU, einsum on CPU)
+  config.remat = "full"  # rematerialisation policy of each UNet block (models/unet.py REMAT_POLICIES)
+  config.seed = 0
+
+  # Logging, checkpoints, samples and export.
+  config.log_every = 10
+  config.checkpoint_every = 250
+  config.keep_checkpoints = 3
+  config.sample_every = 250  # 0: never
+  config.sample_prompts = (
+      "a photo of a red fox in the snow, highly detailed",
+      "an astronaut riding a horse on the moon, digital art",
+      "a bowl of ramen on a wooden table, studio lighting",
+      "a watercolor painting of a lighthouse at sunset",
+  )
+  config.sample_steps = 25
+  config.sample_guidance = 5.0
+  config.export_dtype = "fp16"  # UNet weights written to WORKDIR/export
+
+  # Demo only: a folder where `mapo_jax.demo` creates its tiny pipeline, dataset and cache if missing.
+  config.demo_assets = ""
+  return config
+
+
+def _flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in cfg.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _same_type(value, default) -> bool:
+  if isinstance(default, bool) or isinstance(value, bool):
+    return type(value) is type(default)
+  if isinstance(default, float):
+    return isinstance(value, (int, float))
+  if isinstance(default, tuple):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(default))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first bad key: unknown or missing keys, wrong types, enums, ranges.
+
+  Checks that need the device count (mesh, batch divisibility) are in `validate_for_devices`.
+  """
+  given, schema = _flatten(config), _flatten(base_config())
+  for key in given:
+    if key not in schema:
+      raise ConfigError(key, f"unknown key (known: {', '.join(sorted(schema))})")
+  for key, default in schema.items():
+    if key not in given:
+      raise ConfigError(key, "missing")
+    if not _same_type(given[key], default):
+      raise ConfigError(key, f"{given[key]!r} is a {type(given[key]).__name__}, expected {type(default).__name__}")
+
+  def choice(key, allowed):
+    if given[key] not in allowed:
+      raise ConfigError(key, f"{given[key]!r} is not one of {tuple(allowed)}")
+
+  def at_least(key, low):
+    if not given[key] >= low:
+      raise ConfigError(key, f"{given[key]!r} must be >= {low}")
+
+  choice("objective", tuple(objectives.OBJECTIVES))
+  choice("data.mode", DATA_MODES)
+  choice("data.rpo_embedding", RPO_EMBEDDINGS)
+  for key in ("dtype", "param_dtype", "ref_param_dtype"):
+    choice(key, DTYPES)
+  choice("attention", ("",) + IMPLEMENTATIONS)
+  choice("remat", tuple(REMAT_POLICIES))
+  choice("optim.name", optim.OPTIMIZERS)
+  choice("optim.schedule", optim.SCHEDULES)
+  choice("export_dtype", EXPORT_DTYPES)
+  for key in ("steps", "global_batch_size", "accum_steps", "log_every", "checkpoint_every",
+              "keep_checkpoints", "sample_steps", "data.num_threads", "optim.total_steps"):
+    at_least(key, 1)
+  for key in ("sample_every", "optim.warmup_steps", "optim.clip_norm", "optim.weight_decay", "seed"):
+    at_least(key, 0)
+  for key in ("optim.lr", "optim.eps", "mapo.beta", "mapo.snr", "dpo.beta", "rpo.beta", "rpo.tau"):
+    if not given[key] > 0:
+      raise ConfigError(key, f"{given[key]!r} must be > 0")
+  for key in ("optim.b1", "optim.b2"):
+    if not 0 <= given[key] < 1:
+      raise ConfigError(key, f"{given[key]!r} must be in [0, 1)")
+  if given["resolution"] < 8 or given["resolution"] % 8:
+    raise ConfigError("resolution", f"{given['resolution']} must be a positive multiple of 8 (the VAE's /8)")
+  if given["global_batch_size"] % given["accum_steps"]:
+    raise ConfigError("global_batch_size", f"{given['global_batch_size']} pairs do not split into "
+                      f"accum_steps={given['accum_steps']} equal micro-batches")
+  mesh = tuple(given["mesh"])
+  if len(mesh) != 3 or mesh.count(-1) > 1 or any(not isinstance(s, int) or s == 0 or s < -1 for s in mesh):
+    raise ConfigError("mesh", f"{mesh} must be 3 sizes (data, fsdp, tensor), each >= 1 or one -1")
+  if not given["pipeline"] and not given["demo_assets"]:
+    raise ConfigError("pipeline", "set it to a local diffusers pipeline folder")
+  if given["data.mode"] == "cached" and not given["data.cache_dir"]:
+    raise ConfigError("data.cache_dir", "data.mode='cached' needs the folder written by mapo_jax.encode")
+  if given["data.mode"] == "onthefly" and not given["data.source"]:
+    raise ConfigError("data.source", "data.mode='onthefly' needs a parquet file/folder or a .jsonl file")
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+  """config.mesh with its -1 resolved for `num_devices`."""
+  shape = list(config.mesh)
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    shape[shape.index(-1)] = num_devices // known if num_devices % known == 0 else 0
+  if math.prod(shape) != num_devices:
+    raise ConfigError("mesh", f"{tuple(config.mesh)} does not fit {num_devices} devices")
+  return tuple(shape)
+
+
+def validate_for_devices(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
+  """The batch must split evenly over processes, batch-sharding devices (data x fsdp) and micro-batches."""
+  data, fsdp, _ = mesh_shape(config, num_devices)
+  unit = data * fsdp * config.accum_steps
+  if config.global_batch_size % unit:
+    raise ConfigError("global_batch_size", f"{config.global_batch_size} is not a multiple of data x fsdp x "
+                      f"accum_steps = {data} x {fsdp} x {config.accum_steps} = {unit}")
+  if config.global_batch_size % process_count:
+    raise ConfigError("global_batch_size", f"{config.global_batch_size} does not split over {process_count} processes")

@@ -1,0 +1,178 @@
+"""The embedded demo's assets, created locally and deterministically, without PyTorch or diffusers:
+
+  pipeline/      a tiny random SDXL-architecture pipeline in diffusers layout (MICRO_SDXL_UNET, a /8 VAE,
+                 two CLIP towers sized to fit it, a hand-written CLIP BPE vocabulary, an Euler scheduler)
+                 that `diffusers.StableDiffusionXLPipeline.from_pretrained` loads;
+  pairs.parquet  Pick-a-Pic-style preference pairs of PIL-drawn 64 px images: the preferred image shows
+                 the shape in the colour the caption names, the other in another colour;
+  cache/         the pairs encoded by our VAE and text towers (`mapo_jax.encode`'s format).
+
+`configs/demo.py` points the trainer here; `python -m mapo_jax.train --config configs/demo.py` calls
+`ensure_assets` first, which builds whatever is missing. Each part is written under a temporary name and
+renamed when complete, so an interrupted run never leaves a half-written part behind.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from flax import nnx
+from PIL import Image, ImageDraw
+
+from mapo_jax.data.cache import EncodeSettings, read_manifest, write_cache
+from mapo_jax.data.sources import ParquetSource
+from mapo_jax.encode import make_encoder
+from mapo_jax.models import AutoencoderKL, CLIPTextModel, load_pipeline, save_text_encoder, save_unet, save_vae
+from mapo_jax.models.presets import MICRO_SDXL_UNET
+from mapo_jax.models.unet import UNet2DConditionModel
+
+RESOLUTION = 64
+NUM_PAIRS = 48
+# The UNet's cross_attention_dim (24) = tower 1 width (8) + tower 2 width (16); the pooled embedding (16)
+# + 6 time ids x 4 = projection_class_embeddings_input_dim (40).
+UNET = {**MICRO_SDXL_UNET, "sample_size": RESOLUTION // 8}
+VAE = dict(  # four blocks: latents are /8 as with the real VAEs
+    in_channels=3, out_channels=3, block_out_channels=[8, 8, 16, 16], down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=1, latent_channels=4, norm_num_groups=4,
+    sample_size=RESOLUTION, scaling_factor=0.13025, force_upcast=False)
+SCHEDULER = dict(  # SDXL base's EulerDiscreteScheduler
+    _class_name="EulerDiscreteScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+    interpolation_type="linear", use_karras_sigmas=False)
+
+# A CLIP BPE vocabulary over single letters plus a few merged words, the two specials last (CLIP's order).
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+_MERGES = ["r e", "re d</w>", "b l", "bl u", "blu e</w>", "g r", "gr e", "gre e", "gree n</w>"]
+_VOCAB = ["!", "!</w>", ",</w>", ".</w>", *_LETTERS, *(c + "</w>" for c in _LETTERS),
+          *("".join(m.split()) for m in _MERGES), "<|startoftext|>", "<|endoftext|>"]
+BOS, EOS = len(_VOCAB) - 2, len(_VOCAB) - 1
+_CLIP = dict(model_type="clip_text_model", vocab_size=len(_VOCAB), num_hidden_layers=2, num_attention_heads=2,
+             max_position_embeddings=77, layer_norm_eps=1e-5, bos_token_id=BOS, eos_token_id=EOS)
+TEXT_ENCODER = {**_CLIP, "architectures": ["CLIPTextModel"], "hidden_size": 8, "intermediate_size": 16,
+                "projection_dim": 8, "hidden_act": "quick_gelu", "pad_token_id": EOS}
+TEXT_ENCODER_2 = {**_CLIP, "architectures": ["CLIPTextModelWithProjection"], "hidden_size": 16,
+                  "intermediate_size": 32, "projection_dim": 16, "hidden_act": "gelu", "pad_token_id": 0}
+
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220)}
+SHAPES = ("circle", "square")
+
+
+def _tokenizer_files(folder: Path, pad_token: str) -> None:
+  folder.mkdir(parents=True)
+  (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(_VOCAB)}))
+  (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(_MERGES) + "\n")
+  specials = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                  pad_token=pad_token)
+  (folder / "special_tokens_map.json").write_text(json.dumps(specials))
+  (folder / "tokenizer_config.json").write_text(json.dumps(
+      {**specials, "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+       "clean_up_tokenization_spaces": False}))
+
+
+def random_model(build, seed: int):
+  """`build()` with numpy-drawn weights: kernels and embeddings N(0, 1/fan_in), norm scales 1, biases 0.
+
+  Built abstractly and filled on the host: the models' own initialisers would compile (or dispatch op by
+  op) for tens of seconds on CPU, which the demo cannot afford.
+  """
+  graphdef, state = nnx.split(nnx.eval_shape(build))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, x):
+    name = str(path[-1])
+    if name.endswith("scale"):
+      return np.ones(x.shape, x.dtype)
+    if name.endswith("bias"):
+      return np.zeros(x.shape, x.dtype)
+    fan_in = np.prod(x.shape[:-1]) if len(x.shape) > 1 else 1
+    return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(x.dtype)
+
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
+
+
+def write_pipeline(out: Path, seed: int = 0) -> None:
+  """Random weights, saved with our own writers."""
+  save_unet(random_model(lambda: UNet2DConditionModel(UNET, rngs=nnx.Rngs(0)), seed), out / "unet")
+  save_vae(random_model(lambda: AutoencoderKL(VAE, rngs=nnx.Rngs(0)), seed + 1), out / "vae")
+  save_text_encoder(random_model(lambda: CLIPTextModel(TEXT_ENCODER, rngs=nnx.Rngs(0)), seed + 2),
+                    out / "text_encoder")
+  save_text_encoder(random_model(lambda: CLIPTextModel(TEXT_ENCODER_2, rngs=nnx.Rngs(0)), seed + 3),
+                    out / "text_encoder_2")
+  _tokenizer_files(out / "tokenizer", pad_token="<|endoftext|>")
+  _tokenizer_files(out / "tokenizer_2", pad_token="!")  # SDXL's second tokenizer pads with "!"
+  (out / "scheduler").mkdir()
+  (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
+  (out / "model_index.json").write_text(json.dumps({
+      "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
+      "force_zeros_for_empty_prompt": True, "feature_extractor": [None, None], "image_encoder": [None, None],
+      "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+      "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+      "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+      "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
+
+
+def _draw(shape: str, color: tuple[int, int, int], rng: np.random.Generator) -> bytes:
+  image = Image.new("RGB", (RESOLUTION, RESOLUTION), tuple(int(c) for c in rng.integers(200, 256, 3)))
+  r = int(rng.integers(12, 24))
+  cx, cy = (int(v) for v in rng.integers(r, RESOLUTION - r, 2))
+  box = (cx - r, cy - r, cx + r, cy + r)
+  draw = ImageDraw.Draw(image)
+  (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=color)
+  buf = io.BytesIO()
+  image.save(buf, format="JPEG", quality=90)
+  return buf.getvalue()
+
+
+def write_pairs(out: Path, num_pairs: int = NUM_PAIRS, seed: int = 0) -> None:
+  """Pairs in Pick-a-Pic's columns; which side wins alternates, so the label handling is exercised."""
+  rng = np.random.default_rng(seed)
+  rows = {k: [] for k in ("caption", "jpg_0", "jpg_1", "label_0", "label_1")}
+  names = list(COLORS)
+  for i in range(num_pairs):
+    shape, good = SHAPES[i % 2], names[(i // 2) % 3]
+    bad = names[(names.index(good) + 1 + int(rng.integers(2))) % 3]
+    images = [_draw(shape, COLORS[good], rng), _draw(shape, COLORS[bad], rng)]
+    if i % 3 == 2:
+      images.reverse()
+    rows["caption"].append(f"a {good} {shape}")
+    rows["jpg_0"].append(images[0])
+    rows["jpg_1"].append(images[1])
+    rows["label_0"].append(0.0 if i % 3 == 2 else 1.0)
+    rows["label_1"].append(1.0 if i % 3 == 2 else 0.0)
+  pq.write_table(pa.table(rows), out)
+
+
+def _build(final: Path, write) -> None:
+  """Runs write(tmp) and renames tmp to `final`; skips if `final` exists."""
+  if final.exists():
+    return
+  tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  write(tmp)
+  os.replace(tmp, final)
+
+
+def ensure_assets(folder: str | os.PathLike) -> dict[str, Path]:
+  """Creates whatever of pipeline/, pairs.parquet and cache/ is missing; returns their paths."""
+  folder = Path(folder).expanduser()
+  folder.mkdir(parents=True, exist_ok=True)
+  paths = {"pipeline": folder / "pipeline", "pairs": folder / "pairs.parquet", "cache": folder / "cache"}
+  _build(paths["pipeline"], write_pipeline)
+  _build(paths["pairs"], write_pairs)
+
+  def encode(tmp: Path) -> None:
+    pipe = load_pipeline(paths["pipeline"], components=("vae", "text_encoder", "text_encoder_2", "tokenizer",
+                                                        "tokenizer_2"))
+    write_cache(ParquetSource(paths["pairs"]), tmp, make_encoder(pipe), EncodeSettings(resolution=RESOLUTION),
+                pipeline=str(paths["pipeline"]), batch_size=NUM_PAIRS, process_index=0, process_count=1)
+
+  _build(paths["cache"], encode)
+  read_manifest(paths["cache"])
+  return paths

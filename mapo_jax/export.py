@@ -1,0 +1,92 @@
+"""Export trained UNet parameters as a diffusers pipeline folder.
+
+    python -m mapo_jax.export --checkpoint WORKDIR [--step N] --base BASE_PIPELINE --out OUT \
+        [--dtype fp32|fp16|bf16] [--unet-only]
+
+Reads only the parameters of checkpoint N (default: the latest) from WORKDIR/checkpoints and writes
+OUT/unet/ with them plus a copy of every other component of BASE_PIPELINE (VAE, text towers,
+tokenizers, scheduler, model_index.json), so `StableDiffusionXLPipeline.from_pretrained(OUT)` (or
+`StableDiffusionPipeline` for SD 1.x) loads it. With --unet-only, OUT is a bare UNet folder
+(`UNet2DConditionModel.from_pretrained(OUT)`). The folder is written under a temporary name and
+renamed at the end, replacing an older OUT. The trainer writes WORKDIR/export/ the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+import jax
+from absl import app, logging
+from absl.flags import argparse_flags
+from flax import nnx
+
+from mapo_jax import convert
+from mapo_jax.checkpoint import Checkpointer, abstract_like
+from mapo_jax.models.unet import UNet2DConditionModel, save_unet
+
+CHECKPOINTS = "checkpoints"  # the trainer's checkpoint folder inside its workdir
+
+
+def export_unet(unet: UNet2DConditionModel, base: str | os.PathLike, out: str | os.PathLike, *,
+                dtype: str = "fp32", unet_only: bool = False) -> Path:
+  """Writes `unet` (weights cast to `dtype`) with the base pipeline's other components to `out`."""
+  base, out = Path(base), Path(out)
+  tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  if unet_only:
+    save_unet(unet, tmp, dtype=dtype)
+  else:
+    tmp.mkdir(parents=True)
+    for entry in base.iterdir():
+      if entry.name == "unet":
+        continue
+      (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
+    save_unet(unet, tmp / "unet", dtype=dtype)
+  shutil.rmtree(out, ignore_errors=True)
+  os.replace(tmp, out)
+  return out
+
+
+def load_checkpoint_unet(workdir: str | os.PathLike, base: str | os.PathLike, step: int | None = None):
+  """The base pipeline's UNet architecture with the parameters of checkpoint `step` (default: latest)."""
+  config = convert.read_config(convert.model_folder(base, "unet"))
+  unet = nnx.eval_shape(lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(0)))
+  graphdef, abstract = nnx.split(unet, nnx.Param)
+  if not (Path(workdir) / CHECKPOINTS).is_dir():
+    raise FileNotFoundError(f"{workdir} holds no {CHECKPOINTS}/ folder (is it a training workdir?)")
+  checkpointer = Checkpointer(Path(workdir) / CHECKPOINTS)
+  step = checkpointer.latest_step() if step is None else step
+  if step is None or step not in checkpointer.all_steps():
+    raise FileNotFoundError(f"{workdir}/{CHECKPOINTS}: no checkpoint {step if step is not None else ''}"
+                            f" (have {checkpointer.all_steps()})")
+  pure = nnx.to_pure_dict(abstract)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  params = checkpointer.restore_params(step, abstract_like(pure, jax.tree.map(lambda _: device, pure)))
+  checkpointer.close()
+  nnx.replace_by_pure_dict(abstract, params)
+  return nnx.merge(graphdef, abstract), step
+
+
+def parse_flags(argv: list[str]) -> argparse.Namespace:
+  # argparse (dashed names are the documented interface) rather than absl's global flags.
+  p = argparse_flags.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--checkpoint", required=True, help="the training workdir (holding checkpoints/)")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  p.add_argument("--base", required=True, help="the base diffusers pipeline folder the run started from")
+  p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
+  p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="UNet weight dtype")
+  p.add_argument("--unet-only", action="store_true", help="write a bare UNet folder, no other components")
+  return p.parse_args(argv[1:])
+
+
+def main(args: argparse.Namespace) -> None:
+  unet, step = load_checkpoint_unet(args.checkpoint, args.base, args.step)
+  out = export_unet(unet, args.base, args.out, dtype=args.dtype, unet_only=args.unet_only)
+  logging.info("exported step %d of %s to %s", step, args.checkpoint, out)
+  print(f"exported step {step} to {out}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

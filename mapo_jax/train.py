@@ -1,0 +1,253 @@
+"""Preference fine-tuning of an SD / SDXL UNet (MaPO, Diffusion-DPO, Diffusion-RPO, SFT).
+
+    python -m mapo_jax.train --config configs/sdxl_mapo.py --workdir /runs/mapo \
+        [--config.optim.lr=2e-5 ...] [--stop-after-step K]
+    python -m mapo_jax.train --config configs/demo.py --workdir /tmp/demo   # tiny, CPU, minutes
+
+The workdir receives checkpoints/ (Orbax; a run with an existing workdir resumes from its latest
+checkpoint), metrics.jsonl (one JSON object per logged step), tensorboard/, samples/step_NNNNNN.png,
+config.json and, when the run completes, export/ (a diffusers pipeline folder with the trained UNet).
+SIGTERM or SIGINT writes a checkpoint after the current step and exits with status 0, as does
+--stop-after-step K after step K (the schedule still ends at config.steps, so a later run resumes).
+Multi-host: on GPU clusters pass --coordinator_address, --num_processes and --process_id (or set
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); multi-host TPU slices are detected.
+"""
+from __future__ import annotations
+
+import json
+import logging as pylogging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+from PIL import Image
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from mapo_jax import config as config_lib
+from mapo_jax import convert, demo, diffusion, objectives, optim, sampling, sharding
+from mapo_jax.checkpoint import Checkpointer, abstract_like
+from mapo_jax.data import cached_loader, onthefly_loader, open_source, read_manifest
+from mapo_jax.encode import make_encoder
+from mapo_jax.export import CHECKPOINTS, export_unet
+from mapo_jax.models import load_pipeline, load_unet
+from mapo_jax.train_step import StepConfig, create_sharded_state, jit_train_step, make_train_step
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "output folder; an existing one is resumed", required=True)
+_STOP_AFTER = flags.DEFINE_integer(
+    "stop_after_step", None, "stop after this step as a preemption would (checkpoint, exit 0); "
+    "also spelled --stop-after-step")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                                   "host:port of process 0 (multi-host GPU/CPU)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", 1)),
+                                      "processes in a multi-host job")
+_PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", 0)),
+                                   "this process's index in a multi-host job")
+DASHED_FLAGS = ("stop-after-step",)  # the documented spellings; absl itself only knows underscores
+
+
+def initialize_distributed() -> None:
+  """jax.distributed for multi-host runs: explicit coordinator (GPU/CPU clusters) or a TPU pod slice."""
+  if _COORDINATOR.value:
+    if jax.config.jax_platforms == "cpu":  # CPU collectives across processes need gloo
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # more than one TPU host: detected
+    jax.distributed.initialize()
+
+
+def save_grid(images: np.ndarray, path: Path) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(sampling.make_grid(images, cols=math.ceil(math.sqrt(len(images))))).save(path)
+
+
+def main(argv) -> None:
+  del argv
+  config, workdir = _CONFIG.value, Path(_WORKDIR.value).absolute()
+  # ----------------------------------------------------------------------------------------------
+  # Config: every value is checked before any model is loaded or anything compiles.
+  # ----------------------------------------------------------------------------------------------
+  config_lib.validate(config)
+  # Orbax logs each save's every phase at INFO; keep its warnings and our own INFO lines.
+  logging.get_absl_handler().addFilter(lambda r: r.levelno >= pylogging.WARNING or "orbax" not in r.pathname)
+  initialize_distributed()
+  config_lib.validate_for_devices(config, jax.device_count(), jax.process_count())
+  lead = jax.process_index() == 0
+  if lead:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json(indent=2))
+  logging.info("config:\n%s", config)
+
+  # ----------------------------------------------------------------------------------------------
+  # Mesh and (demo only) assets.
+  # ----------------------------------------------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh)
+  logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), jax.device_count(), jax.process_count())
+  if config.demo_assets:
+    if lead:
+      demo.ensure_assets(config.demo_assets)
+    multihost_utils.sync_global_devices("demo assets")
+
+  # ----------------------------------------------------------------------------------------------
+  # Models: the trained UNet, the frozen reference (DPO/RPO), and the rest of the pipeline for
+  # sample grids and on-the-fly encoding.
+  # ----------------------------------------------------------------------------------------------
+  unet_kwargs = dict(dtype=jnp.dtype(config.dtype), attention=config.attention or None, remat=config.remat)
+  unet = load_unet(config.pipeline, param_dtype=jnp.dtype(config.param_dtype), **unet_kwargs)
+  needs_frozen = config.sample_every > 0 or config.data.mode == "onthefly"
+  frozen = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2") if needs_frozen else ()
+  pipe = load_pipeline(config.pipeline, components=frozen + ("scheduler",))
+  schedule = diffusion.NoiseSchedule.from_config(pipe.scheduler_config)
+  vae_config = convert.read_config(convert.model_folder(config.pipeline, "vae"))
+  ref_graphdef = ref_params = ref_shardings = None
+  if objectives.needs_reference(config.objective):
+    ref = load_unet(config.reference or config.pipeline, param_dtype=jnp.dtype(config.ref_param_dtype),
+                    **unet_kwargs)
+    ref_graphdef, ref_state = nnx.split(ref, nnx.Param)
+    ref_shardings = sharding.param_shardings(nnx.to_pure_dict(ref_state), sharding.logical_axes(ref), mesh)
+    ref_params = jax.device_put(nnx.to_pure_dict(ref_state), ref_shardings)
+    del ref, ref_state
+
+  # ----------------------------------------------------------------------------------------------
+  # Input: global batches of `global_batch_size` pairs sharded over (data, fsdp); each process reads
+  # its own slice. The iterator's position is checkpointed with the state.
+  # ----------------------------------------------------------------------------------------------
+  loader_kwargs = dict(batch_size=config.global_batch_size // jax.process_count(), seed=config.seed,
+                       sharding=sharding.batch_sharding(mesh), num_threads=config.data.num_threads)
+  if config.data.mode == "cached":
+    encoded_at = read_manifest(config.data.cache_dir)["settings"]["resolution"]
+    if encoded_at != config.resolution:
+      raise config_lib.ConfigError("resolution", f"{config.resolution}, but {config.data.cache_dir} was "
+                                   f"encoded at {encoded_at}")
+    dataset = cached_loader(config.data.cache_dir, **loader_kwargs)
+  else:
+    dataset = onthefly_loader(open_source(config.data.source),
+                              make_encoder(pipe, rpo_embedding=config.data.rpo_embedding),
+                              resolution=config.resolution, random_crop=config.data.random_crop, **loader_kwargs)
+  data_iterator = iter(dataset)
+
+  # ----------------------------------------------------------------------------------------------
+  # Train state (float32 master params + optimizer state, sharded) and the jitted step.
+  # ----------------------------------------------------------------------------------------------
+  tx = optim.make_optimizer(config.optim)
+  graphdef, state, state_shardings = create_sharded_state(unet, tx, mesh, config.seed)
+  uses_text_time = unet.config.get("addition_embed_type") == "text_time"
+  del unet  # the sharded copy in `state` is the one that trains
+  hparams = {"mapo": dict(config.mapo.to_dict(), num_timesteps=schedule.num_train_timesteps),
+             "dpo": config.dpo.to_dict(),
+             "rpo": config.rpo.to_dict(), "sft": {}}[config.objective]
+  step_config = StepConfig(objective=config.objective, hparams=hparams, accum_steps=config.accum_steps,
+                           scaling_factor=vae_config.get("scaling_factor", 0.18215))
+  train_step = jit_train_step(make_train_step(graphdef, ref_graphdef, tx, schedule, step_config, uses_text_time),
+                              state_shardings, mesh, ref_shardings)
+  learning_rate = optim.learning_rate(config.optim)
+
+  # ----------------------------------------------------------------------------------------------
+  # Restore: the workdir's latest checkpoint (onto this run's mesh), else start from the pipeline.
+  # ----------------------------------------------------------------------------------------------
+  checkpointer = Checkpointer(workdir / CHECKPOINTS, keep=config.keep_checkpoints)
+  if (latest := checkpointer.latest_step()) is not None:
+    state = checkpointer.restore(latest, abstract_like(state, state_shardings), data_iterator)
+    logging.info("resumed from %s/%s/%d", workdir, CHECKPOINTS, latest)
+  first_step = int(state.step)
+
+  def sample_grid(step: int) -> None:
+    if jax.process_count() > 1:  # sampling.py places the frozen models on one local device only
+      logging.warning("sample grids are skipped in multi-process runs")
+      return
+    images, _ = sampling.generate_images(
+        pipe, list(config.sample_prompts), steps=config.sample_steps, guidance=config.sample_guidance,
+        seed=config.seed, height=config.resolution, width=config.resolution, unet=(graphdef, state.params),
+        mesh=mesh)
+    save_grid(images, workdir / "samples" / f"step_{step:06d}.png")
+
+  # ----------------------------------------------------------------------------------------------
+  # Loop. Only logging steps wait for the devices; SIGTERM/SIGINT and --stop-after-step end the run
+  # after a step with a checkpoint, as a preemption would.
+  # ----------------------------------------------------------------------------------------------
+  stop_requested = []
+
+  def on_signal(signum, _frame):
+    logging.warning("signal %d: checkpointing after this step, then exiting", signum)
+    stop_requested.append(signum)
+    signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+
+  signal.signal(signal.SIGTERM, on_signal)
+  signal.signal(signal.SIGINT, on_signal)
+  writer = SummaryWriter(str(workdir / "tensorboard")) if lead else None
+  progress = tqdm(total=config.steps, initial=first_step, unit="step", disable=not lead, dynamic_ncols=True)
+  last_log, last_time = first_step, time.perf_counter()
+  step = first_step
+  while step < config.steps:
+    state, metrics = train_step(state, next(data_iterator), ref_params)
+    step += 1
+    progress.update()
+    stop = bool(stop_requested) or step == _STOP_AFTER.value
+    if step % config.log_every == 0 or step == config.steps or stop:
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+      now = time.perf_counter()
+      metrics.update(step=step, lr=float(learning_rate(step - 1)),
+                     pairs_per_s=(step - last_log) * config.global_batch_size / (now - last_time))
+      last_log, last_time = step, now
+      progress.set_postfix(loss=f"{metrics['loss']:.4g}", pairs_s=f"{metrics['pairs_per_s']:.3g}")
+      if not np.isfinite(metrics["loss"]):
+        logging.warning("step %d: non-finite loss, update skipped (%d so far)", step, metrics["skipped_steps"])
+      if lead:
+        with open(workdir / "metrics.jsonl", "a") as f:
+          f.write(json.dumps(metrics) + "\n")
+        for k, v in metrics.items():
+          if k != "step":
+            writer.add_scalar(k, v, step)
+        writer.flush()
+    if config.sample_every and (step % config.sample_every == 0 or step == config.steps):
+      sample_grid(step)
+    if step % config.checkpoint_every == 0 or step == config.steps or stop:
+      checkpointer.save(step, state, data_iterator)
+    if stop:
+      break
+  progress.close()
+  checkpointer.wait()
+  checkpointer.close()
+
+  # ----------------------------------------------------------------------------------------------
+  # Export: the finished model as a diffusers pipeline folder.
+  # ----------------------------------------------------------------------------------------------
+  if step < config.steps:
+    logging.info("stopped after step %d of %d; run again with --workdir %s to resume", step, config.steps, workdir)
+    print(f"stopped after step {step}; checkpoint in {workdir / CHECKPOINTS}")
+    return
+  params = (multihost_utils.process_allgather(state.params, tiled=True) if jax.process_count() > 1
+            else jax.device_get(state.params))
+  if lead:
+    if not (workdir / "export").exists() or first_step < config.steps:
+      export_unet(nnx.merge(graphdef, params), config.pipeline, workdir / "export", dtype=config.export_dtype)
+    print(f"done: {config.steps} steps in {workdir}\n  checkpoints  {workdir / CHECKPOINTS}\n"
+          f"  export       {workdir / 'export'}\n  samples      {workdir / 'samples'}\n"
+          f"  metrics      {workdir / 'metrics.jsonl'} (TensorBoard: {workdir / 'tensorboard'})")
+  multihost_utils.sync_global_devices("export")
+
+
+def underscore_dashed_flags(argv: list[str]) -> list[str]:
+  """--stop-after-step[=K] → --stop_after_step[=K]: the dashed spelling is the documented one."""
+  out = []
+  for arg in argv:
+    name, sep, value = arg.partition("=")
+    if name.startswith("--") and name[2:] in DASHED_FLAGS:
+      arg = "--" + name[2:].replace("-", "_") + sep + value
+    out.append(arg)
+  return out
+
+
+if __name__ == "__main__":
+  app.run(main, argv=underscore_dashed_flags(sys.argv))

@@ -1,0 +1,70 @@
+"""The trainer end to end, as a subprocess on the demo config: outputs, exact resume, SIGTERM."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+from conftest import REPO, run_trainer
+from safetensors.numpy import load_file
+
+UNET_WEIGHTS = "export/unet/diffusion_pytorch_model.safetensors"
+
+
+def metrics(workdir):
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_demo_leaves_checkpoints_export_samples_and_metrics(demo_run):
+  workdir, proc = demo_run
+  logged = metrics(workdir)
+  assert [m["step"] for m in logged] == list(range(5, 31, 5))
+  assert all(np.isfinite(m["loss"]) and m["skipped_steps"] == 0 for m in logged)
+  assert logged[-1]["loss"] < logged[0]["loss"]
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["20", "30"]  # keep_checkpoints=2
+  assert sorted(p.name for p in (workdir / "samples").iterdir()) == ["step_000015.png", "step_000030.png"]
+  assert list((workdir / "tensorboard").iterdir())
+  assert (workdir / UNET_WEIGHTS).exists() and (workdir / "export/vae/config.json").exists()
+  assert str(workdir / "export") in proc.stdout and str(workdir / "metrics.jsonl") in proc.stdout
+
+
+def test_stopped_and_resumed_run_is_bit_identical(demo_run, demo_assets, trainer_env, tmp_path):
+  reference, _ = demo_run
+  proc = run_trainer(trainer_env(), tmp_path, demo_assets, "--stop-after-step", "12")  # the dashed spelling
+  assert "stopped after step 12" in proc.stdout
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["10", "12"]
+  assert not (tmp_path / "export").exists()
+  run_trainer(trainer_env(), tmp_path, demo_assets)
+  want, got = load_file(reference / UNET_WEIGHTS), load_file(tmp_path / UNET_WEIGHTS)
+  assert want.keys() == got.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  # Identical losses from the resumed step on (step 12 is logged as the stop step).
+  by_step = {m["step"]: m["loss"] for m in metrics(reference)}
+  for m in metrics(tmp_path):
+    if m["step"] in by_step:
+      assert m["loss"] == by_step[m["step"]], m["step"]
+
+
+def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(demo_assets, trainer_env, tmp_path):
+  cmd = [sys.executable, "-m", "mapo_jax.train", "--config", f"{REPO}/configs/demo.py", "--workdir", str(tmp_path),
+         f"--config.demo_assets={demo_assets}", "--config.steps=100000", "--config.log_every=1",
+         "--config.sample_every=0", "--config.checkpoint_every=100000"]
+  proc = subprocess.Popen(cmd, env=trainer_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not ((tmp_path / "metrics.jsonl").exists() and metrics(tmp_path)):  # training has started
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir()]
+  assert len(steps) == 1 and steps[0] >= 1
+  stopped = steps[0]
+  assert metrics(tmp_path)[-1]["step"] == stopped
+  # The same workdir resumes from that checkpoint and finishes two steps later.
+  run_trainer(trainer_env(), tmp_path, demo_assets, f"--config.steps={stopped + 2}", "--config.log_every=1",
+              "--config.sample_every=0")
+  assert [m["step"] for m in metrics(tmp_path)][-2:] == [stopped + 1, stopped + 2]
+  assert (tmp_path / UNET_WEIGHTS).exists()
