@@ -76,7 +76,7 @@ def run_jax(a):
                    accum_steps=a.accum)
   uses_text_time = unet_cfg.get("addition_embed_type") == "text_time"
   step = jit_train_step(make_train_step(graphdef, ref_graphdef, tx, diffusion.NoiseSchedule.from_config(SCHEDULE),
-                                        cfg, uses_text_time), state_sh, mesh, ref_sh)
+                                        cfg, uses_text_time, mesh), state_sh, mesh, ref_sh)
   batch = sharding.global_batch(random_batch(unet_cfg, a.batch, a.res), mesh)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, ref).compile()

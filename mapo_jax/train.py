@@ -149,8 +149,9 @@ def main(argv) -> None:
              "rpo": config.rpo.to_dict(), "sft": {}}[config.objective]
   step_config = StepConfig(objective=config.objective, hparams=hparams, accum_steps=config.accum_steps,
                            scaling_factor=vae_config.get("scaling_factor", 0.18215))
-  train_step = jit_train_step(make_train_step(graphdef, ref_graphdef, tx, schedule, step_config, uses_text_time),
-                              state_shardings, mesh, ref_shardings)
+  train_step = jit_train_step(
+      make_train_step(graphdef, ref_graphdef, tx, schedule, step_config, uses_text_time, mesh),
+      state_shardings, mesh, ref_shardings)
   learning_rate = optim.learning_rate(config.optim)
 
   # ----------------------------------------------------------------------------------------------
@@ -219,6 +220,9 @@ def main(argv) -> None:
   progress.close()
   checkpointer.wait()
   checkpointer.close()
+  # Every process leaves together: one that exits while another still finalises the checkpoint
+  # would leave the other waiting in jax.distributed's shutdown.
+  multihost_utils.sync_global_devices("checkpoint closed")
 
   # ----------------------------------------------------------------------------------------------
   # Export: the finished model as a diffusers pipeline folder.

@@ -94,9 +94,15 @@ def make_loss_fn(graphdef, ref_graphdef, schedule, cfg: StepConfig, uses_text_ti
   return loss_fn
 
 
-def make_train_step(graphdef, ref_graphdef, tx, schedule, cfg: StepConfig, uses_text_time: bool):
-  """Returns `step(state, batch, ref_params) -> (state, metrics)`; jit it with the state donated."""
+def make_train_step(graphdef, ref_graphdef, tx, schedule, cfg: StepConfig, uses_text_time: bool, mesh=None):
+  """Returns `step(state, batch, ref_params) -> (state, metrics)`; jit it with the state donated.
+
+  With `mesh`, each micro-batch is pinned to the (data, fsdp) batch sharding: XLA cannot infer it
+  through the micro-batch reshape and would otherwise replicate and re-partition activations.
+  """
   loss_fn = make_loss_fn(graphdef, ref_graphdef, schedule, cfg, uses_text_time)
+  pin = ((lambda t: jax.lax.with_sharding_constraint(t, sharding.batch_sharding(mesh))) if mesh is not None
+         else (lambda t: t))
 
   def step(state: TrainState, batch: Batch, ref_params=None):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -106,7 +112,7 @@ def make_train_step(graphdef, ref_graphdef, tx, schedule, cfg: StepConfig, uses_
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def accumulate(carry, xs):
-      (_, metrics), grads = grad_fn(state.params, ref_params, *xs)
+      (_, metrics), grads = grad_fn(state.params, ref_params, *pin(xs))
       return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
     zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(

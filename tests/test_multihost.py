@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import REPO, rel_l2, run_trainer
 from safetensors.numpy import load_file
 
@@ -25,7 +26,7 @@ def run_two_processes(env, workdir, assets, *args):
        f"--config.demo_assets={assets}", f"--coordinator_address=localhost:{port}", "--num_processes=2",
        f"--process_id={i}", *ARGS, *args], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True) for i in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
+  outs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-4000:]
 
