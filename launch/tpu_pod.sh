@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Train on a TPU pod slice: every worker runs the same command; JAX finds the other hosts itself.
 #   bash launch/tpu_pod.sh TPU_NAME ZONE CONFIG WORKDIR [extra train flags...]
-# WORKDIR and the config's pipeline/data paths must be visible to every worker (a gs:// bucket or an
-# NFS/Filestore mount). The repository is copied to each worker's home directory first.
+# WORKDIR and the config's pipeline/data paths must be on a filesystem every worker mounts (NFS,
+# Filestore, a gcsfuse mount); paths are local paths. The repository is copied to each worker first.
 set -euo pipefail
 TPU_NAME=$1 ZONE=$2 CONFIG=$3 WORKDIR=$4
 shift 4
@@ -13,5 +13,5 @@ gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command
   set -e
   cd ~/mapo_jax_src
   python3 -m pip install -q -e '.[tpu]'
-  python3 -m mapo_jax.train --config $CONFIG --workdir $WORKDIR $*
+  python3 -m mapo_jax.train --config $CONFIG --workdir $WORKDIR --distributed $*
 "

@@ -54,6 +54,8 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_N
                                       "processes in a multi-host job")
 _PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", 0)),
                                    "this process's index in a multi-host job")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with the cluster "
+                                 "auto-detected (TPU pod slices, SLURM); launch/tpu_pod.sh sets it")
 DASHED_FLAGS = ("stop-after-step",)  # the documented spellings; absl itself only knows underscores
 
 
@@ -63,8 +65,16 @@ def initialize_distributed() -> None:
     if jax.config.jax_platforms == "cpu":  # CPU collectives across processes need gloo
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # more than one TPU host: detected
+  elif _DISTRIBUTED.value or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # several TPU hosts
     jax.distributed.initialize()
+
+
+def barrier(name: str) -> None:
+  """Waits for every process at the coordination service. The first step's collectives must not start
+  while another process is still compiling: CPU (gloo) collectives give up after 30 s."""
+  if jax.process_count() > 1:
+    from jax._src import distributed  # the client jax.distributed.initialize() set up
+    distributed.global_state.client.wait_at_barrier(f"mapo_jax/{name}", 3_600_000)
 
 
 def save_grid(images: np.ndarray, path: Path) -> None:
@@ -190,8 +200,13 @@ def main(argv) -> None:
   progress = tqdm(total=config.steps, initial=first_step, unit="step", disable=not lead, dynamic_ncols=True)
   last_log, last_time = first_step, time.perf_counter()
   step = first_step
+  compiled_step = None
   while step < config.steps:
-    state, metrics = train_step(state, next(data_iterator), ref_params)
+    batch = next(data_iterator)
+    if compiled_step is None:
+      compiled_step = train_step.lower(state, batch, ref_params).compile()
+      barrier("train step compiled")
+    state, metrics = compiled_step(state, batch, ref_params)
     step += 1
     progress.update()
     stop = bool(stop_requested) or step == _STOP_AFTER.value
