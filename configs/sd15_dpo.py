@@ -4,16 +4,11 @@ as sdxl_dpo.py (beta 5000, 2048 pairs, lr 1e-8 x 2048 = 2.048e-5, 500 warmup ste
     python -m mapo_jax.train --config configs/sd15_dpo.py --workdir /runs/sd15_dpo \
         --config.pipeline=/models/sd15 --config.data.cache_dir=/data/cache512
 """
-from mapo_jax.config import base_config
+from mapo_jax.config import base_config, use_dpo_recipe
 
 
 def get_config():
-  config = base_config()
-  config.objective = "dpo"
-  config.global_batch_size = 2048
-  config.optim.lr = 1e-8 * config.global_batch_size  # official --scale_lr: 1e-8 per pair
-  config.optim.schedule = "linear_warmup"  # = constant_with_warmup
-  config.optim.warmup_steps = 500
+  config = use_dpo_recipe(base_config())
   config.resolution = 512
   config.accum_steps = 16  # 8 GPUs x 16 pairs per micro-batch x 16 = 2048
   config.export_dtype = "fp32"  # SD 1.5 checkpoints are usually shared in float32

@@ -6,15 +6,10 @@ is the starting pipeline (`reference` = "" means the same folder).
     python -m mapo_jax.train --config configs/sdxl_dpo.py --workdir /runs/dpo \
         --config.pipeline=/models/sdxl-base --config.data.cache_dir=/data/cache
 """
-from mapo_jax.config import base_config
+from mapo_jax.config import base_config, use_dpo_recipe
 
 
 def get_config():
-  config = base_config()
-  config.objective = "dpo"
-  config.global_batch_size = 2048
+  config = use_dpo_recipe(base_config())
   config.accum_steps = 64  # 8 GPUs x 4 pairs per micro-batch x 64 = 2048
-  config.optim.lr = 1e-8 * config.global_batch_size  # official --scale_lr: 1e-8 per pair
-  config.optim.schedule = "linear_warmup"  # = constant_with_warmup
-  config.optim.warmup_steps = 500
   return config

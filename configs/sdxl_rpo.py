@@ -6,15 +6,10 @@ matrix spans one micro-batch (the train step's unit), so larger micro-batches co
     python -m mapo_jax.train --config configs/sdxl_rpo.py --workdir /runs/rpo \
         --config.pipeline=/models/sdxl-base --config.data.cache_dir=/data/cache
 """
-from mapo_jax.config import base_config
+from mapo_jax.config import base_config, use_dpo_recipe
 
 
 def get_config():
-  config = base_config()
-  config.objective = "rpo"
-  config.global_batch_size = 2048
-  config.optim.lr = 1e-8 * config.global_batch_size  # official --scale_lr: 1e-8 per pair
-  config.optim.schedule = "linear_warmup"  # = constant_with_warmup
-  config.optim.warmup_steps = 500
+  config = use_dpo_recipe(base_config(), objective="rpo")
   config.accum_steps = 64
   return config

@@ -90,6 +90,18 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def use_dpo_recipe(config: ml_collections.ConfigDict, objective: str = "dpo") -> ml_collections.ConfigDict:
+  """The official Diffusion-DPO batch and optimizer (SalesforceAIResearch/DiffusionDPO launchers):
+  2048 pairs per step, `--learning_rate=1e-8 --scale_lr` (lr x batch = 2.048e-5), constant_with_warmup
+  over 500 steps. Shared by the DPO and RPO recipes."""
+  config.objective = objective
+  config.global_batch_size = 2048
+  config.optim.lr = 1e-8 * config.global_batch_size
+  config.optim.schedule = "linear_warmup"  # = constant_with_warmup
+  config.optim.warmup_steps = 500
+  return config
+
+
 def _flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
   out = {}
   for key, value in cfg.items():
