@@ -103,24 +103,31 @@ def sdxl_scheduler():
                                 prediction_type="epsilon")
 
 
-def make_tiny_sdxl_pipeline(path, seed=0):
-  """Saves a tiny random SDXL pipeline folder (diffusers layout, 64 px default) and returns the torch pipeline."""
+def save_sdxl_pipeline(path, *, clip_l, clip_g, unet_config, seed=0, unet_scale=0.05):
+  """Saves a random SDXL pipeline folder (diffusers layout) built from tower and UNet configs and returns
+  the torch pipeline. Tokenizers as SDXL's (the second pads with "!"); TINY_VAE keeps the /8 latents."""
   import torch
   from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
   tokenizer = make_clip_tokenizer(f"{path}/tokenizer")
-  tokenizer_2 = make_clip_tokenizer(f"{path}/tokenizer_2", pad_token="!")  # as SDXL's second tokenizer
+  tokenizer_2 = make_clip_tokenizer(f"{path}/tokenizer_2", pad_token="!")
   eos = tokenizer.eos_token_id
-  text_encoder = make_clip_text_model({**TINY_CLIP_L, "vocab_size": len(tokenizer)}, seed=seed)
+  text_encoder = make_clip_text_model({**clip_l, "vocab_size": len(tokenizer)}, seed=seed)
   text_encoder_2 = make_clip_text_model(
-      {**TINY_CLIP_G, "vocab_size": len(tokenizer), "bos_token_id": eos - 1, "eos_token_id": eos, "pad_token_id": 0},
+      {**clip_g, "vocab_size": len(tokenizer), "bos_token_id": eos - 1, "eos_token_id": eos, "pad_token_id": 0},
       projection=True, seed=seed + 1)
   torch.manual_seed(seed)
-  unet = perturb_(UNet2DConditionModel(**{**TINY_SDXL_UNET, "sample_size": 8}), seed + 2).eval()
+  unet = perturb_(UNet2DConditionModel(**unet_config), seed + 2, scale=unet_scale).eval()
   pipe = StableDiffusionXLPipeline(
       vae=make_diffusers_vae(TINY_VAE, seed + 3), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
       tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=sdxl_scheduler(), add_watermarker=False)
   pipe.save_pretrained(path)
   return pipe
+
+
+def make_tiny_sdxl_pipeline(path, seed=0):
+  """A tiny random SDXL pipeline folder (64 px default)."""
+  return save_sdxl_pipeline(path, clip_l=TINY_CLIP_L, clip_g=TINY_CLIP_G,
+                            unet_config={**TINY_SDXL_UNET, "sample_size": 8}, seed=seed)
 
 
 @pytest.fixture(scope="session")
@@ -145,30 +152,16 @@ def jit_call(model, *args, **kwargs):
 # --- Micro SDXL pipeline for sampling tests: the same layout at the fewest ops (fast sampler compiles) -------
 
 def make_micro_sdxl_pipeline(path, seed=0):
-  """Saves a micro random SDXL pipeline folder (MICRO_SDXL_UNET, towers sized to fit it, TINY_VAE)."""
-  from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+  """A micro random SDXL pipeline folder (MICRO_SDXL_UNET, towers sized to fit it, TINY_VAE)."""
   from mapo_jax.models.presets import MICRO_SDXL_UNET
-  import torch
   pooled = MICRO_SDXL_UNET["projection_class_embeddings_input_dim"] - 6 * MICRO_SDXL_UNET["addition_time_embed_dim"]
   width_l = MICRO_SDXL_UNET["cross_attention_dim"] - pooled  # tower 2's hidden size = its projection = pooled
-  tokenizer = make_clip_tokenizer(f"{path}/tokenizer")
-  tokenizer_2 = make_clip_tokenizer(f"{path}/tokenizer_2", pad_token="!")
-  eos = tokenizer.eos_token_id
   small = dict(num_hidden_layers=2, num_attention_heads=2)
-  text_encoder = make_clip_text_model(
-      {**TINY_CLIP_L, **small, "hidden_size": width_l, "intermediate_size": 2 * width_l, "vocab_size": len(tokenizer)},
-      seed=seed)
-  text_encoder_2 = make_clip_text_model(
-      {**TINY_CLIP_G, **small, "hidden_size": pooled, "intermediate_size": 2 * pooled, "projection_dim": pooled,
-       "vocab_size": len(tokenizer), "bos_token_id": eos - 1, "eos_token_id": eos, "pad_token_id": 0},
-      projection=True, seed=seed + 1)
-  torch.manual_seed(seed)
-  unet = perturb_(UNet2DConditionModel(**MICRO_SDXL_UNET), seed + 2, scale=0.2).eval()
-  pipe = StableDiffusionXLPipeline(
-      vae=make_diffusers_vae(TINY_VAE, seed + 3), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=sdxl_scheduler(), add_watermarker=False)
-  pipe.save_pretrained(path)
-  return pipe
+  return save_sdxl_pipeline(
+      path, clip_l={**TINY_CLIP_L, **small, "hidden_size": width_l, "intermediate_size": 2 * width_l},
+      clip_g={**TINY_CLIP_G, **small, "hidden_size": pooled, "intermediate_size": 2 * pooled,
+              "projection_dim": pooled},
+      unet_config=MICRO_SDXL_UNET, seed=seed, unet_scale=0.2)
 
 
 @pytest.fixture(scope="session")
