@@ -26,6 +26,15 @@ def read_config(folder: Path) -> dict[str, Any]:
   return json.loads((folder / "config.json").read_text())
 
 
+def with_defaults(kind: str, config: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+  """`config` over the library's `defaults`, without the `_class_name`-style metadata keys; a key the
+  library does not define fails, naming it (`kind` says which config: "UNet", "VAE")."""
+  unknown = sorted(k for k in config if not k.startswith("_") and k not in defaults)
+  if unknown:
+    raise ValueError(f"{kind} config: unknown option(s) {unknown}")
+  return {**defaults, **{k: v for k, v in config.items() if not k.startswith("_")}}
+
+
 def load_model(folder: Path, build: Callable[[], nnx.Module], *, stem: str, variant: str | None = None,
                ignore: Iterable[str] = (), fix=None) -> nnx.Module:
   """Builds the model abstractly (no random init) and fills it from the folder's weights."""

@@ -99,10 +99,7 @@ class UNetConfig:
 
   @classmethod
   def from_dict(cls, config: Mapping[str, Any]) -> "UNetConfig":
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in DIFFUSERS_DEFAULTS)
-    if unknown:
-      raise ValueError(f"UNet config: unknown option(s) {unknown}")
-    c = {**DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    c = convert.with_defaults("UNet", config, DIFFUSERS_DEFAULTS)
     for key, value in _FIXED.items():
       v = c[key]
       if key == "only_cross_attention" and isinstance(v, (list, tuple)) and not any(v):

@@ -56,10 +56,7 @@ class VAEConfig:
 
   @classmethod
   def from_dict(cls, config: Mapping[str, Any]) -> "VAEConfig":
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in DIFFUSERS_DEFAULTS)
-    if unknown:
-      raise ValueError(f"VAE config: unknown option(s) {unknown}")
-    c = {**DIFFUSERS_DEFAULTS, **config}
+    c = convert.with_defaults("VAE", config, DIFFUSERS_DEFAULTS)
     if c["act_fn"] != "silu":
       raise ValueError(f"VAE config: unsupported act_fn={c['act_fn']!r} (only 'silu' is supported)")
     n = len(c["block_out_channels"])
