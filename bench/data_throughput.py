@@ -24,7 +24,7 @@ from PIL import Image
 
 from mapo_jax.data import EncodeSettings, cached_loader, open_source, write_cache
 from mapo_jax.encode import make_encoder
-from mapo_jax.models import load_pipeline
+from mapo_jax.pipelines import family, load_pipeline
 
 _PIPELINE = flags.DEFINE_string("pipeline", None, "pipeline folder; default: a stand-in encoder (no model).")
 _PAIRS = flags.DEFINE_integer("pairs", 64, "pairs to encode.")
@@ -76,8 +76,7 @@ def main(argv):
     make_parquet(tmp / "pairs.parquet", _PAIRS.value, w, h)
     source = open_source(str(tmp / "pairs.parquet"))
     if _PIPELINE.value:
-      encode_fn = make_encoder(load_pipeline(_PIPELINE.value, components=(
-          "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")))
+      encode_fn = make_encoder(load_pipeline(_PIPELINE.value, components=family(_PIPELINE.value).FROZEN))
       encode_fn(*(np.zeros((_BATCH_SIZE.value, _RESOLUTION.value, _RESOLUTION.value, 3), np.float32),) * 2,
                 [""] * _BATCH_SIZE.value)  # compile outside the timed run
     else:

@@ -20,14 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mapo_jax import diffusion, optim, sharding
+from mapo_jax import diffusion, objectives, optim, sharding
 from mapo_jax.models import init_unet, presets
-from mapo_jax.models.unet import Options
-from mapo_jax.train_step import StepConfig, create_sharded_state, jit_train_step, make_train_step
+from mapo_jax.models.layers import Options
+from mapo_jax.pipelines import sd
+from mapo_jax.train_step import Frozen, StepConfig, create_sharded_state, jit_train_step, make_train_step
 
 CONFIGS = {"sdxl": presets.SDXL_BASE_UNET, "sd15": presets.SD15_UNET, "tiny": presets.BENCH_TINY_UNET}
-HPARAMS = {"mapo": dict(beta=0.1), "dpo": dict(beta=5000.0), "rpo": dict(beta=5000.0, tau=0.5), "sft": {}}
-SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+SCHEDULE = diffusion.NoiseSchedule.from_config(dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                                    beta_schedule="scaled_linear"))
 
 
 def random_batch(unet_cfg, pairs, res, seed=0):
@@ -47,8 +48,7 @@ def forward_flops(graphdef, params, batch):
   """XLA's FLOP count of one UNet forward on one latent."""
   one = {k: v[:1] for k, v in batch.items()}
   def fwd(p):
-    return nnx.merge(graphdef, p)(one["moments_w"][..., :4], jnp.zeros((1,), jnp.int32), one["prompt_embeds"],
-                                  text_embeds=one.get("pooled_prompt_embeds"), time_ids=one.get("time_ids"))
+    return sd.denoise(nnx.merge(graphdef, p), one["moments_w"][..., :4], jnp.zeros((1,), jnp.int32), one)
   cost = jax.jit(fwd).lower(params).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   return float(cost.get("flops", 0.0)) if cost else 0.0
@@ -61,40 +61,38 @@ def run_jax(a):
   mesh = sharding.make_mesh((-1, 1, 1))
   opt_cfg = optim.default_config()
   tx = optim.make_optimizer(opt_cfg)
-  graphdef, state, state_sh = create_sharded_state(init_unet(unet_cfg, options=options, seed=0), tx, mesh, 0)
-  ref = ref_sh = None
-  if a.objective in ("dpo", "rpo"):
+  graphdef, state, state_sh, frozen, frozen_sh = create_sharded_state(
+      init_unet(unet_cfg, options=options, seed=0), tx, mesh, 0)
+  objective = objectives.get_objective(a.objective)
+  ref_graphdef = ref = ref_sh = None
+  if objective.needs_reference:
     ref_unet = init_unet(unet_cfg, options=Options(dtype=dtype, param_dtype=jnp.bfloat16,
                                                    attention=a.attention), seed=1)
-    ref_graphdef, ref = nnx.split(ref_unet, nnx.Param)
-    ref = nnx.to_pure_dict(ref)
-    ref_sh = sharding.param_shardings(ref, sharding.logical_axes(ref_unet), mesh)
-    ref = jax.device_put(ref, ref_sh)
-  else:
-    ref_graphdef = graphdef
-  cfg = StepConfig(objective=a.objective, hparams=HPARAMS[a.objective], scaling_factor=0.13025,
-                   accum_steps=a.accum)
-  uses_text_time = unet_cfg.get("addition_embed_type") == "text_time"
-  step = jit_train_step(make_train_step(graphdef, ref_graphdef, tx, diffusion.NoiseSchedule.from_config(SCHEDULE),
-                                        cfg, uses_text_time, mesh), state_sh, mesh, ref_sh)
+    ref_graphdef = nnx.graphdef(ref_unet)
+    ref, ref_sh = sharding.place(ref_unet, mesh)
+  frozen, frozen_sh = Frozen(policy=frozen, reference=ref), Frozen(policy=frozen_sh, reference=ref_sh)
+  cfg = StepConfig(objective=a.objective, hparams=objective.hparams(num_timesteps=SCHEDULE.num_train_timesteps),
+                   latents=sd.Latents(scale=0.13025), accum_steps=a.accum)
+  step = jit_train_step(make_train_step(sd.denoise, graphdef, ref_graphdef, tx, SCHEDULE, cfg, mesh),
+                        state_sh, mesh, frozen_sh)
   batch = sharding.global_batch(random_batch(unet_cfg, a.batch, a.res), mesh)
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch, ref).compile()
+  compiled = step.lower(state, batch, frozen).compile()
   compile_s = time.perf_counter() - t0
   fwd = forward_flops(graphdef, state.params, batch)
   for _ in range(a.warmup):
-    state, metrics = compiled(state, batch, ref)
+    state, metrics = compiled(state, batch, frozen)
   jax.block_until_ready(metrics)
   times = []
   for _ in range(a.steps):
     t0 = time.perf_counter()
-    state, metrics = compiled(state, batch, ref)
+    state, metrics = compiled(state, batch, frozen)
     float(metrics["loss"])  # one host sync per step, as the reference does
     times.append(time.perf_counter() - t0)
   med = statistics.median(times)
   stats = jax.devices()[0].memory_stats() or {}
   latents = (2 if a.objective != "sft" else 1) * a.batch
-  flop = fwd * latents * (3 + (1 if a.objective in ("dpo", "rpo") else 0))
+  flop = fwd * latents * (3 + (1 if objective.needs_reference else 0))
   return dict(impl="jax", jax=jax.__version__, device=jax.devices()[0].device_kind, config=a.config,
               objective=a.objective, res=a.res, pairs_per_step=a.batch, accum=a.accum, dtype=a.dtype,
               attention=a.attention or "default", remat=a.remat, step_s=round(med, 4),
@@ -119,7 +117,7 @@ def main():
   p.add_argument("--res", type=int, default=64)
   p.add_argument("--batch", type=int, default=2, help="preference pairs per step")
   p.add_argument("--accum", type=int, default=1)
-  p.add_argument("--objective", choices=sorted(HPARAMS), default="mapo")
+  p.add_argument("--objective", choices=sorted(objectives.OBJECTIVES), default="mapo")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--attention", default=None, help="einsum | xla | cudnn | pallas (default: per backend)")
   p.add_argument("--remat", default="none", help="none | full | save_dots | save_dots_no_batch | offload_dots")

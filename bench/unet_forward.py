@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mapo_jax.models import init_unet, presets
-from mapo_jax.models.unet import Options
+from mapo_jax.models.layers import Options
 
 CONFIGS = {"sdxl": presets.SDXL_BASE_UNET, "sd15": presets.SD15_UNET, "tiny": presets.BENCH_TINY_UNET}
 

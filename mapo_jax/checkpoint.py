@@ -25,6 +25,8 @@ from flax import serialization
 
 from mapo_jax.train_step import TrainState
 
+CHECKPOINTS = "checkpoints"  # the trainer's checkpoint folder inside its workdir
+
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs of `tree`'s leaves (arrays or structs) placed by the matching `shardings`."""

@@ -2,24 +2,22 @@
 config before anything is loaded or compiled and names the offending key.
 
 Recipe files in configs/ call `base_config()` and override a few keys. Defaults are the official MaPO
-recipe (shared/NOTES.md): AdamW lr 1e-5 constant, no warmup, clip 1.0, 2000 steps, 1024 px, 8 pairs per
+recipe (docs/recipes.md): AdamW lr 1e-5 constant, no warmup, clip 1.0, 2000 steps, 1024 px, 8 pairs per
 GPU x 2 accumulation steps on 8 GPUs = 128 pairs per optimizer step (`global_batch_size`).
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import ml_collections
 
-from mapo_jax import objectives, optim
-from mapo_jax.encode import RPO_EMBEDDINGS
+from mapo_jax import objectives, optim, sharding
+from mapo_jax.convert.files import EXPORT_DTYPES
 from mapo_jax.models.attention import IMPLEMENTATIONS
-from mapo_jax.models.unet import REMAT_POLICIES
+from mapo_jax.models.layers import REMAT_POLICIES
 
 DATA_MODES = ("cached", "onthefly")
 DTYPES = ("float32", "bfloat16", "float16")
-EXPORT_DTYPES = ("fp32", "fp16", "bf16")
 
 
 class ConfigError(ValueError):
@@ -43,11 +41,12 @@ def base_config() -> ml_collections.ConfigDict:
       mode="cached", cache_dir="", source="", random_crop=False, rpo_embedding="pooled", num_threads=8))
   config.resolution = 1024
 
-  # Objective: `objective` picks one; its hyper-parameters live in the block of the same name.
+  # Objective: `objective` picks one; its hyper-parameters live in the block of the same name, with the
+  # defaults that objectives.OBJECTIVES gives them.
   config.objective = "mapo"
-  config.mapo = ml_collections.ConfigDict(dict(beta=0.1, snr=0.5))  # MaPO official: beta 0.1, snr_value 0.5
-  config.dpo = ml_collections.ConfigDict(dict(beta=5000.0))  # Diffusion-DPO official beta_dpo
-  config.rpo = ml_collections.ConfigDict(dict(beta=5000.0, tau=0.5))
+  for name, objective in objectives.OBJECTIVES.items():
+    if objective.defaults:
+      config[name] = ml_collections.ConfigDict(objective.defaults)
 
   # Steps and batch. global_batch_size: preference pairs per optimizer step over all devices and
   # accumulation steps (official MaPO: 8 per GPU x 2 accumulation x 8 GPUs = 128, 64 per micro-batch).
@@ -147,7 +146,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   choice("objective", tuple(objectives.OBJECTIVES))
   choice("data.mode", DATA_MODES)
-  choice("data.rpo_embedding", RPO_EMBEDDINGS)
+  choice("data.rpo_embedding", objectives.RPO_EMBEDDINGS)
   for key in ("dtype", "param_dtype", "ref_param_dtype"):
     choice(key, DTYPES)
   choice("attention", ("",) + IMPLEMENTATIONS)
@@ -171,9 +170,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if given["global_batch_size"] % given["accum_steps"]:
     raise ConfigError("global_batch_size", f"{given['global_batch_size']} pairs do not split into "
                       f"accum_steps={given['accum_steps']} equal micro-batches")
-  mesh = tuple(given["mesh"])
-  if len(mesh) != 3 or mesh.count(-1) > 1 or any(not isinstance(s, int) or s == 0 or s < -1 for s in mesh):
-    raise ConfigError("mesh", f"{mesh} must be 3 sizes (data, fsdp, tensor), each >= 1 or one -1")
+  try:
+    sharding.check_mesh_shape(given["mesh"])
+  except ValueError as e:
+    raise ConfigError("mesh", str(e)) from None
   if not given["pipeline"] and not given["demo_assets"]:
     raise ConfigError("pipeline", "set it to a local diffusers pipeline folder")
   if given["data.mode"] == "cached" and not given["data.cache_dir"]:
@@ -184,13 +184,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
   """config.mesh with its -1 resolved for `num_devices`."""
-  shape = list(config.mesh)
-  known = math.prod(s for s in shape if s != -1)
-  if -1 in shape:
-    shape[shape.index(-1)] = num_devices // known if num_devices % known == 0 else 0
-  if math.prod(shape) != num_devices:
-    raise ConfigError("mesh", f"{tuple(config.mesh)} does not fit {num_devices} devices")
-  return tuple(shape)
+  try:
+    return sharding.resolve_mesh_shape(config.mesh, num_devices)
+  except ValueError as e:
+    raise ConfigError("mesh", str(e)) from None
 
 
 def validate_for_devices(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:

@@ -29,7 +29,8 @@ from PIL import Image, ImageDraw
 from mapo_jax.data.cache import EncodeSettings, read_manifest, write_cache
 from mapo_jax.data.sources import ParquetSource
 from mapo_jax.encode import make_encoder
-from mapo_jax.models import AutoencoderKL, CLIPTextModel, load_pipeline, save_text_encoder, save_unet, save_vae
+from mapo_jax.models import AutoencoderKL, CLIPTextModel, save_text_encoder, save_unet, save_vae
+from mapo_jax.pipelines import family, load_pipeline
 from mapo_jax.models.presets import MICRO_SDXL_UNET
 from mapo_jax.models.unet import UNet2DConditionModel
 
@@ -168,8 +169,7 @@ def ensure_assets(folder: str | os.PathLike) -> dict[str, Path]:
   _build(paths["pairs"], write_pairs)
 
   def encode(tmp: Path) -> None:
-    pipe = load_pipeline(paths["pipeline"], components=("vae", "text_encoder", "text_encoder_2", "tokenizer",
-                                                        "tokenizer_2"))
+    pipe = load_pipeline(paths["pipeline"], components=family(paths["pipeline"]).FROZEN)
     write_cache(ParquetSource(paths["pairs"]), tmp, make_encoder(pipe), EncodeSettings(resolution=RESOLUTION),
                 pipeline=str(paths["pipeline"]), batch_size=NUM_PAIRS, process_index=0, process_count=1)
 

@@ -22,9 +22,9 @@ from flax import nnx
 
 from mapo_jax.data.cache import EncodeFn, EncodeSettings, write_cache
 from mapo_jax.data.sources import open_source
-from mapo_jax.models import encode_prompts, load_pipeline
+from mapo_jax.objectives import RPO_EMBEDDINGS
+from mapo_jax.pipelines import family, load_pipeline
 
-RPO_EMBEDDINGS = ("pooled", "mean_tokens")
 
 
 def make_encoder(pipe, *, rpo_embedding: str = "pooled") -> EncodeFn:
@@ -46,7 +46,7 @@ def make_encoder(pipe, *, rpo_embedding: str = "pooled") -> EncodeFn:
     pad = [(0, -b % len(devices))] + [(0, 0)] * 3  # equal shards of winners and of losers
     x = np.concatenate([np.pad(pixels_w, pad), np.pad(pixels_l, pad)])
     m = moments(state, jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.P("data"))))
-    text = encode_prompts(pipe, list(captions))
+    text = pipe.encode_prompts(list(captions))
     rpo = text["pooled_prompt_embeds"] if rpo_embedding == "pooled" else text["prompt_embeds"].mean(axis=1)
     return {"moments_w": m[:b], "moments_l": m[len(x) // 2:len(x) // 2 + b],
             "prompt_embeds": text["prompt_embeds"], "pooled_prompt_embeds": text["pooled_prompt_embeds"],
@@ -79,7 +79,7 @@ def main(args: argparse.Namespace) -> None:
   if args.distributed:
     jax.distributed.initialize()
   source = open_source(args.data)
-  pipe = load_pipeline(args.pipeline, components=("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
+  pipe = load_pipeline(args.pipeline, components=family(args.pipeline).FROZEN)
   settings = EncodeSettings(resolution=args.resolution, seed=args.seed, random_crop=args.random_crop,
                             cache_dtype=args.cache_dtype, shard_size=args.shard_size)
   manifest = write_cache(source, args.out, make_encoder(pipe, rpo_embedding=args.rpo_embedding), settings,

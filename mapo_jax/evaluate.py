@@ -27,7 +27,7 @@ from absl.flags import argparse_flags
 from PIL import Image
 
 from mapo_jax import generate, sampling
-from mapo_jax.models import load_pipeline
+from mapo_jax.pipelines import load_pipeline
 from mapo_jax.models.reward import RewardModel, load_reward_model
 
 METRICS = {"reward": "reward", "clip_score": "CLIP score"}

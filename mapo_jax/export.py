@@ -22,38 +22,37 @@ from absl import app, logging
 from absl.flags import argparse_flags
 from flax import nnx
 
-from mapo_jax import convert
-from mapo_jax.checkpoint import Checkpointer, abstract_like
-from mapo_jax.models.unet import UNet2DConditionModel, save_unet
-
-CHECKPOINTS = "checkpoints"  # the trainer's checkpoint folder inside its workdir
+from mapo_jax import pipelines
+from mapo_jax.checkpoint import CHECKPOINTS, Checkpointer, abstract_like
+from mapo_jax.convert.files import EXPORT_DTYPES
 
 
-def export_unet(unet: UNet2DConditionModel, base: str | os.PathLike, out: str | os.PathLike, *,
-                dtype: str = "fp32", unet_only: bool = False) -> Path:
-  """Writes `unet` (weights cast to `dtype`) with the base pipeline's other components to `out`."""
+def export_denoiser(model: nnx.Module, base: str | os.PathLike, out: str | os.PathLike, *,
+                    dtype: str = "fp32", denoiser_only: bool = False) -> Path:
+  """Writes `model` (weights cast to `dtype`) with the base pipeline's other components to `out`; with
+  `denoiser_only`, a bare model folder (for SD: a UNet folder)."""
   base, out = Path(base), Path(out)
+  family = pipelines.family(base)
   tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
-  if unet_only:
-    save_unet(unet, tmp, dtype=dtype)
+  if denoiser_only:
+    family.save_denoiser(model, tmp, dtype=dtype)
   else:
     tmp.mkdir(parents=True)
     for entry in base.iterdir():
-      if entry.name == "unet":
+      if entry.name == family.DENOISER:
         continue
       (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
-    save_unet(unet, tmp / "unet", dtype=dtype)
+    family.save_denoiser(model, tmp / family.DENOISER, dtype=dtype)
   shutil.rmtree(out, ignore_errors=True)
   os.replace(tmp, out)
   return out
 
 
-def load_checkpoint_unet(workdir: str | os.PathLike, base: str | os.PathLike, step: int | None = None):
-  """The base pipeline's UNet architecture with the parameters of checkpoint `step` (default: latest)."""
-  config = convert.read_config(convert.model_folder(base, "unet"))
-  unet = nnx.eval_shape(lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(0)))
-  graphdef, abstract = nnx.split(unet, nnx.Param)
+def load_checkpoint_denoiser(workdir: str | os.PathLike, base: str | os.PathLike, step: int | None = None):
+  """The base pipeline's denoiser architecture with the parameters of checkpoint `step` (default: latest)."""
+  model = pipelines.family(base).abstract_denoiser(base)
+  graphdef, abstract = nnx.split(model, nnx.Param)
   if not (Path(workdir) / CHECKPOINTS).is_dir():
     raise FileNotFoundError(f"{workdir} holds no {CHECKPOINTS}/ folder (is it a training workdir?)")
   checkpointer = Checkpointer(Path(workdir) / CHECKPOINTS)
@@ -76,14 +75,14 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   p.add_argument("--base", required=True, help="the base diffusers pipeline folder the run started from")
   p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
-  p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="UNet weight dtype")
+  p.add_argument("--dtype", default="fp32", choices=EXPORT_DTYPES, help="UNet weight dtype")
   p.add_argument("--unet-only", action="store_true", help="write a bare UNet folder, no other components")
   return p.parse_args(argv[1:])
 
 
 def main(args: argparse.Namespace) -> None:
-  unet, step = load_checkpoint_unet(args.checkpoint, args.base, args.step)
-  out = export_unet(unet, args.base, args.out, dtype=args.dtype, unet_only=args.unet_only)
+  model, step = load_checkpoint_denoiser(args.checkpoint, args.base, args.step)
+  out = export_denoiser(model, args.base, args.out, dtype=args.dtype, denoiser_only=args.unet_only)
   logging.info("exported step %d of %s to %s", step, args.checkpoint, out)
   print(f"exported step {step} to {out}")
 

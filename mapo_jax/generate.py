@@ -30,7 +30,7 @@ from absl.flags import argparse_flags
 from PIL import Image
 
 from mapo_jax import sampling
-from mapo_jax.models import load_pipeline
+from mapo_jax.pipelines import load_pipeline
 
 
 def resolve_pipeline(path: str | os.PathLike) -> Path:

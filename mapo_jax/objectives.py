@@ -7,12 +7,17 @@ All functions are jittable and hold no state; reference errors must already be u
 
 Reductions are plain means over the B pairs. Under `jax.jit` with batch-sharded inputs, these jnp reductions
 already span the global batch (XLA inserts the cross-device collectives), so pass the global arrays, not
-per-device shards. Formulas and defaults follow shared/NOTES.md.
+per-device shards. Formulas, sources and defaults: docs/objectives.md.
+
+Each objective is registered in `OBJECTIVES` with the inputs it takes (so what it needs: a reference
+model's errors, a per-pair embedding, losers at all) and its hyper-parameters with their defaults: the
+config's block of the same name, the trainer, the benchmarks and the tests all read them from there.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import inspect
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -118,7 +123,7 @@ def rpo_weights(emb, tau=0.5):
 def rpo_loss(err_w, err_l, ref_err_w, ref_err_l, emb, *, beta=5000.0, tau=0.5) -> tuple[jax.Array, Metrics]:
   """Diffusion-RPO, relative preference optimisation across pairs (Gu et al., arXiv 2406.06382).
 
-  Diffusion-RPO published no diffusion code: this is our own construction (shared/NOTES.md), carrying the
+  Diffusion-RPO published no diffusion code: this is our own construction (docs/objectives.md), carrying the
   LLM RPO trainer's loss (yinyueqin/relative-preference-optimization, `RPOTrainer.loss`) over to per-sample
   denoising errors in the way Diffusion-DPO carries DPO over:
 
@@ -128,7 +133,8 @@ def rpo_loss(err_w, err_l, ref_err_w, ref_err_l, emb, *, beta=5000.0, tau=0.5) -
       loss  = mean_i mean_j -log_sigmoid(z_ij)
 
   The weight sits inside the sigmoid. The diagonal z_ii, unweighted, is Diffusion-DPO's `inside_i`. The B x B
-  matrix must span the global batch: pass global arrays (under jit with sharded inputs the jnp ops do so).
+  matrix spans the pairs passed in: under jit with batch-sharded global arrays that is every device's pairs;
+  the train step passes one micro-batch at a time, so with gradient accumulation it spans one micro-batch.
   Metrics: loss, accuracy / implicit_acc and margin on the diagonal (as dpo_loss), weight_diag = mean W_ii,
   and the model / reference MSEs.
   """
@@ -161,9 +167,15 @@ def sft_loss(err_w) -> tuple[jax.Array, Metrics]:
   return loss, {"loss": loss, "mse_w": loss}
 
 
+# The embeddings e_i RPO can compare pairs by: the pooled prompt embedding, or the prompt embeddings
+# averaged over tokens (computed when the pairs are encoded).
+RPO_EMBEDDINGS = ("pooled", "mean_tokens")
+
+
 class Objective(NamedTuple):
   fn: Callable[..., tuple[jax.Array, Metrics]]
   inputs: tuple[str, ...]  # names of fn's positional arguments, in order
+  defaults: dict[str, Any]  # hyper-parameters (config block `config.<name>`) and their defaults
 
   @property
   def needs_reference(self) -> bool:
@@ -173,17 +185,28 @@ class Objective(NamedTuple):
   def needs_embedding(self) -> bool:
     return "emb" in self.inputs
 
+  @property
+  def paired(self) -> bool:
+    """Whether it takes the losers' errors (else only winners are denoised)."""
+    return "err_l" in self.inputs
+
+  def hparams(self, values: Any = None, *, num_timesteps: int) -> dict[str, Any]:
+    """fn's keyword options: `values` (a mapping, e.g. the config block; default: `defaults`), plus the
+    noise schedule's length where fn takes `num_timesteps` (MaPO's T)."""
+    out = dict(self.defaults if values is None else values)
+    if "num_timesteps" in inspect.signature(self.fn).parameters:
+      out["num_timesteps"] = num_timesteps
+    return out
+
 
 _PAIR = ("err_w", "err_l")
 _REF = _PAIR + ("ref_err_w", "ref_err_l")
 OBJECTIVES: dict[str, Objective] = {
-    "mapo": Objective(mapo_loss, _PAIR),
-    "dpo": Objective(dpo_loss, _REF),
-    "rpo": Objective(rpo_loss, _REF + ("emb",)),
-    "sft": Objective(sft_loss, ("err_w",)),
+    "mapo": Objective(mapo_loss, _PAIR, dict(beta=0.1, snr=0.5)),  # official MaPO: beta 0.1, snr_value 0.5
+    "dpo": Objective(dpo_loss, _REF, dict(beta=5000.0)),  # official Diffusion-DPO beta_dpo
+    "rpo": Objective(rpo_loss, _REF + ("emb",), dict(beta=5000.0, tau=0.5)),
+    "sft": Objective(sft_loss, ("err_w",), {}),
 }
-
-
 def get_objective(name: str) -> Objective:
   if name not in OBJECTIVES:
     raise ValueError(f"objective={name!r}; expected one of {sorted(OBJECTIVES)}")

@@ -1,13 +1,13 @@
 """Text-to-image sampling: prompts → conditioning → latents (one jitted denoising loop) → uint8 images.
 
-Matches a diffusers (v0.42) `StableDiffusionXLPipeline(prompt, negative_prompt=..., latents=...)` call:
-- SDXL micro-conditioning: time ids [H, W, 0, 0, H, W] (original size = target size = the output size,
-  crop (0, 0)), the same for the negative prompt (diffusers' `_get_add_time_ids` defaults);
-- negative embeddings: the encoded negative prompt, or without one `encode_uncond` (zeros for SDXL's
-  force_zeros_for_empty_prompt); classifier-free guidance only when guidance > 1;
+Matches a diffusers (v0.42) `StableDiffusionXLPipeline(prompt, negative_prompt=..., latents=...)` call. The
+pipeline's family (mapo_jax/pipelines/) supplies what is model-specific: the conditioning
+(`pipe.conditioning`; classifier-free guidance only when guidance > 1), the denoiser call (`pipe.denoise`)
+and the latent normalisation (`pipe.latents`). Here:
 - initial noise: unit-variance NHWC latents, scaled by the sampler's init_noise_sigma inside
   `diffusion.sample` (prepare_latents does that to given latents too);
-- decode: latents / scaling_factor through the VAE, then (x / 2 + 0.5) clipped, × 255 rounded to uint8.
+- decode: latents denormalised (`Latents.denormalize`) through the VAE, then (x / 2 + 0.5) clipped,
+  × 255 rounded to uint8.
 The batch is sharded over all devices of the mesh when it divides evenly (else replicated). The trainer's
 sample grids, `python -m mapo_jax.generate` and `python -m mapo_jax.evaluate` all sample through here.
 """
@@ -25,13 +25,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mapo_jax import diffusion
-from mapo_jax.models.pipeline import Pipeline, encode_prompts, encode_uncond
 from mapo_jax.models.vae import AutoencoderKL
 
-# A UNet2DConditionModel, or its split form (graphdef, state, ...) as `nnx.split` returns it: the trainer
+Pipeline = Any  # a family's Pipeline (mapo_jax/pipelines/)
+# A denoiser module, or its split form (graphdef, state, ...) as `nnx.split` returns it: the trainer
 # passes its current parameters this way.
 UNet = nnx.Module | tuple
-Cond = dict[str, jax.Array]  # prompt_embeds (B, T, D), pooled_prompt_embeds (B, P), time_ids (B, 6)
+Cond = dict[str, jax.Array]  # the family's conditioning arrays (COND_KEYS), each with a leading batch axis
 SAMPLERS = ("euler", "ddim")
 
 
@@ -42,29 +42,8 @@ def vae_scale_factor(vae: AutoencoderKL) -> int:
 
 def default_size(pipe: Pipeline) -> tuple[int, int]:
   """diffusers' default (height, width): the UNet's sample_size (128 when unset) × the VAE scale factor."""
-  size = (pipe.unet.config.get("sample_size") if pipe.unet is not None else None) or 128
+  size = pipe.denoiser_config.get("sample_size") or 128
   return (size * vae_scale_factor(pipe.vae),) * 2
-
-
-def sdxl_time_ids(height: int, width: int, batch: int) -> np.ndarray:
-  """(batch, 6) float32 [orig_H, orig_W, crop_top, crop_left, target_H, target_W] = [H, W, 0, 0, H, W]."""
-  return np.tile(np.array([height, width, 0, 0, height, width], np.float32), (batch, 1))
-
-
-def conditioning(pipe: Pipeline, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, *,
-                 height: int, width: int, guidance: float) -> tuple[Cond, Cond | None]:
-  """(cond, uncond) for `generate_latents`; uncond is None when guidance <= 1 (diffusers skips CFG).
-
-  Time ids are added for every UNet; those without SDXL's text_time embedding ignore them.
-  """
-  if negative_prompts is not None and len(negative_prompts) != len(prompts):
-    raise ValueError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
-  time_ids = jnp.asarray(sdxl_time_ids(height, width, len(prompts)))
-  cond = {**encode_prompts(pipe, prompts), "time_ids": time_ids}
-  if guidance <= 1:
-    return cond, None
-  negative = encode_uncond(pipe, len(prompts)) if negative_prompts is None else encode_prompts(pipe, negative_prompts)
-  return cond, {**negative, "time_ids": time_ids}
 
 
 def batch_mesh() -> Mesh:
@@ -78,23 +57,20 @@ def _place(tree, batch: int, mesh: Mesh):
   return jax.device_put(tree, NamedSharding(mesh, spec))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "sampler"))
-def _sample(graphdef, states, schedule, init_latents, cond, uncond, guidance, *, steps, sampler):
-  unet = nnx.merge(graphdef, *states)
-
-  def denoise(x, t, c):
-    return unet(x, t, c["prompt_embeds"], text_embeds=c["pooled_prompt_embeds"], time_ids=c["time_ids"])
-
-  return diffusion.sample(denoise, init_latents, schedule, steps, sampler=sampler, guidance_scale=guidance,
-                          cond=cond, uncond=uncond)
+@functools.partial(jax.jit, static_argnames=("denoise", "graphdef", "steps", "sampler"))
+def _sample(denoise, graphdef, states, schedule, init_latents, cond, uncond, guidance, *, steps, sampler):
+  model = nnx.merge(graphdef, *states)
+  return diffusion.sample(functools.partial(denoise, model), init_latents, schedule, steps, sampler=sampler,
+                          guidance_scale=guidance, cond=cond, uncond=uncond)
 
 
-def generate_latents(unet: UNet, schedule: diffusion.NoiseSchedule | dict[str, Any], cond: Cond,
+def generate_latents(denoise, unet: UNet, schedule: diffusion.NoiseSchedule | dict[str, Any], cond: Cond,
                      uncond: Cond | None, init_latents, *, steps: int, guidance: float, sampler: str = "euler",
                      mesh: Mesh | None = None) -> jax.Array:
   """Final latents (B, h, w, C) float32 from unit-variance noise `init_latents` (B, h, w, C).
 
-  One compiled loop per UNet structure, schedule options, step count, sampler and shapes; the guidance
+  `denoise(model, x, t, cond)` is the family's denoiser call (`pipe.denoise`). One compiled loop per
+  UNet structure, schedule options, step count, sampler and shapes; the guidance
   weight is traced. `uncond` None runs without guidance (then `guidance` must be <= 1). `mesh`: where the
   batch goes (default `batch_mesh()`; the trainer passes its own). Parameters stay where they are.
   """
@@ -104,31 +80,25 @@ def generate_latents(unet: UNet, schedule: diffusion.NoiseSchedule | dict[str, A
   batch = len(init_latents)
   inputs = _place((jnp.asarray(init_latents, jnp.float32), cond, uncond), batch,
                   batch_mesh() if mesh is None else mesh)
-  return _sample(graphdef, tuple(states), diffusion.as_schedule(schedule), *inputs,
+  return _sample(denoise, graphdef, tuple(states), diffusion.as_schedule(schedule), *inputs,
                  jnp.float32(guidance), steps=steps, sampler=sampler)
 
 
-@functools.partial(jax.jit, static_argnames="graphdef")
-def _decode(graphdef, state, latents):
-  vae = nnx.merge(graphdef, state)
-  cfg = vae.config
-  if cfg["latents_mean"] is not None and cfg["latents_std"] is not None:  # diffusers' denormalisation
-    mean, std = (jnp.asarray(cfg[k], jnp.float32) for k in ("latents_mean", "latents_std"))
-    latents = latents * std / cfg["scaling_factor"] + mean
-  else:
-    latents = latents / cfg["scaling_factor"]
-  x = vae.decode(latents).astype(jnp.float32)
+@functools.partial(jax.jit, static_argnames=("graphdef", "latents"))
+def _decode(graphdef, state, z, *, latents):
+  x = nnx.merge(graphdef, state).decode(latents.denormalize(z)).astype(jnp.float32)
   return jnp.round(jnp.clip(x * 0.5 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
 
 
-def decode(vae: AutoencoderKL, latents: jax.Array) -> jax.Array:
-  """uint8 (B, H, W, 3) images from final latents, as diffusers' decode + VaeImageProcessor.postprocess.
+def decode(vae: AutoencoderKL, latents, z: jax.Array) -> jax.Array:
+  """uint8 (B, H, W, 3) images from final latents z, as diffusers' decode + VaeImageProcessor.postprocess.
+  `latents` is the pipeline's latent normalisation (`pipe.latents`).
 
   The VAE computes in its own dtype: `load_vae` already keeps float32 for a float16 request when the
   config sets force_upcast (the original SDXL VAE overflows in float16), as diffusers upcasts it.
   """
   graphdef, state = nnx.split(vae)
-  return _decode(graphdef, state, jnp.asarray(latents, jnp.float32))
+  return _decode(graphdef, state, jnp.asarray(z, jnp.float32), latents=latents)
 
 
 @functools.partial(jax.jit, static_argnames=("count", "shape"))
@@ -179,14 +149,14 @@ def generate_images(pipe: Pipeline, prompts: Sequence[str], *, negative_prompts:
   for start in range(0, n, bs):
     idx = [min(i, n - 1) for i in range(start, start + bs)]  # padded with the last prompt
     negatives = None if negative_prompts is None else [negative_prompts[i] for i in idx]
-    cond, uncond = conditioning(pipe, [prompts[i] for i in idx], negatives, height=size[0], width=size[1],
-                                guidance=guidance)
+    cond, uncond = pipe.conditioning([prompts[i] for i in idx], negatives, height=size[0], width=size[1],
+                                     guidance=guidance)
     noise = (init_latents[idx] if init_latents is not None else
              initial_noise(seed, bs, (size[0] // f, size[1] // f, channels), first=start))
-    z = generate_latents(unet, pipe.scheduler_config, cond, uncond, noise, steps=steps, guidance=guidance,
+    z = generate_latents(pipe.denoise, unet, pipe.scheduler_config, cond, uncond, noise, steps=steps, guidance=guidance,
                          sampler=sampler, mesh=mesh)
     keep = min(bs, n - start)
-    images.append(np.asarray(jax.device_get(decode(pipe.vae, z)))[:keep])
+    images.append(np.asarray(jax.device_get(decode(pipe.vae, pipe.latents, z)))[:keep])
     latents.append(np.asarray(jax.device_get(z))[:keep])
   return np.concatenate(images), np.concatenate(latents)
 

@@ -34,19 +34,31 @@ LOGICAL_RULES: dict[str, str | None] = {
 }
 
 
+def check_mesh_shape(shape: Sequence[int]) -> None:
+  """Raises ValueError unless `shape` is 3 sizes (data, fsdp, tensor), each >= 1 or at most one -1."""
+  shape = tuple(shape)
+  if len(shape) != 3 or shape.count(-1) > 1 or any(not isinstance(s, int) or s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh shape {shape} must be 3 sizes (data, fsdp, tensor), each >= 1 or one -1")
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
+  """`shape` with its -1 (all remaining devices) resolved; ValueError when it does not fit `num_devices`."""
+  check_mesh_shape(shape)
+  shape = list(shape)
+  known = int(np.prod([s for s in shape if s != -1]))
+  if -1 in shape:
+    if num_devices % known:
+      raise ValueError(f"mesh shape {tuple(shape)} does not divide {num_devices} devices")
+    shape[shape.index(-1)] = num_devices // known
+  if int(np.prod(shape)) != num_devices:
+    raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, {num_devices} available")
+  return tuple(shape)
+
+
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A (data, fsdp, tensor) mesh; one entry may be -1 (all remaining devices)."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = list(shape)
-  if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f"mesh shape {shape} must be 3 sizes (data, fsdp, tensor), at most one -1")
-  known = int(np.prod([s for s in shape if s != -1]))
-  if -1 in shape:
-    if len(devices) % known:
-      raise ValueError(f"mesh shape {shape} does not divide {len(devices)} devices")
-    shape[shape.index(-1)] = len(devices) // known
-  if int(np.prod(shape)) != len(devices):
-    raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, {len(devices)} available")
+  shape = resolve_mesh_shape(shape, len(devices))
   # Auto axes: XLA propagates activation shardings from the parameter and batch shardings (GSPMD).
   return jax.make_mesh(tuple(shape), MESH_AXES, devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
@@ -68,9 +80,9 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
   return P(*spec)
 
 
-def logical_axes(model: nnx.Module) -> dict:
-  """A pure dict (like `nnx.to_pure_dict(nnx.state(model))`) of each parameter's logical axes."""
-  state = nnx.state(model, nnx.Param)
+def logical_axes(model: nnx.Module, filter=nnx.Param) -> dict:
+  """A pure dict (like `nnx.to_pure_dict(nnx.state(model, filter))`) of each parameter's logical axes."""
+  state = nnx.state(model, filter)
   return nnx.to_pure_dict(jax.tree.map(lambda v: v.replace(v.get_metadata().get("axes")), state,
                                        is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
@@ -79,6 +91,14 @@ def param_shardings(params: Any, axes: Any, mesh: Mesh) -> Any:
   """NamedShardings for a pure-dict parameter tree from the matching tree of logical axes."""
   return jax.tree.map(lambda ax, p: NamedSharding(mesh, logical_to_spec(ax, p.shape, mesh)),
                       axes, params, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def place(model: nnx.Module, mesh: Mesh, filter=nnx.Param) -> tuple[Any, Any]:
+  """The model's `filter` parameters as a pure dict placed on `mesh` by the logical-axis rules, and their
+  shardings. The one way parameters reach the mesh (the trained model, its frozen part, the reference)."""
+  params = nnx.to_pure_dict(nnx.state(model, filter))
+  shardings = param_shardings(params, logical_axes(model, filter), mesh)
+  return jax.device_put(params, shardings), shardings
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

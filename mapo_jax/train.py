@@ -1,4 +1,4 @@
-"""Preference fine-tuning of an SD / SDXL UNet (MaPO, Diffusion-DPO, Diffusion-RPO, SFT).
+"""Preference fine-tuning of a diffusion model (MaPO, Diffusion-DPO, Diffusion-RPO, SFT).
 
     python -m mapo_jax.train --config configs/sdxl_mapo.py --workdir /runs/mapo \
         [--config.optim.lr=2e-5 ...] [--stop-after-step K]
@@ -14,7 +14,6 @@ JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); multi-host TPU slic
 """
 from __future__ import annotations
 
-import json
 import logging as pylogging
 import math
 import os
@@ -31,17 +30,16 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from PIL import Image
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from mapo_jax import config as config_lib
-from mapo_jax import convert, demo, diffusion, objectives, optim, sampling, sharding
-from mapo_jax.checkpoint import Checkpointer, abstract_like
+from mapo_jax import demo, objectives, optim, pipelines, sampling, sharding
+from mapo_jax.checkpoint import CHECKPOINTS, Checkpointer, abstract_like
 from mapo_jax.data import cached_loader, onthefly_loader, open_source, read_manifest
 from mapo_jax.encode import make_encoder
-from mapo_jax.export import CHECKPOINTS, export_unet
-from mapo_jax.models import load_pipeline, load_unet
-from mapo_jax.train_step import StepConfig, create_sharded_state, jit_train_step, make_train_step
+from mapo_jax.export import export_denoiser
+from mapo_jax.metrics import MetricsWriter
+from mapo_jax.train_step import Frozen, StepConfig, create_sharded_state, jit_train_step, make_train_step
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output folder; an existing one is resumed", required=True)
@@ -110,24 +108,22 @@ def main(argv) -> None:
     multihost_utils.sync_global_devices("demo assets")
 
   # ----------------------------------------------------------------------------------------------
-  # Models: the trained UNet, the frozen reference (DPO/RPO), and the rest of the pipeline for
-  # sample grids and on-the-fly encoding.
+  # Models, by the pipeline's family: the trained denoiser, the frozen reference (DPO/RPO), and the
+  # components that sample grids and on-the-fly encoding need.
   # ----------------------------------------------------------------------------------------------
-  unet_kwargs = dict(dtype=jnp.dtype(config.dtype), attention=config.attention or None, remat=config.remat)
-  unet = load_unet(config.pipeline, param_dtype=jnp.dtype(config.param_dtype), **unet_kwargs)
+  family = pipelines.family(config.pipeline)
+  objective = objectives.get_objective(config.objective)
+  options = dict(dtype=jnp.dtype(config.dtype), attention=config.attention or None, remat=config.remat)
+  model = family.load_denoiser(config.pipeline, param_dtype=jnp.dtype(config.param_dtype), **options)
   needs_frozen = config.sample_every > 0 or config.data.mode == "onthefly"
-  frozen = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2") if needs_frozen else ()
-  pipe = load_pipeline(config.pipeline, components=frozen + ("scheduler",))
-  schedule = diffusion.NoiseSchedule.from_config(pipe.scheduler_config)
-  vae_config = convert.read_config(convert.model_folder(config.pipeline, "vae"))
+  pipe = family.load_pipeline(config.pipeline, (family.FROZEN if needs_frozen else ()) + ("scheduler",))
   ref_graphdef = ref_params = ref_shardings = None
-  if objectives.needs_reference(config.objective):
-    ref = load_unet(config.reference or config.pipeline, param_dtype=jnp.dtype(config.ref_param_dtype),
-                    **unet_kwargs)
-    ref_graphdef, ref_state = nnx.split(ref, nnx.Param)
-    ref_shardings = sharding.param_shardings(nnx.to_pure_dict(ref_state), sharding.logical_axes(ref), mesh)
-    ref_params = jax.device_put(nnx.to_pure_dict(ref_state), ref_shardings)
-    del ref, ref_state
+  if objective.needs_reference:
+    ref = family.load_denoiser(config.reference or config.pipeline,
+                               param_dtype=jnp.dtype(config.ref_param_dtype), **options)
+    ref_graphdef = nnx.graphdef(ref)
+    ref_params, ref_shardings = sharding.place(ref, mesh)
+    del ref
 
   # ----------------------------------------------------------------------------------------------
   # Input: global batches of `global_batch_size` pairs sharded over (data, fsdp); each process reads
@@ -148,20 +144,20 @@ def main(argv) -> None:
   data_iterator = iter(dataset)
 
   # ----------------------------------------------------------------------------------------------
-  # Train state (float32 master params + optimizer state, sharded) and the jitted step.
+  # Train state (float32 master params + optimizer state, sharded), frozen parameters and the step.
   # ----------------------------------------------------------------------------------------------
   tx = optim.make_optimizer(config.optim)
-  graphdef, state, state_shardings = create_sharded_state(unet, tx, mesh, config.seed)
-  uses_text_time = unet.config.get("addition_embed_type") == "text_time"
-  del unet  # the sharded copy in `state` is the one that trains
-  hparams = {"mapo": dict(config.mapo.to_dict(), num_timesteps=schedule.num_train_timesteps),
-             "dpo": config.dpo.to_dict(),
-             "rpo": config.rpo.to_dict(), "sft": {}}[config.objective]
-  step_config = StepConfig(objective=config.objective, hparams=hparams, accum_steps=config.accum_steps,
-                           scaling_factor=vae_config.get("scaling_factor", 0.18215))
+  graphdef, state, state_shardings, frozen_params, frozen_shardings = create_sharded_state(
+      model, tx, mesh, config.seed)
+  del model  # the sharded copy in `state` is the one that trains
+  frozen = Frozen(policy=frozen_params, reference=ref_params)
+  hparams = objective.hparams(config[config.objective] if objective.defaults else None,
+                              num_timesteps=pipe.schedule.num_train_timesteps)
+  step_config = StepConfig(objective=config.objective, hparams=hparams, latents=pipe.latents,
+                           accum_steps=config.accum_steps)
   train_step = jit_train_step(
-      make_train_step(graphdef, ref_graphdef, tx, schedule, step_config, uses_text_time, mesh),
-      state_shardings, mesh, ref_shardings)
+      make_train_step(family.denoise, graphdef, ref_graphdef, tx, pipe.schedule, step_config, mesh),
+      state_shardings, mesh, Frozen(policy=frozen_shardings, reference=ref_shardings))
   learning_rate = optim.learning_rate(config.optim)
 
   # ----------------------------------------------------------------------------------------------
@@ -179,8 +175,8 @@ def main(argv) -> None:
       return
     images, _ = sampling.generate_images(
         pipe, list(config.sample_prompts), steps=config.sample_steps, guidance=config.sample_guidance,
-        seed=config.seed, height=config.resolution, width=config.resolution, unet=(graphdef, state.params),
-        mesh=mesh)
+        seed=config.seed, height=config.resolution, width=config.resolution,
+        unet=(graphdef, state.params, frozen.policy), mesh=mesh)
     save_grid(images, workdir / "samples" / f"step_{step:06d}.png")
 
   # ----------------------------------------------------------------------------------------------
@@ -196,7 +192,7 @@ def main(argv) -> None:
 
   signal.signal(signal.SIGTERM, on_signal)
   signal.signal(signal.SIGINT, on_signal)
-  writer = SummaryWriter(str(workdir / "tensorboard")) if lead else None
+  metrics_writer = MetricsWriter(workdir, first_step=first_step, enabled=lead)
   progress = tqdm(total=config.steps, initial=first_step, unit="step", disable=not lead, dynamic_ncols=True)
   last_log, last_time = first_step, time.perf_counter()
   step = first_step
@@ -204,28 +200,22 @@ def main(argv) -> None:
   while step < config.steps:
     batch = next(data_iterator)
     if compiled_step is None:
-      compiled_step = train_step.lower(state, batch, ref_params).compile()
+      compiled_step = train_step.lower(state, batch, frozen).compile()
       barrier("train step compiled")
-    state, metrics = compiled_step(state, batch, ref_params)
+    state, metrics = compiled_step(state, batch, frozen)
     step += 1
     progress.update()
     stop = bool(stop_requested) or step == _STOP_AFTER.value
     if step % config.log_every == 0 or step == config.steps or stop:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
       now = time.perf_counter()
-      metrics.update(step=step, lr=float(learning_rate(step - 1)),
+      metrics.update(lr=float(learning_rate(step - 1)),
                      pairs_per_s=(step - last_log) * config.global_batch_size / (now - last_time))
       last_log, last_time = step, now
       progress.set_postfix(loss=f"{metrics['loss']:.4g}", pairs_s=f"{metrics['pairs_per_s']:.3g}")
       if not np.isfinite(metrics["loss"]):
         logging.warning("step %d: non-finite loss, update skipped (%d so far)", step, metrics["skipped_steps"])
-      if lead:
-        with open(workdir / "metrics.jsonl", "a") as f:
-          f.write(json.dumps(metrics) + "\n")
-        for k, v in metrics.items():
-          if k != "step":
-            writer.add_scalar(k, v, step)
-        writer.flush()
+      metrics_writer.write(step, metrics)
     if config.sample_every and (step % config.sample_every == 0 or step == config.steps):
       sample_grid(step)
     if step % config.checkpoint_every == 0 or step == config.steps or stop:
@@ -233,6 +223,7 @@ def main(argv) -> None:
     if stop:
       break
   progress.close()
+  metrics_writer.close()
   checkpointer.wait()
   checkpointer.close()
   # Every process leaves together: one that exits while another still finalises the checkpoint
@@ -250,7 +241,8 @@ def main(argv) -> None:
             else jax.device_get(state.params))
   if lead:
     if not (workdir / "export").exists() or first_step < config.steps:
-      export_unet(nnx.merge(graphdef, params), config.pipeline, workdir / "export", dtype=config.export_dtype)
+      export_denoiser(nnx.merge(graphdef, params, jax.device_get(frozen.policy)), config.pipeline,
+                      workdir / "export", dtype=config.export_dtype)
     print(f"done: {config.steps} steps in {workdir}\n  checkpoints  {workdir / CHECKPOINTS}\n"
           f"  export       {workdir / 'export'}\n  samples      {workdir / 'samples'}\n"
           f"  metrics      {workdir / 'metrics.jsonl'} (TensorBoard: {workdir / 'tensorboard'})")

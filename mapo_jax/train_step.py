@@ -1,15 +1,19 @@
-"""One jitted training step for every objective: shared noise and timestep per pair, one UNet call on
-the 2B stacked latents (winners first), per-sample float32 errors, the objective, AdamW.
+"""One jitted training step for every objective: shared noise and timestep per pair, one denoiser call on
+the 2B stacked latents (winners first), per-sample float32 errors, the objective, the optimizer update.
 
-Conventions (../NOTES, official MaPO / Diffusion-DPO trainers): winner i and loser i share noise and
-integer timestep t ~ U{0..T-1}; latents are VAE posterior samples × scaling_factor; reductions are plain
-means over the global batch. Random draws are made for the whole global batch before it is split into
-micro-batches, so accumulating k micro-batches equals one step on the k-times larger batch.
+The step knows no model family: it receives the family's `denoise(model, x, t, cond)` and `Latents`
+(mapo_jax/pipelines/). Conventions (docs/objectives.md; the official MaPO and Diffusion-DPO trainers):
+winner i and loser i share noise and integer timestep t ~ U{0..T-1}; latents are VAE posterior samples,
+normalised by `Latents`; reductions are plain means over the global batch. Random draws are made for the
+whole global batch before it is split into micro-batches, so for the per-pair objectives (MaPO, DPO, SFT)
+accumulating k micro-batches equals one step on the k-times larger batch. RPO compares every pair with
+every other pair of the *same micro-batch* (its B x B matrix spans one micro-batch across all devices), so
+with accum_steps = k > 1 it is not the same as one step on the whole global batch.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +24,9 @@ from mapo_jax import diffusion, objectives, sharding
 
 Params = Any
 Batch = dict[str, jax.Array]
+# Batch keys that are not conditioning: VAE posterior moments of winner and loser, and RPO's embedding.
+LATENT_KEYS = ("moments_w", "moments_l")
+EMBEDDING_KEY = "rpo_emb"
 
 
 @struct.dataclass
@@ -31,11 +38,18 @@ class TrainState:
   skipped: jax.Array  # updates skipped for a non-finite loss or gradient
 
 
+@struct.dataclass
+class Frozen:
+  """Parameters that travel beside the train state and never train, placed on the mesh like it."""
+  policy: Params  # the trained model's parameters outside the trainable filter ({} for a full fine-tune)
+  reference: Params | None = None  # the frozen reference model (DPO, RPO), or None
+
+
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   objective: str
-  hparams: dict  # the objective's keyword options (beta, snr, tau, ...)
-  scaling_factor: float  # VAE latent scale (SDXL 0.13025, SD 1.5 0.18215)
+  hparams: dict  # the objective's keyword options (`Objective.hparams`)
+  latents: Any  # the family's `Latents` (normalisation of VAE latents)
   accum_steps: int = 1
 
 
@@ -53,58 +67,60 @@ def draw_noise(key: jax.Array, batch: Batch, num_timesteps: int) -> dict[str, ja
               t=diffusion.sample_timesteps(k_t, shape[0], num_timesteps))
 
 
-def posterior_sample(moments: jax.Array, eps: jax.Array, scale: float) -> jax.Array:
-  """z = (mean + exp(logvar / 2) eps) × scaling_factor; moments = [mean, logvar] on the channel axis."""
+def posterior_sample(moments: jax.Array, eps: jax.Array) -> jax.Array:
+  """z = mean + exp(logvar / 2) eps, the raw VAE latent; moments = [mean, logvar] on the channel axis."""
   mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
-  return (mean + jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0)) * eps) * scale
+  return mean + jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0)) * eps
 
 
-def per_sample_errors(graphdef, params, batch: Batch, draws, schedule, cfg: StepConfig, pair: bool):
-  """mean over (H, W, C) of (prediction − target)² in float32, for [winners; losers] (or winners only)."""
-  z = posterior_sample(batch["moments_w"], draws["eps_w"], cfg.scaling_factor)
+def training_latents(batch: Batch, draws, latents, pair: bool) -> jax.Array:
+  """The normalised latents the denoiser trains on: [winners; losers] (or winners only)."""
+  z = [posterior_sample(batch["moments_w"], draws["eps_w"])]
   if pair:
-    z = jnp.concatenate([z, posterior_sample(batch["moments_l"], draws["eps_l"], cfg.scaling_factor)])
-  reps = 2 if pair else 1
-  stack = lambda x: None if x is None else jnp.concatenate([x] * reps)
+    z.append(posterior_sample(batch["moments_l"], draws["eps_l"]))
+  return latents.normalize(jnp.concatenate(z))
+
+
+def per_sample_errors(denoise: Callable, model, batch: Batch, draws, schedule, latents, pair: bool):
+  """mean over (H, W, C) of (prediction − target)² in float32, for [winners; losers] (or winners only)."""
+  z = training_latents(batch, draws, latents, pair)
+  stack = lambda x: jnp.concatenate([x] * (2 if pair else 1))
   noise, t = stack(draws["noise"]), stack(draws["t"])
-  unet = nnx.merge(graphdef, params)
-  pred = unet(diffusion.add_noise(schedule, z, noise, t), t, stack(batch["prompt_embeds"]),
-              text_embeds=stack(batch.get("pooled_prompt_embeds")), time_ids=stack(batch.get("time_ids")))
+  cond = {k: stack(v) for k, v in batch.items() if k not in LATENT_KEYS + (EMBEDDING_KEY,)}
+  pred = denoise(model, diffusion.add_noise(schedule, z, noise, t), t, cond)
   target = diffusion.training_target(schedule, z, noise, t)
   err = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
   return jnp.split(err, 2) if pair else (err, None)
 
 
-def make_loss_fn(graphdef, ref_graphdef, schedule, cfg: StepConfig, uses_text_time: bool):
-  """`loss_fn(params, ref_params, batch, draws) -> (loss, metrics)` for one (micro-)batch."""
+def make_loss_fn(denoise: Callable, graphdef, ref_graphdef, schedule, cfg: StepConfig):
+  """`loss_fn(params, frozen, batch, draws) -> (loss, metrics)` for one (micro-)batch."""
   objective = objectives.get_objective(cfg.objective)
-  pair = "err_l" in objective.inputs
-  drop = () if uses_text_time else ("pooled_prompt_embeds", "time_ids")  # SD 1.x/2.x UNets take neither
 
-  def loss_fn(params, ref_params, batch, draws):
-    batch = {k: v for k, v in batch.items() if k not in drop}
-    err_w, err_l = per_sample_errors(graphdef, params, batch, draws, schedule, cfg, pair)
+  def loss_fn(params, frozen: Frozen, batch, draws):
+    errors = lambda model: per_sample_errors(denoise, model, batch, draws, schedule, cfg.latents,
+                                             objective.paired)
+    err_w, err_l = errors(nnx.merge(graphdef, params, frozen.policy))
     ref_w = ref_l = None
     if objective.needs_reference:
-      ref_w, ref_l = jax.lax.stop_gradient(
-          per_sample_errors(ref_graphdef, ref_params, batch, draws, schedule, cfg, pair))
+      ref_w, ref_l = jax.lax.stop_gradient(errors(nnx.merge(ref_graphdef, frozen.reference)))
     return objectives.objective_loss(cfg.objective, err_w, err_l, ref_err_w=ref_w, ref_err_l=ref_l,
-                                     emb=batch.get("rpo_emb"), **cfg.hparams)
+                                     emb=batch.get(EMBEDDING_KEY), **cfg.hparams)
 
   return loss_fn
 
 
-def make_train_step(graphdef, ref_graphdef, tx, schedule, cfg: StepConfig, uses_text_time: bool, mesh=None):
-  """Returns `step(state, batch, ref_params) -> (state, metrics)`; jit it with the state donated.
+def make_train_step(denoise: Callable, graphdef, ref_graphdef, tx, schedule, cfg: StepConfig, mesh=None):
+  """Returns `step(state, batch, frozen) -> (state, metrics)`; jit it with the state donated.
 
   With `mesh`, each micro-batch is pinned to the (data, fsdp) batch sharding: XLA cannot infer it
   through the micro-batch reshape and would otherwise replicate and re-partition activations.
   """
-  loss_fn = make_loss_fn(graphdef, ref_graphdef, schedule, cfg, uses_text_time)
+  loss_fn = make_loss_fn(denoise, graphdef, ref_graphdef, schedule, cfg)
   pin = ((lambda t: jax.lax.with_sharding_constraint(t, sharding.batch_sharding(mesh))) if mesh is not None
          else (lambda t: t))
 
-  def step(state: TrainState, batch: Batch, ref_params=None):
+  def step(state: TrainState, batch: Batch, frozen: Frozen):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     draws = draw_noise(key, batch, schedule.num_train_timesteps)
     # Micro-batch j takes pairs j, j+k, j+2k, ...: each device's shard of the batch splits in place.
@@ -112,11 +128,11 @@ def make_train_step(graphdef, ref_graphdef, tx, schedule, cfg: StepConfig, uses_
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def accumulate(carry, xs):
-      (_, metrics), grads = grad_fn(state.params, ref_params, *pin(xs))
+      (_, metrics), grads = grad_fn(state.params, frozen, *pin(xs))
       return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
     zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        lambda: grad_fn(state.params, ref_params, *jax.tree.map(lambda x: micro(x)[0], (batch, draws)))))
+        lambda: grad_fn(state.params, frozen, *jax.tree.map(lambda x: micro(x)[0], (batch, draws)))))
     (grads, metrics), _ = jax.lax.scan(accumulate, (zero[1], zero[0][1]),
                                        jax.tree.map(micro, (batch, draws)))
     grads, metrics = jax.tree.map(lambda x: x / cfg.accum_steps, (grads, metrics))
@@ -138,20 +154,21 @@ def make_train_step(graphdef, ref_graphdef, tx, schedule, cfg: StepConfig, uses_
   return step
 
 
-def create_sharded_state(unet: nnx.Module, tx, mesh, seed: int):
-  """Splits the UNet into (graphdef, pure params) and places params + optimizer state on `mesh` by the
-  logical-axis rules; the optimizer state is created already sharded (jit with out_shardings).
+def create_sharded_state(model: nnx.Module, tx, mesh, seed: int, trainable=nnx.Param):
+  """Splits `model` by the `trainable` filter and places both parts on `mesh` by the logical-axis rules:
+  the trainable parameters with the optimizer state (created already sharded: jit with out_shardings) as
+  the TrainState, every other parameter as the frozen part of the policy.
 
-  Returns (graphdef, state, state_shardings).
+  Returns (graphdef, state, state_shardings, frozen_params, frozen_shardings); `nnx.merge(graphdef,
+  state.params, frozen_params)` is the model again.
   """
-  graphdef, params = nnx.split(unet, nnx.Param)
-  params = nnx.to_pure_dict(params)
-  param_sh = sharding.param_shardings(params, sharding.logical_axes(unet), mesh)
-  params = jax.device_put(params, param_sh)
+  graphdef, _, _ = nnx.split(model, trainable, ...)
+  params, param_sh = sharding.place(model, mesh, trainable)
+  frozen, frozen_sh = sharding.place(model, mesh, nnx.Not(trainable))
   abstract = jax.eval_shape(lambda p: init_state(p, tx, seed), params)
   state_sh = _state_shardings(abstract, param_sh, mesh)
   state = jax.jit(lambda p: init_state(p, tx, seed), out_shardings=state_sh)(params)
-  return graphdef, state, state_sh
+  return graphdef, state, state_sh, frozen, frozen_sh
 
 
 def _state_shardings(abstract: TrainState, param_sh, mesh):
@@ -169,8 +186,8 @@ def _state_shardings(abstract: TrainState, param_sh, mesh):
   return TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep, skipped=rep)
 
 
-def jit_train_step(step_fn, state_shardings, mesh, ref_shardings=None):
+def jit_train_step(step_fn, state_shardings, mesh, frozen_shardings: Frozen):
   """jit with the state donated, batch sharded over (data, fsdp) and metrics replicated."""
   return jax.jit(step_fn, donate_argnums=(0,),
-                 in_shardings=(state_shardings, sharding.batch_sharding(mesh), ref_shardings),
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh), frozen_shardings),
                  out_shardings=(state_shardings, sharding.replicated(mesh)))

@@ -13,7 +13,9 @@ from flax import nnx
 
 from mapo_jax import encode
 from mapo_jax.data import cache, loader, pairs, sources
-from mapo_jax.models import AutoencoderKL, CLIPTextModel, encode_prompts, load_pipeline, save_text_encoder, save_vae
+from mapo_jax.models import AutoencoderKL, CLIPTextModel, save_text_encoder, save_vae
+from mapo_jax.pipelines import load_pipeline
+from mapo_jax.pipelines.sd import encode_prompts
 from test_data_helpers import image_bytes, pick_a_pic_rows, read_cache, write_parquet
 
 RESOLUTION = 32  # 4 x 4 latents

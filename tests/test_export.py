@@ -5,7 +5,7 @@ import sys
 import numpy as np
 from conftest import REPO, rel_l2
 
-from mapo_jax.export import load_checkpoint_unet
+from mapo_jax.export import load_checkpoint_denoiser
 
 
 def test_export_cli_loads_in_diffusers_with_the_same_unet(demo_run, demo_assets, trainer_env, tmp_path):
@@ -19,7 +19,7 @@ def test_export_cli_loads_in_diffusers_with_the_same_unet(demo_run, demo_assets,
                    cwd=REPO, env=trainer_env(), check=True, capture_output=True, text=True, timeout=300)
   pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "pipe")
   bare = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
-  ours, step = load_checkpoint_unet(workdir, base, 20)
+  ours, step = load_checkpoint_denoiser(workdir, base, 20)
   assert step == 20
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from mapo_jax import generate, sampling
-from mapo_jax.models import load_pipeline
+from mapo_jax.pipelines import load_pipeline
 
 PROMPTS = ["a cat", "the red dog!", "a dog on the red cat", "cat", "dog, dog", "the cat.", "red", "zebra"]
 SIZE = ["--steps", "3", "--guidance", "5", "--negative-prompt", "blurry"]

@@ -8,8 +8,9 @@ import torch
 
 from conftest import (TINY_CLIP_L, TINY_SD15_UNET, TINY_VAE, make_clip_text_model, make_clip_tokenizer,
                       make_diffusers_vae, perturb_, rel_l2, sdxl_scheduler)
-from mapo_jax.models import (AutoencoderKL, CLIPTextModel, UNet2DConditionModel, encode_prompts, encode_uncond,
-                             load_pipeline, tokenize)
+from mapo_jax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+from mapo_jax.pipelines import load_pipeline
+from mapo_jax.pipelines.sd import encode_prompts, encode_uncond, tokenize
 
 # One batch size throughout, so each pipeline's prompt encoder compiles once. The last caption is longer
 # than 77 tokens (truncated, EOS kept).

@@ -11,7 +11,7 @@ from flax import nnx
 
 from conftest import rel_l2
 from mapo_jax import sampling
-from mapo_jax.models import load_pipeline
+from mapo_jax.pipelines import load_pipeline
 
 PROMPTS = ["a cat", "the red dog!", "", "a dog on the red cat", "cat", "dog, dog", "the cat.", "red"]
 NEGATIVES = ["blurry", "", "a dog", "ugly cat", "red", "the", "dog", "cat"]
@@ -64,17 +64,17 @@ def test_matches_diffusers_pipeline(pipes, sampler, guidance, negatives):
 def test_sharded_batch_and_split_unet(pipes):
   """8 prompts on 8 devices: latents sharded one per device; (graphdef, state) samples like the module."""
   _, pipe = pipes
-  cond, uncond = sampling.conditioning(pipe, PROMPTS, NEGATIVES, height=HEIGHT, width=WIDTH, guidance=5.0)
+  cond, uncond = pipe.conditioning(PROMPTS, NEGATIVES, height=HEIGHT, width=WIDTH, guidance=5.0)
   np.testing.assert_array_equal(cond["time_ids"], np.tile([HEIGHT, WIDTH, 0, 0, HEIGHT, WIDTH], (8, 1)))
   np.testing.assert_array_equal(uncond["time_ids"], cond["time_ids"])
-  z = sampling.generate_latents(pipe.unet, pipe.scheduler_config, cond, uncond, noise(), steps=STEPS, guidance=5.0)
-  split = sampling.generate_latents(nnx.split(pipe.unet), pipe.scheduler_config, cond, uncond, noise(),
+  z = sampling.generate_latents(pipe.denoise, pipe.unet, pipe.scheduler_config, cond, uncond, noise(), steps=STEPS, guidance=5.0)
+  split = sampling.generate_latents(pipe.denoise, nnx.split(pipe.unet), pipe.scheduler_config, cond, uncond, noise(),
                                     steps=STEPS, guidance=5.0)
   np.testing.assert_array_equal(np.asarray(split), np.asarray(z))
   assert len(z.sharding.device_set) == len(jax.devices())
   assert z.addressable_shards[0].data.shape[0] == len(PROMPTS) // len(jax.devices())
   with pytest.raises(ValueError, match="needs uncond"):
-    sampling.generate_latents(pipe.unet, pipe.scheduler_config, cond, None, noise(), steps=STEPS, guidance=5.0)
+    sampling.generate_latents(pipe.denoise, pipe.unet, pipe.scheduler_config, cond, None, noise(), steps=STEPS, guidance=5.0)
 
 
 def test_initial_noise_depends_on_seed_and_index_only():

@@ -13,7 +13,8 @@ from flax import nnx
 from mapo_jax.convert import CheckpointMismatchError
 from mapo_jax.models import load_unet, save_unet
 from mapo_jax.models.presets import SD15_UNET, SDXL_BASE_UNET
-from mapo_jax.models.unet import Options, UNet2DConditionModel
+from mapo_jax.models.layers import Options
+from mapo_jax.models.unet import UNet2DConditionModel
 
 CONFIGS = {"sdxl": TINY_SDXL_UNET, "sd15": TINY_SD15_UNET, "sd2": TINY_SD2_UNET}
 

@@ -78,5 +78,6 @@ def write_weights(folder: str | os.PathLike, tensors: Mapping[str, np.ndarray], 
   (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+EXPORT_DTYPES = ("fp32", "fp16", "bf16")  # weight dtypes export writes (config.export_dtype, --dtype)
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16,
                 "float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}

@@ -21,7 +21,7 @@ from flax import nnx
 
 from mapo_jax import convert
 from mapo_jax.models.layers import Embed, LayerNorm, Linear
-from mapo_jax.models.unet import Options
+from mapo_jax.models.layers import Options
 
 # transformers' CLIPTextConfig defaults for the options that shape the model (transformers 5).
 TRANSFORMERS_DEFAULTS: dict[str, Any] = {

@@ -7,6 +7,7 @@ normalisation statistics are always float32. Every parameter carries logical axi
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -146,3 +147,55 @@ class Dropout(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return x
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """How the model computes (not what it is): dtypes, attention kernel, rematerialisation."""
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention: str | None = None
+  remat: str = "none"
+
+  def __post_init__(self):
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat policy {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+
+
+def remat_call(module: nnx.Module, policy: str, *args):
+  """Calls `module(*args)`, rematerialising its activations in the backward pass per `policy`."""
+  if policy == "none":
+    return module(*args)
+  return nnx.remat(lambda m, *a: m(*a), policy=REMAT_POLICIES[policy])(module, *args)
+
+
+class Downsample2D(nnx.Module):
+  def __init__(self, channels: int, *, padding: int, opts: Options, rngs: nnx.Rngs):
+    self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding, dtype=opts.dtype,
+                       param_dtype=opts.param_dtype, rngs=rngs)
+    self.pad_right = padding == 0  # diffusers pads (0, 1, 0, 1) when padding is 0
+
+  def __call__(self, x):
+    if self.pad_right:
+      x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    return self.conv(x)
+
+
+class Upsample2D(nnx.Module):
+  def __init__(self, channels: int, *, opts: Options, rngs: nnx.Rngs):
+    self.conv = Conv2d(channels, channels, 3, dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
+
+  def __call__(self, x, size: tuple[int, int]):
+    # Nearest-neighbour resize to the skip connection's size (torch 'nearest': src = floor(dst * in/out)).
+    rows = (jnp.arange(size[0]) * x.shape[1]) // size[0]
+    cols = (jnp.arange(size[1]) * x.shape[2]) // size[1]
+    return self.conv(x[:, rows][:, :, cols])

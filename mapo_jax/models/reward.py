@@ -26,7 +26,7 @@ from mapo_jax import convert
 from mapo_jax.models.clip import (ACTIVATIONS, CLIPAttention, CLIPEncoderLayer, CLIPTextConfig,
                                   CLIPTextTransformer)
 from mapo_jax.models.layers import Embed, LayerNorm, Linear
-from mapo_jax.models.unet import Options
+from mapo_jax.models.layers import Options
 
 # transformers' CLIPVisionConfig / CLIPConfig defaults for the options that shape the model (transformers 5).
 VISION_DEFAULTS: dict[str, Any] = {

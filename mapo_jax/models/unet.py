@@ -19,7 +19,8 @@ from flax import nnx
 
 from mapo_jax import convert
 from mapo_jax.models.attention import Attention
-from mapo_jax.models.layers import Conv2d, Dropout, Dtype, GroupNorm, LayerNorm, Linear
+from mapo_jax.models.layers import (REMAT_POLICIES, Conv2d, Downsample2D, Dropout, GroupNorm, LayerNorm, Linear,
+                                    Options, Upsample2D, remat_call)
 
 # diffusers' defaults for every UNet2DConditionModel option (diffusers 0.42).
 DIFFUSERS_DEFAULTS: dict[str, Any] = {
@@ -60,15 +61,6 @@ _CHOICES = {
 }
 _DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D")
 _UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D")
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.dots_saveable,
-    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
@@ -148,19 +140,6 @@ class UNetConfig:
         conv_in_kernel=c["conv_in_kernel"], conv_out_kernel=c["conv_out_kernel"])
 
 
-@dataclasses.dataclass(frozen=True)
-class Options:
-  """How the model computes (not what it is): dtypes, attention kernel, rematerialisation."""
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention: str | None = None
-  remat: str = "none"
-
-  def __post_init__(self):
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat policy {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
-
-
 def timestep_embedding(t: jax.Array, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
                        max_period: float = 10000.0) -> jax.Array:
   """Sinusoidal embedding of (B,) timesteps, as diffusers' `get_timestep_embedding` (float32)."""
@@ -173,13 +152,6 @@ def timestep_embedding(t: jax.Array, dim: int, *, flip_sin_to_cos: bool, freq_sh
   if dim % 2:
     emb = jnp.pad(emb, ((0, 0), (0, 1)))
   return emb
-
-
-def remat_call(module: nnx.Module, policy: str, *args):
-  """Calls `module(*args)`, rematerialising its activations in the backward pass per `policy`."""
-  if policy == "none":
-    return module(*args)
-  return nnx.remat(lambda m, *a: m(*a), policy=REMAT_POLICIES[policy])(module, *args)
 
 
 class TimestepEmbedding(nnx.Module):
@@ -284,29 +256,6 @@ class Transformer2DModel(nnx.Module):
     for block in self.transformer_blocks:
       tokens = remat_call(block, self.remat, tokens, context)
     return self.proj_out(tokens.reshape(b, h, w, -1)) + x.astype(tokens.dtype)
-
-
-class Downsample2D(nnx.Module):
-  def __init__(self, channels: int, *, padding: int, opts: Options, rngs: nnx.Rngs):
-    self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding, dtype=opts.dtype,
-                       param_dtype=opts.param_dtype, rngs=rngs)
-    self.pad_right = padding == 0  # diffusers pads (0, 1, 0, 1) when padding is 0
-
-  def __call__(self, x):
-    if self.pad_right:
-      x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    return self.conv(x)
-
-
-class Upsample2D(nnx.Module):
-  def __init__(self, channels: int, *, opts: Options, rngs: nnx.Rngs):
-    self.conv = Conv2d(channels, channels, 3, dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
-
-  def __call__(self, x, size: tuple[int, int]):
-    # Nearest-neighbour resize to the skip connection's size (torch 'nearest': src = floor(dst * in/out)).
-    rows = (jnp.arange(size[0]) * x.shape[1]) // size[0]
-    cols = (jnp.arange(size[1]) * x.shape[2]) // size[1]
-    return self.conv(x[:, rows][:, :, cols])
 
 
 class DownBlock(nnx.Module):

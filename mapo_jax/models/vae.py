@@ -21,7 +21,7 @@ from flax import nnx
 from mapo_jax import convert
 from mapo_jax.models.attention import Attention
 from mapo_jax.models.layers import Conv2d, Dropout, GroupNorm
-from mapo_jax.models.unet import Downsample2D, Options, Upsample2D
+from mapo_jax.models.layers import Downsample2D, Options, Upsample2D
 
 # diffusers' defaults for every AutoencoderKL option (diffusers 0.42).
 DIFFUSERS_DEFAULTS: dict[str, Any] = {

@@ -1,0 +1,43 @@
+"""Model families, one module each, chosen once from a pipeline folder's `model_index.json` `_class_name`
+(diffusers' own dispatch). An unknown class fails with its name.
+
+A family module provides what the trainer, the sampler, encoding and export need and nothing else knows:
+  CLASS_NAMES               the `_class_name`s it serves
+  DENOISER, COND_KEYS       the model_index name of the model that trains; its conditioning keys
+  FROZEN                    the components prompt encoding and decoding need
+  Pipeline, load_pipeline   the pipeline folder's components (with `latents`, `schedule`, `denoiser_config`)
+  load_denoiser, save_denoiser
+  denoise(model, x, t, cond)  the one call of the denoiser
+  Latents                   the latent normalisation, from the VAE config
+  conditioning(pipe, prompts, negatives, height=, width=, guidance=)   sampling conditioning
+  encode_prompts, tokenize
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import ModuleType
+
+from mapo_jax.pipelines import sd
+
+FAMILIES: tuple[ModuleType, ...] = (sd,)
+
+
+def family(path: str | os.PathLike) -> ModuleType:
+  """The family module of the diffusers pipeline folder at `path`."""
+  index = Path(path) / "model_index.json"
+  if not index.is_file():
+    raise FileNotFoundError(f"{path} is not a diffusers pipeline folder: it has no model_index.json")
+  name = json.loads(index.read_text()).get("_class_name")
+  for module in FAMILIES:
+    if name in module.CLASS_NAMES:
+      return module
+  known = sorted(n for module in FAMILIES for n in module.CLASS_NAMES)
+  raise ValueError(f"{index}: _class_name {name!r} is not a supported pipeline (supported: {', '.join(known)})")
+
+
+def load_pipeline(path: str | os.PathLike, components=None, **kwargs):
+  """`family(path).load_pipeline(path, components, ...)`; components default to all of that family's."""
+  module = family(path)
+  return module.load_pipeline(path, module.COMPONENTS if components is None else components, **kwargs)

@@ -1,0 +1,255 @@
+"""The Stable Diffusion family (SD 1.x, SD 2.x, SDXL): every fact of it that training, sampling, encoding and
+export rely on, in one module. `mapo_jax.pipelines.family(path)` picks it from `model_index.json`.
+
+- The denoiser is the UNet in `unet/`; `denoise(model, x, t, cond)` is the one place that calls it.
+- Conditioning (`COND_KEYS`): prompt embeddings, the pooled embedding and SDXL's six micro-conditioning
+  time ids. A UNet whose config has `addition_embed_type: "text_time"` (SDXL) takes the last two; SD 1.x/2.x
+  UNets take only the prompt embeddings.
+- Latent space (`Latents`): the VAE config's `scaling_factor`, `shift_factor`, `latents_mean`,
+  `latents_std`, applied the same way by training and decoding (docs/sdxl.md).
+- Prompt encoding follows diffusers' `StableDiffusionXLPipeline.encode_prompt` / `StableDiffusionPipeline
+  .encode_prompt` (no clip_skip, no LoRA scale): each tower's tokenizer pads/truncates to its
+  `model_max_length` (77). With a second tower (SDXL) the prompt embeddings are the penultimate hidden
+  states of every tower, concatenated (77 x 2048 for SDXL base), and the pooled embedding is tower 2's
+  projected `text_embeds`; with one tower (SD 1.x/2.x) they are its last hidden state, and the pooled
+  embedding is its `pooler_output` (unused by that UNet; the default RPO embedding).
+- Sampling conditioning matches a diffusers `StableDiffusionXLPipeline` call: time ids [H, W, 0, 0, H, W]
+  (original size = target size = the output size, crop (0, 0)) for prompt and negative alike; without a
+  negative prompt, zeros when the pipeline sets `force_zeros_for_empty_prompt` (SDXL), else the encoded
+  empty prompt.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mapo_jax import convert, diffusion
+from mapo_jax.models.clip import CLIPTextModel, load_text_encoder
+from mapo_jax.models.unet import UNet2DConditionModel, load_unet, save_unet
+from mapo_jax.models.vae import AutoencoderKL, load_vae
+
+CLASS_NAMES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # model_index.json _class_name
+DENOISER = "unet"  # the model_index name of the model that trains
+COND_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "time_ids")
+load_denoiser, save_denoiser = load_unet, save_unet
+
+
+def abstract_denoiser(path: str | os.PathLike) -> UNet2DConditionModel:
+  """The UNet of a pipeline (or UNet) folder as shapes only: no weights read, nothing allocated."""
+  config = convert.read_config(convert.model_folder(path, DENOISER))
+  return nnx.eval_shape(lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(0)))
+
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+# What prompt encoding and decoding need (training's on-the-fly encoding, sample grids, encode).
+FROZEN = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+def denoise(model: UNet2DConditionModel, x: jax.Array, t: jax.Array, cond: Mapping[str, jax.Array]) -> jax.Array:
+  """The UNet's prediction for noisy latents x (B, h, w, C) at timesteps t (B,) under `cond` (COND_KEYS)."""
+  if model.cfg.addition_embed_type == "text_time":
+    return model(x, t, cond["prompt_embeds"], text_embeds=cond["pooled_prompt_embeds"], time_ids=cond["time_ids"])
+  return model(x, t, cond["prompt_embeds"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Latents:
+  """The VAE's latent normalisation, read from its config; training and decoding both use it.
+
+  normalize(z) = (z - shift - mean) * scale / std, denormalize is its inverse, where diffusers writes
+  `(z - latents_mean) * scaling_factor / latents_std` (SDXL-style configs with per-channel statistics),
+  `(z - shift_factor) * scaling_factor` (SD3-style) or `z * scaling_factor` (SD 1.x/2.x, SDXL base).
+  Per-channel values broadcast over the last (channel) axis of NHWC latents. Hashable: static under jit.
+  """
+  scale: float = 0.18215
+  shift: float = 0.0
+  mean: tuple[float, ...] | None = None
+  std: tuple[float, ...] | None = None
+
+  @classmethod
+  def from_vae_config(cls, config: Mapping[str, Any]) -> "Latents":
+    tup = lambda v: None if v is None else tuple(float(x) for x in v)
+    return cls(scale=float(config.get("scaling_factor") or 0.18215), shift=float(config.get("shift_factor") or 0.0),
+               mean=tup(config.get("latents_mean")), std=tup(config.get("latents_std")))
+
+  def _stats(self):
+    mean = jnp.asarray(self.mean if self.mean is not None else 0.0, jnp.float32) + self.shift
+    std = jnp.asarray(self.std if self.std is not None else 1.0, jnp.float32)
+    return mean, std
+
+  def normalize(self, z: jax.Array) -> jax.Array:
+    """VAE latents → the space the denoiser trains and samples in."""
+    mean, std = self._stats()
+    return (z - mean) * (self.scale / std)
+
+  def denormalize(self, z: jax.Array) -> jax.Array:
+    """The denoiser's latent space → VAE latents, for decoding."""
+    mean, std = self._stats()
+    return z * (std / self.scale) + mean
+
+
+def time_ids(height: int, width: int, batch: int) -> np.ndarray:
+  """(batch, 6) float32 [orig_H, orig_W, crop_top, crop_left, target_H, target_W] = [H, W, 0, 0, H, W]."""
+  return np.tile(np.array([height, width, 0, 0, height, width], np.float32), (batch, 1))
+
+_TOKENIZER = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+
+
+@dataclasses.dataclass(eq=False)
+class Pipeline:
+  """The components asked for; one not asked for, or absent from the folder (SD 1.x has no *_2), is None."""
+  path: Path
+  model_index: dict[str, Any]
+  unet: UNet2DConditionModel | None = None
+  vae: AutoencoderKL | None = None
+  text_encoder: CLIPTextModel | None = None
+  text_encoder_2: CLIPTextModel | None = None
+  tokenizer: Any = None  # transformers CLIPTokenizer
+  tokenizer_2: Any = None
+  scheduler_config: dict[str, Any] | None = None
+
+  @functools.cached_property
+  def latents(self) -> Latents:
+    """The VAE's latent normalisation, from the loaded VAE or, when it was not loaded, its config.json."""
+    config = self.vae.config if self.vae is not None else convert.read_config(self.path / "vae")
+    return Latents.from_vae_config(config)
+
+  @functools.cached_property
+  def schedule(self) -> diffusion.NoiseSchedule:
+    """The training noise schedule, from scheduler/scheduler_config.json."""
+    config = self.scheduler_config or json.loads((self.path / "scheduler" / "scheduler_config.json").read_text())
+    return diffusion.NoiseSchedule.from_config(config)
+
+  denoise = staticmethod(denoise)
+
+  def encode_prompts(self, captions: Sequence[str]) -> dict[str, jax.Array]:
+    return encode_prompts(self, captions)
+
+  def conditioning(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, *,
+                   height: int, width: int, guidance: float):
+    return conditioning(self, prompts, negative_prompts, height=height, width=width, guidance=guidance)
+
+  @functools.cached_property
+  def denoiser_config(self) -> dict[str, Any]:
+    return self.unet.config if self.unet is not None else convert.read_config(self.path / DENOISER)
+
+  @property
+  def towers(self) -> tuple[str, ...]:
+    """The text encoders this pipeline conditions on, per its model_index.json."""
+    return tuple(name for name in _TOKENIZER if _in_folder(self.model_index, name))
+
+  @functools.cached_property
+  def prompt_encoder(self) -> Callable[[Mapping[str, np.ndarray]], dict[str, jax.Array]]:
+    """`tokenize`'s ids → prompt embeddings, jitted; the frozen towers are split once, here."""
+    names = self.towers
+    missing = [name for name in names if getattr(self, name) is None]
+    if missing:
+      raise ValueError(f"prompt encoding needs {missing}, which load_pipeline did not load")
+    graphdef, state = nnx.split(tuple(getattr(self, name) for name in names))
+    sdxl = "text_encoder_2" in names
+
+    def encode(state, ids):
+      towers = nnx.merge(graphdef, state)
+      outs = [tower(ids[name]) for tower, name in zip(towers, names)]
+      if sdxl:
+        return {"prompt_embeds": jnp.concatenate([o["hidden_states"][-2] for o in outs], axis=-1),
+                "pooled_prompt_embeds": outs[-1]["text_embeds"]}
+      return {"prompt_embeds": outs[0]["last_hidden_state"], "pooled_prompt_embeds": outs[0]["pooler_output"]}
+
+    return functools.partial(jax.jit(encode), state)
+
+
+def _in_folder(model_index: Mapping[str, Any], name: str) -> bool:
+  entry = model_index.get(name)  # ["library", "ClassName"], or [null, null] for an absent component
+  return isinstance(entry, (list, tuple)) and entry[0] is not None
+
+
+def _load_tokenizer(folder: Path):
+  from transformers import CLIPTokenizer  # imported here: only tokenization needs transformers
+  return CLIPTokenizer.from_pretrained(folder)
+
+
+def load_pipeline(path: str | os.PathLike, components: Iterable[str] = COMPONENTS, *,
+                  unet_kwargs: Mapping[str, Any] | None = None, vae_kwargs: Mapping[str, Any] | None = None,
+                  text_encoder_kwargs: Mapping[str, Any] | None = None) -> Pipeline:
+  """Loads the named components of a diffusers pipeline folder.
+
+  `components` are model_index.json names ("scheduler" reads scheduler/scheduler_config.json into
+  `scheduler_config`). The kwargs go to `load_unet`, `load_vae` and `load_text_encoder` (both towers),
+  e.g. `unet_kwargs=dict(dtype=jnp.bfloat16, remat="full")`.
+  """
+  path = Path(path)
+  components = tuple(components)
+  unknown = sorted(set(components) - set(COMPONENTS))
+  if unknown:
+    raise ValueError(f"unknown pipeline component(s) {unknown}; known: {COMPONENTS}")
+  model_index = json.loads((path / "model_index.json").read_text())
+  text_encoder = lambda folder: load_text_encoder(folder, **(text_encoder_kwargs or {}))
+  loaders = {
+      "unet": lambda folder: load_unet(folder, **(unet_kwargs or {})),
+      "vae": lambda folder: load_vae(folder, **(vae_kwargs or {})),
+      "text_encoder": text_encoder,
+      "text_encoder_2": text_encoder,
+      "tokenizer": _load_tokenizer,
+      "tokenizer_2": _load_tokenizer,
+      "scheduler": lambda folder: json.loads((folder / "scheduler_config.json").read_text()),
+  }
+  loaded = {("scheduler_config" if name == "scheduler" else name): loaders[name](path / name)
+            for name in components if _in_folder(model_index, name)}
+  return Pipeline(path=path, model_index=model_index, **loaded)
+
+
+def tokenize(pipeline: Pipeline, captions: Sequence[str]) -> dict[str, np.ndarray]:
+  """Token ids (B, model_max_length) int32 per tower name, padded and truncated as diffusers does."""
+  ids = {}
+  for name in pipeline.towers:
+    tokenizer = getattr(pipeline, _TOKENIZER[name])
+    if tokenizer is None:
+      raise ValueError(f"tokenizing needs {_TOKENIZER[name]!r}, which load_pipeline did not load")
+    tokens = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
+                       truncation=True, return_tensors="np")
+    ids[name] = tokens["input_ids"].astype(np.int32)
+  return ids
+
+
+def encode_prompts(pipeline: Pipeline, captions: Sequence[str]) -> dict[str, jax.Array]:
+  """{"prompt_embeds": (B, 77, D), "pooled_prompt_embeds": (B, P)} for the train step and the sampler.
+
+  The same as `pipeline.prompt_encoder(tokenize(pipeline, captions))`, for callers that tokenize apart.
+  """
+  return pipeline.prompt_encoder(tokenize(pipeline, captions))
+
+
+def conditioning(pipeline: Pipeline, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, *,
+                 height: int, width: int, guidance: float) -> tuple[dict[str, jax.Array], dict[str, jax.Array] | None]:
+  """(cond, uncond) for sampling at height x width; uncond is None when guidance <= 1 (diffusers skips CFG)."""
+  if negative_prompts is not None and len(negative_prompts) != len(prompts):
+    raise ValueError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
+  ids = {"time_ids": jnp.asarray(time_ids(height, width, len(prompts)))}
+  cond = {**encode_prompts(pipeline, prompts), **ids}
+  if guidance <= 1:
+    return cond, None
+  negative = (encode_uncond(pipeline, len(prompts)) if negative_prompts is None
+              else encode_prompts(pipeline, negative_prompts))
+  return cond, {**negative, **ids}
+
+
+def encode_uncond(pipeline: Pipeline, batch_size: int) -> dict[str, jax.Array]:
+  """The unconditional (negative) embeddings for classifier-free guidance, as `encode_prompts` lays them out.
+
+  SDXL pipelines whose model_index sets `force_zeros_for_empty_prompt` (diffusers' default: true) use
+  zeros; others encode the empty prompt. An explicit negative prompt is just `encode_prompts(negatives)`.
+  """
+  out = encode_prompts(pipeline, [""] * batch_size)
+  if "text_encoder_2" in pipeline.towers and pipeline.model_index.get("force_zeros_for_empty_prompt", True):
+    out = {k: jnp.zeros_like(v) for k, v in out.items()}
+  return out
