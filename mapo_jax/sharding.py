@@ -81,6 +81,12 @@ def param_shardings(params: Any, axes: Any, mesh: Mesh) -> Any:
                       axes, params, is_leaf=lambda x: isinstance(x, tuple))
 
 
+def model_shardings(model: nnx.Module, mesh: Mesh) -> Any:
+  """`param_shardings` for a model's own parameters (as `nnx.to_pure_dict(nnx.state(model, nnx.Param))`);
+  the model may be abstract (nnx.eval_shape), as when loaders place weights straight into shards."""
+  return param_shardings(nnx.to_pure_dict(nnx.state(model, nnx.Param)), logical_axes(model), mesh)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
