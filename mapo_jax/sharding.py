@@ -93,12 +93,18 @@ def param_shardings(params: Any, axes: Any, mesh: Mesh) -> Any:
                       axes, params, is_leaf=lambda x: isinstance(x, tuple))
 
 
+def model_shardings(model: nnx.Module, mesh: Mesh, filter=nnx.Param) -> Any:
+  """`param_shardings` for a model's own `filter` parameters (as `nnx.to_pure_dict(nnx.state(model, filter))`);
+  the model may be abstract (nnx.eval_shape), as when loaders place weights straight into shards."""
+  return param_shardings(nnx.to_pure_dict(nnx.state(model, filter)), logical_axes(model, filter), mesh)
+
+
 def place(model: nnx.Module, mesh: Mesh, filter=nnx.Param) -> tuple[Any, Any]:
   """The model's `filter` parameters as a pure dict placed on `mesh` by the logical-axis rules, and their
-  shardings. The one way parameters reach the mesh (the trained model, its frozen part, the reference)."""
-  params = nnx.to_pure_dict(nnx.state(model, filter))
-  shardings = param_shardings(params, logical_axes(model, filter), mesh)
-  return jax.device_put(params, shardings), shardings
+  shardings. The one way parameters reach the mesh (the trained model, its frozen part, the reference);
+  parameters a loader already placed there (`load_unet(..., mesh=)`) are not copied."""
+  shardings = model_shardings(model, mesh, filter)
+  return jax.device_put(nnx.to_pure_dict(nnx.state(model, filter)), shardings), shardings
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -6,9 +6,10 @@ A model folder holds `config.json` and either one `{stem}.safetensors` or shards
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import ml_dtypes
@@ -40,14 +41,47 @@ def find_weights(folder: str | os.PathLike, stem: str, variant: str | None = Non
   raise FileNotFoundError(f"no {stem!r} safetensors weights (variant={variant}) in {folder}; found: {present}")
 
 
+class LazyTensor:
+  """One tensor of an open safetensors file: its shape now, its data (or any block of it) when indexed.
+
+  `tensor[index]` reads only that block from the memory-mapped file; `np.asarray(tensor)` reads it all.
+  """
+
+  def __init__(self, handle, key: str):
+    self._handle, self.key = handle, key
+    self.shape = tuple(handle.get_slice(key).get_shape())
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def __getitem__(self, index) -> np.ndarray:
+    return self._handle.get_slice(self.key)[index]
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    value = self._handle.get_tensor(self.key)
+    return value if dtype is None else value.astype(dtype)
+
+  def __repr__(self) -> str:
+    return f"LazyTensor({self.key!r}, shape={self.shape})"
+
+
+@contextlib.contextmanager
+def open_weights(folder: str | os.PathLike, stem: str,
+                 variant: str | None = None) -> Iterator[dict[str, LazyTensor]]:
+  """The tensors of a model folder as LazyTensors, readable while the context is open."""
+  with contextlib.ExitStack() as files:
+    tensors = {}
+    for path in find_weights(folder, stem, variant):
+      handle = files.enter_context(safe_open(path, framework="numpy"))
+      tensors.update((key, LazyTensor(handle, key)) for key in handle.keys())
+    yield tensors
+
+
 def read_weights(folder: str | os.PathLike, stem: str, variant: str | None = None) -> dict[str, np.ndarray]:
   """All tensors of a model folder as numpy arrays (bfloat16 as ml_dtypes.bfloat16)."""
-  tensors = {}
-  for path in find_weights(folder, stem, variant):
-    with safe_open(path, framework="numpy") as f:
-      for key in f.keys():
-        tensors[key] = f.get_tensor(key)
-  return tensors
+  with open_weights(folder, stem, variant) as tensors:
+    return {key: np.asarray(tensor) for key, tensor in tensors.items()}
 
 
 def write_weights(folder: str | os.PathLike, tensors: Mapping[str, np.ndarray], stem: str,

@@ -9,7 +9,7 @@ from typing import Any
 
 from flax import nnx
 
-from mapo_jax.convert.files import NUMPY_DTYPES, read_weights, write_weights
+from mapo_jax.convert.files import NUMPY_DTYPES, open_weights, write_weights
 from mapo_jax.convert.params import load_state_dict, state_dict
 
 
@@ -36,10 +36,14 @@ def with_defaults(kind: str, config: Mapping[str, Any], defaults: Mapping[str, A
 
 
 def load_model(folder: Path, build: Callable[[], nnx.Module], *, stem: str, variant: str | None = None,
-               ignore: Iterable[str] = (), fix=None) -> nnx.Module:
-  """Builds the model abstractly (no random init) and fills it from the folder's weights."""
+               ignore: Iterable[str] = (), fix=None, shardings=None) -> nnx.Module:
+  """Builds the model abstractly (no random init) and fills it from the folder's weights, read one
+  tensor at a time. `shardings` (see params.load_state_dict): a pure-dict tree of shardings or a
+  callable from the abstract model to one; each device then receives only its own block of each
+  parameter. Without it, parameters land whole on the default device."""
   model = nnx.eval_shape(build)
-  load_state_dict(model, read_weights(folder, stem, variant), source=str(folder), ignore=ignore, fix=fix)
+  with open_weights(folder, stem, variant) as weights:
+    load_state_dict(model, weights, source=str(folder), ignore=ignore, fix=fix, shardings=shardings)
   return model
 
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mapo_jax import convert
+from mapo_jax import convert, sharding
 from mapo_jax.models.attention import Attention
 from mapo_jax.models.layers import (REMAT_POLICIES, Conv2d, Downsample2D, Dropout, GroupNorm, LayerNorm, Linear,
                                     Options, Upsample2D, remat_call)
@@ -398,15 +398,20 @@ class UNet2DConditionModel(nnx.Module):
 
 
 def load_unet(path, dtype=jnp.float32, *, param_dtype=jnp.float32, attention: str | None = None,
-              remat: str = "none", variant: str | None = None) -> UNet2DConditionModel:
-  """Loads a diffusers UNet folder (or a pipeline folder's `unet/`) without PyTorch."""
+              remat: str = "none", variant: str | None = None, mesh=None) -> UNet2DConditionModel:
+  """Loads a diffusers UNet folder (or a pipeline folder's `unet/`) without PyTorch.
+
+  With `mesh`, every parameter is born sharded by the logical-axis rules (sharding.model_shardings):
+  each device receives only its block, cast to `param_dtype` on the host.
+  """
   folder = convert.model_folder(path, "unet")
   config = convert.read_config(folder)
   options = Options(dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat)
   cfg = UNetConfig.from_dict(config)  # validate before reading any weights
+  shardings = None if mesh is None else functools.partial(sharding.model_shardings, mesh=mesh)
   return convert.load_model(
       folder, lambda: UNet2DConditionModel(cfg, options=options, rngs=nnx.Rngs(0)),
-      stem=convert.DIFFUSERS_STEM, variant=variant)
+      stem=convert.DIFFUSERS_STEM, variant=variant, shardings=shardings)
 
 
 def save_unet(unet: UNet2DConditionModel, out_dir, *, dtype: str | None = None):
