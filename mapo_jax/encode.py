@@ -1,14 +1,21 @@
 """Encode every preference pair once into an ArrayRecord cache for training.
 
-    python -m mapo_jax.encode --pipeline DIR --data PATH --out DIR --resolution 1024 [--strict]
+    python -m mapo_jax.encode --pipeline DIR --data SPEC --out DIR --resolution 1024 [--strict]
+    python -m mapo_jax.encode --merge PART_DIR PART_DIR ... --out DIR [--copy_shards]
 
---data is a Pick-a-Pic-style parquet file or folder, a JSONL of {"prompt", "chosen", "rejected"}
-(see mapo_jax/data/sources.py), or tfds:NAME[:SPLIT]. Each pair stores the VAE posterior moments
+--data is a Pick-a-Pic-style parquet file or folder, Arrow files or a `datasets.save_to_disk`
+folder (add ?split=NAME for a saved DatasetDict), a JSONL of {"prompt", "chosen", "rejected"},
+an HPDv2-style ranked .json (?best_worst or --best_worst keeps one pair per prompt), a folder of
+w/NAME.png, l/NAME.png and NAME.txt, or tfds:NAME[:SPLIT] (see docs/data.md and
+mapo_jax/data/sources.py). Each pair stores the VAE posterior moments
 of winner and loser ([mean, logvar] on the channel axis, unscaled: the train step samples and
 scales), the prompt embeddings, the pooled embedding, SDXL time ids and the RPO embedding.
 Run the same command on every host of a multi-host job (with --distributed): each encodes its
 share of the shards on its local devices; the last to finish writes manifest.json. Re-running
 skips finished shards. Bad rows are skipped and counted (logged with file and row) unless --strict.
+
+--merge joins caches encoded separately (same pipeline and settings) under one manifest in --out,
+which refers to the parts' shard files (or, with --copy_shards, hard-links or copies them).
 """
 
 import argparse
@@ -20,7 +27,7 @@ from absl import app, logging
 from absl.flags import argparse_flags
 from flax import nnx
 
-from mapo_jax.data.cache import EncodeFn, EncodeSettings, write_cache
+from mapo_jax.data.cache import EncodeFn, EncodeSettings, merge_caches, write_cache
 from mapo_jax.data.sources import open_source
 from mapo_jax.objectives import RPO_EMBEDDINGS
 from mapo_jax.pipelines import family, load_pipeline
@@ -58,10 +65,17 @@ def make_encoder(pipe, *, rpo_embedding: str = "pooled") -> EncodeFn:
 def parse_flags(argv: list[str]) -> argparse.Namespace:
   # argparse rather than absl's global flags, so importing make_encoder elsewhere defines nothing.
   p = argparse_flags.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--pipeline", required=True, help="diffusers-layout pipeline folder (SDXL or SD 1.x/2.x)")
-  p.add_argument("--data", required=True, help="parquet file/folder, .jsonl file, or tfds:NAME[:SPLIT]")
+  p.add_argument("--pipeline", help="diffusers-layout pipeline folder (SDXL or SD 1.x/2.x)")
+  p.add_argument("--data", help="parquet, Arrow or save_to_disk folder, .jsonl, ranked .json, w/ + l/ folder, "
+                 "or tfds:NAME[:SPLIT]; options as PATH?key=value (docs/data.md)")
   p.add_argument("--out", required=True, help="cache folder (shards + manifest.json)")
-  p.add_argument("--resolution", required=True, type=int, help="square training resolution in pixels")
+  p.add_argument("--resolution", type=int, help="square training resolution in pixels")
+  p.add_argument("--best_worst", action="store_true",
+                 help="ranked .json only: one pair per prompt, best vs worst image, instead of every pair")
+  p.add_argument("--merge", nargs="+", metavar="PART", help="finished caches to join under one manifest in --out "
+                 "(needs no --pipeline/--data/--resolution)")
+  p.add_argument("--copy_shards", action="store_true",
+                 help="with --merge: hard-link (or copy) the parts' shards into --out instead of referring to them")
   p.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
   p.add_argument("--batch_size", type=int, default=8, help="pairs per encoder call (padded to the local device count)")
   p.add_argument("--shard_size", type=int, default=1000, help="source rows per shard (unit of resume and host split)")
@@ -72,13 +86,24 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--rpo_embedding", default="pooled", choices=RPO_EMBEDDINGS,
                  help="pooled: the pooled prompt embedding; mean_tokens: prompt_embeds averaged over tokens")
   p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
-  return p.parse_args(argv[1:])
+  args = p.parse_args(argv[1:])
+  if args.merge is None:
+    missing = [f"--{k}" for k in ("pipeline", "data", "resolution") if getattr(args, k) is None]
+    if missing:
+      p.error(f"the following arguments are required: {', '.join(missing)}")
+  elif args.data is not None:
+    p.error("--merge joins finished caches; it takes no --data")
+  return args
 
 
 def main(args: argparse.Namespace) -> None:
+  if args.merge is not None:
+    manifest = merge_caches(args.merge, args.out, copy=args.copy_shards)
+    logging.info("wrote %s/manifest.json: %d pairs from %d caches", args.out, manifest["pairs"], len(args.merge))
+    return
   if args.distributed:
     jax.distributed.initialize()
-  source = open_source(args.data)
+  source = open_source(args.data, **({"best_worst": True} if args.best_worst else {}))
   pipe = load_pipeline(args.pipeline, components=family(args.pipeline).FROZEN)
   settings = EncodeSettings(resolution=args.resolution, seed=args.seed, random_crop=args.random_crop,
                             cache_dtype=args.cache_dtype, shard_size=args.shard_size)

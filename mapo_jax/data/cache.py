@@ -9,6 +9,10 @@ Shard k holds source rows [k * shard_size, (k + 1) * shard_size); host p of n en
 with k % n == p. A shard is written under a temporary name and renamed when complete, then its
 `shard-*.json` sidecar (counts and layout) is written the same way; a shard whose sidecar exists
 is finished and a re-run skips it. Whichever host finds every sidecar present writes the manifest.
+
+`merge_caches` joins caches encoded separately (parts of a dataset, or several datasets) into one
+manifest that names the parts' shard files by relative path: nothing is copied unless asked, and
+the loader reads a manifest's `shards[*].file` relative to its own folder either way.
 """
 
 import concurrent.futures
@@ -16,6 +20,7 @@ import dataclasses
 import itertools
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -199,3 +204,69 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: run `python -m mapo_jax.encode` (on every host) first")
   return json.loads(path.read_text())
+
+
+# What must agree for records of two caches to be mixed in one batch (shard_size only groups rows).
+_MERGE_SETTINGS = tuple(f.name for f in dataclasses.fields(EncodeSettings) if f.name != "shard_size")
+_COUNTS = ("rows", "pairs", "ties_dropped", "skipped")
+
+
+def merge_caches(parts: Iterable[str | Path], out_dir: str | Path, *, copy: bool = False) -> dict[str, Any]:
+  """One manifest in `out_dir` over the finished caches `parts`; returns it.
+
+  The parts must share the pipeline, the record layout and every EncodeSettings field but
+  shard_size; the first mismatch raises naming the part and the key. By default the manifest
+  refers to the parts' shard files by paths relative to `out_dir` (no copy: keep the parts where
+  they are, or move them together with `out_dir`). With `copy`, the shard files are hard-linked
+  into `out_dir` (copied where a link is impossible, e.g. across file systems), so it stands alone.
+  A merged cache can itself be a part.
+  """
+  out_dir, parts = Path(out_dir), [Path(p) for p in parts]
+  if not parts:
+    raise ValueError("merge_caches: no parts given")
+  seen = {}
+  for part in parts:
+    key = os.path.realpath(part)
+    if key in seen:
+      raise ValueError(f"{part}: given twice (also as {seen[key]})")
+    seen[key] = part
+  if os.path.realpath(out_dir) in seen:
+    raise ValueError(f"{out_dir}: the output cannot be one of the parts")
+  manifests = [read_manifest(p) for p in parts]
+  first = manifests[0]
+  def fields(m):  # settings first: a different resolution also changes the record shapes
+    return ([(f"settings.{k}", m["settings"].get(k)) for k in _MERGE_SETTINGS] + [("pipeline", m["pipeline"])]
+            + [(f"record.{k}", m["record"].get(k)) for k in BATCH_KEYS])
+
+  for part, m in zip(parts[1:], manifests[1:]):
+    for (key, want), (_, got) in zip(fields(first), fields(m)):
+      if got != want:
+        raise ValueError(f"{part}: {key} is {got!r} but {parts[0]} has {want!r}; only caches encoded with "
+                         "the same pipeline and settings can be merged")
+  out_dir.mkdir(parents=True, exist_ok=True)
+  shards = []
+  for n, (part, m) in enumerate(zip(parts, manifests)):
+    for shard in m["shards"]:
+      src = part / shard["file"]
+      if not src.exists():
+        raise FileNotFoundError(f"{part}: shard file {src} is missing")
+      if copy:
+        dst = out_dir / f"part-{n:03d}-{src.name}"
+        if dst.exists():
+          dst.unlink()
+        try:
+          os.link(src, dst)
+        except OSError:
+          shutil.copyfile(src, dst)
+        file = dst.name
+      else:
+        file = os.path.relpath(os.path.abspath(src), os.path.abspath(out_dir))
+      shards.append(shard | {"file": file})
+  manifest = {c: sum(m[c] for m in manifests) for c in _COUNTS} | {
+      "source": f"merge of {len(parts)} caches", "source_rows": sum(m["source_rows"] for m in manifests),
+      "pipeline": first["pipeline"], "settings": first["settings"], "record": first["record"],
+      "shards": shards,
+      "parts": [{"dir": os.path.relpath(os.path.abspath(p), os.path.abspath(out_dir)), "source": m["source"],
+                 "source_rows": m["source_rows"]} | {c: m[c] for c in _COUNTS} for p, m in zip(parts, manifests)]}
+  _write_json_atomic(out_dir / MANIFEST, manifest)
+  return manifest

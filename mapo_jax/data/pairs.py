@@ -59,10 +59,10 @@ def _winner_is_jpg1(row: RawRow) -> bool | None:
 
 
 def decode_image(value: Any, where: str, column: str) -> Image.Image:
-  """JPEG bytes, a `{"bytes": ...}` struct, a path or an HWC uint8 array -> fully decoded RGB."""
+  """JPEG bytes, a `{"bytes": ..., "path": ...}` struct, a path or an HWC uint8 array -> fully decoded RGB."""
   try:
-    if isinstance(value, dict):
-      value = value["bytes"]
+    if isinstance(value, dict):  # HF's Image feature: {"bytes", "path"}; bytes is None for a file on disk
+      value = value["bytes"] if value.get("bytes") is not None else Path(value["path"])
     if isinstance(value, np.ndarray):
       return Image.fromarray(value).convert("RGB")
     source = value if isinstance(value, Path) else io.BytesIO(value)
