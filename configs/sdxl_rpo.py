@@ -1,4 +1,4 @@
-"""Diffusion-RPO on SDXL base 1.0: our construction (shared/NOTES.md; no official diffusion code exists):
+"""Diffusion-RPO on SDXL base 1.0: our construction (docs/objectives.md; no official diffusion code exists):
 DPO's reference-relative rewards compared across the pairs of each micro-batch, weighted by the
 prompts' cosine similarity (tau 0.5), beta 5000. Batch, optimizer and steps as sdxl_dpo.py. RPO's B x B
 matrix spans one micro-batch (the train step's unit), so larger micro-batches compare more pairs.

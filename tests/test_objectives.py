@@ -1,4 +1,4 @@
-"""Objectives against hand-computed numbers and straightforward numpy versions of the NOTES.md formulas."""
+"""Objectives against hand-computed numbers and straightforward numpy versions of the docs/objectives.md formulas."""
 
 import math
 
@@ -31,7 +31,7 @@ def _np_mapo(err_w, err_l, beta=0.1, s=0.5, T=1000):
 
 
 def _np_rpo(err_w, err_l, ref_w, ref_l, emb, beta, tau):
-  """NOTES.md Diffusion-RPO written as plain loops."""
+  """docs/objectives.md Diffusion-RPO written as plain loops."""
   b = len(err_w)
   e = [np.float64(v) / np.linalg.norm(v) for v in emb]
   total = 0.0

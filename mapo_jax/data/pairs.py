@@ -1,4 +1,4 @@
-"""Pair rules and image preprocessing (NOTES "Data rules"): raw row -> winner/loser pixels + time ids.
+"""Pair rules and image preprocessing (docs/data.md): raw row -> winner/loser pixels + time ids.
 
 label_0 == label_1 == 0.5 is a tie and is dropped; label_0 == 0 swaps the pair (jpg_1 wins); any
 other labels, a non-string caption or an undecodable image make the row bad (`BadPair`, message

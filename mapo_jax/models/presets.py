@@ -58,7 +58,7 @@ UNETS = {"sdxl": SDXL_BASE_UNET, "sd15": SD15_UNET, "tiny": TINY_SDXL_UNET, "tin
          "tiny_sd2": TINY_SD2_UNET,
          "micro": MICRO_SDXL_UNET}
 
-# The "tiny" layout of the PyTorch reference benchmark (shared/bench/torch_reference.py), so both
+# The "tiny" layout of the PyTorch reference benchmark (`--torch-reference` in bench/train_step.py), so both
 # implementations time the same architecture.
 BENCH_TINY_UNET = dict(
     SDXL_BASE_UNET, attention_head_dim=[2, 4], block_out_channels=[32, 64], cross_attention_dim=32,
