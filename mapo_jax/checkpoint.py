@@ -23,14 +23,13 @@ import jax
 import orbax.checkpoint as ocp
 from flax import serialization
 
+from mapo_jax import sharding
 from mapo_jax.train_step import TrainState
 
 CHECKPOINTS = "checkpoints"  # the trainer's checkpoint folder inside its workdir
 
 
-def abstract_like(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs of `tree`'s leaves (arrays or structs) placed by the matching `shardings`."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+abstract_like = sharding.with_shardings  # restore targets: shapes, dtypes and the current shardings
 
 
 def _train_part(state: TrainState) -> dict[str, Any]:

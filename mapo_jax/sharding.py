@@ -99,12 +99,26 @@ def model_shardings(model: nnx.Module, mesh: Mesh, filter=nnx.Param) -> Any:
   return param_shardings(nnx.to_pure_dict(nnx.state(model, filter)), logical_axes(model, filter), mesh)
 
 
+def is_abstract(tree: Any) -> bool:
+  """Whether a tree holds shapes only (nnx.eval_shape / jax.eval_shape), as ahead-of-time compiles use."""
+  return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
+def with_shardings(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `tree`'s leaves (arrays or structs) placed by the matching `shardings`."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
 def place(model: nnx.Module, mesh: Mesh, filter=nnx.Param) -> tuple[Any, Any]:
   """The model's `filter` parameters as a pure dict placed on `mesh` by the logical-axis rules, and their
   shardings. The one way parameters reach the mesh (the trained model, its frozen part, the reference);
-  parameters a loader already placed there (`load_unet(..., mesh=)`) are not copied."""
+  parameters a loader already placed there (`load_unet(..., mesh=)`) are not copied, and an abstract model
+  gives ShapeDtypeStructs carrying the shardings (ahead-of-time compiles)."""
   shardings = model_shardings(model, mesh, filter)
-  return jax.device_put(nnx.to_pure_dict(nnx.state(model, filter)), shardings), shardings
+  params = nnx.to_pure_dict(nnx.state(model, filter))
+  if is_abstract(params):
+    return with_shardings(params, shardings), shardings
+  return jax.device_put(params, shardings), shardings
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

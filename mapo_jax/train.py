@@ -34,12 +34,12 @@ from tqdm import tqdm
 
 from mapo_jax import config as config_lib
 from mapo_jax import demo, objectives, optim, pipelines, sampling, sharding
+from mapo_jax.build import build, compile_step, model_options
 from mapo_jax.checkpoint import CHECKPOINTS, Checkpointer, abstract_like
 from mapo_jax.data import cached_loader, onthefly_loader, open_source, read_manifest
 from mapo_jax.encode import make_encoder
 from mapo_jax.export import export_denoiser
 from mapo_jax.metrics import MetricsWriter
-from mapo_jax.train_step import Frozen, StepConfig, create_sharded_state, jit_train_step, make_train_step
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output folder; an existing one is resumed", required=True)
@@ -111,19 +111,16 @@ def main(argv) -> None:
   # Models, by the pipeline's family: the trained denoiser, the frozen reference (DPO/RPO), and the
   # components that sample grids and on-the-fly encoding need.
   # ----------------------------------------------------------------------------------------------
+  # Weights go from safetensors straight into each device's shard: no device holds a whole model.
   family = pipelines.family(config.pipeline)
-  objective = objectives.get_objective(config.objective)
-  options = dict(dtype=jnp.dtype(config.dtype), attention=config.attention or None, remat=config.remat)
-  model = family.load_denoiser(config.pipeline, param_dtype=jnp.dtype(config.param_dtype), **options)
+  options = model_options(config, mesh)
+  model = family.load_denoiser(config.pipeline, param_dtype=jnp.dtype(config.param_dtype), mesh=mesh, **options)
+  reference = None
+  if objectives.get_objective(config.objective).needs_reference:
+    reference = family.load_denoiser(config.reference or config.pipeline, mesh=mesh,
+                                     param_dtype=jnp.dtype(config.ref_param_dtype), **options)
   needs_frozen = config.sample_every > 0 or config.data.mode == "onthefly"
   pipe = family.load_pipeline(config.pipeline, (family.FROZEN if needs_frozen else ()) + ("scheduler",))
-  ref_graphdef = ref_params = ref_shardings = None
-  if objective.needs_reference:
-    ref = family.load_denoiser(config.reference or config.pipeline,
-                               param_dtype=jnp.dtype(config.ref_param_dtype), **options)
-    ref_graphdef = nnx.graphdef(ref)
-    ref_params, ref_shardings = sharding.place(ref, mesh)
-    del ref
 
   # ----------------------------------------------------------------------------------------------
   # Input: global batches of `global_batch_size` pairs sharded over (data, fsdp); each process reads
@@ -146,18 +143,9 @@ def main(argv) -> None:
   # ----------------------------------------------------------------------------------------------
   # Train state (float32 master params + optimizer state, sharded), frozen parameters and the step.
   # ----------------------------------------------------------------------------------------------
-  tx = optim.make_optimizer(config.optim)
-  graphdef, state, state_shardings, frozen_params, frozen_shardings = create_sharded_state(
-      model, tx, mesh, config.seed)
-  del model  # the sharded copy in `state` is the one that trains
-  frozen = Frozen(policy=frozen_params, reference=ref_params)
-  hparams = objective.hparams(config[config.objective] if objective.defaults else None,
-                              num_timesteps=pipe.schedule.num_train_timesteps)
-  step_config = StepConfig(objective=config.objective, hparams=hparams, latents=pipe.latents,
-                           accum_steps=config.accum_steps)
-  train_step = jit_train_step(
-      make_train_step(family.denoise, graphdef, ref_graphdef, tx, pipe.schedule, step_config, mesh),
-      state_shardings, mesh, Frozen(policy=frozen_shardings, reference=ref_shardings))
+  built = build(config, family, model, reference, pipe.schedule, pipe.latents, mesh)
+  del model, reference  # their arrays now live in `built` (the trainable ones donated to the state)
+  graphdef, state, state_shardings, frozen = built.graphdef, built.state, built.state_shardings, built.frozen
   learning_rate = optim.learning_rate(config.optim)
 
   # ----------------------------------------------------------------------------------------------
@@ -200,7 +188,7 @@ def main(argv) -> None:
   while step < config.steps:
     batch = next(data_iterator)
     if compiled_step is None:
-      compiled_step = train_step.lower(state, batch, frozen).compile()
+      compiled_step = compile_step(built.train_step, mesh, state, batch, frozen)
       barrier("train step compiled")
     state, metrics = compiled_step(state, batch, frozen)
     step += 1

@@ -161,13 +161,19 @@ def create_sharded_state(model: nnx.Module, tx, mesh, seed: int, trainable=nnx.P
 
   Returns (graphdef, state, state_shardings, frozen_params, frozen_shardings); `nnx.merge(graphdef,
   state.params, frozen_params)` is the model again.
+  An abstract model (nnx.eval_shape) gives the same results as ShapeDtypeStructs with their shardings,
+  for ahead-of-time compiles. The model's own trainable arrays are donated to the state.
   """
   graphdef, _, _ = nnx.split(model, trainable, ...)
   params, param_sh = sharding.place(model, mesh, trainable)
   frozen, frozen_sh = sharding.place(model, mesh, nnx.Not(trainable))
-  abstract = jax.eval_shape(lambda p: init_state(p, tx, seed), params)
+  init = lambda p: init_state(p, tx, seed)
+  abstract = jax.eval_shape(init, params)
   state_sh = _state_shardings(abstract, param_sh, mesh)
-  state = jax.jit(lambda p: init_state(p, tx, seed), out_shardings=state_sh)(params)
+  if sharding.is_abstract(params):
+    return graphdef, sharding.with_shardings(abstract, state_sh), state_sh, frozen, frozen_sh
+  # Donated: otherwise the state's params are a second full float32 copy beside the loaded ones.
+  state = jax.jit(init, out_shardings=state_sh, donate_argnums=0)(params)
   return graphdef, state, state_sh, frozen, frozen_sh
 
 
