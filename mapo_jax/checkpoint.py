@@ -10,23 +10,40 @@ process has finished, so a crash during a save leaves the previous checkpoints i
 folder is ignored and cleaned up by the next run). Restores read into an abstract target that carries
 the *current* shardings, so a checkpoint written on one mesh or device count loads onto another.
 
+A checkpoint that fails to restore (truncated or corrupt files) is moved aside to
+`checkpoints/corrupt/<step>` (never deleted) and the next-newest one is tried (`restore_latest`). A save
+that fails (full disk, read-only folder) raises `CheckpointSaveError` from the next `check()`, `save()` or
+`wait()`; the trainer stops there, and the previous checkpoints stay intact.
+
 Pure-dict parameters index lists by int (`down_blocks[0]`); flax's `to_state_dict` turns every key
 into a string for saving and `from_state_dict` puts the target's keys back: the one place keys change.
 """
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import serialization
 
 from mapo_jax import sharding
 from mapo_jax.train_step import TrainState
 
 CHECKPOINTS = "checkpoints"  # the trainer's checkpoint folder inside its workdir
+CORRUPT = "corrupt"  # where checkpoints that fail to restore are moved, inside CHECKPOINTS
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written."""
+
+
+class NoGoodCheckpointError(RuntimeError):
+  """Every checkpoint in the folder failed to restore."""
 
 
 abstract_like = sharding.with_shardings  # restore targets: shapes, dtypes and the current shardings
@@ -40,8 +57,9 @@ class Checkpointer:
   """Saves and restores (TrainState, data iterator) under `directory`, keeping the newest `keep`."""
 
   def __init__(self, directory: str | os.PathLike, *, keep: int = 3):
+    self.directory = Path(os.path.abspath(directory))
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
-    self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -50,12 +68,46 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state: TrainState, data_iterator=None) -> None:
-    """Starts an asynchronous save and returns once the arrays are off the devices (they may be donated)."""
+    """Starts an asynchronous save and returns once the arrays are off the devices (they may be donated).
+    Raises CheckpointSaveError if this save, or the previous one, failed."""
     items = dict(params=ocp.args.StandardSave(serialization.to_state_dict(state.params)),
                  train=ocp.args.StandardSave(serialization.to_state_dict(_train_part(state))))
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._raising(f"the checkpoint of step {step}",
+                  lambda: self.manager.save(step, args=ocp.args.Composite(**items), force=True))
+
+  def check(self) -> None:
+    """Raises CheckpointSaveError if an asynchronous save has failed (cheap: call it every step)."""
+    self._raising("the last checkpoint", self.manager.check_for_errors)
+
+  def _raising(self, what: str, fn) -> None:
+    try:
+      fn()
+    except Exception as e:  # orbax re-raises the writer thread's error as is: OSError, ValueError, ...
+      raise CheckpointSaveError(f"saving {what} to {self.directory} failed: {type(e).__name__}: {e}") from e
+
+  def restore_latest(self, abstract_state: TrainState, data_iterator=None) -> TrainState | None:
+    """The newest checkpoint that restores (None when there is none). One that fails is logged in one
+    line, moved to CHECKPOINTS/corrupt/<step> and the next-newest is tried; NoGoodCheckpointError when
+    all fail."""
+    failed = []
+    while (step := self.latest_step()) is not None:
+      try:
+        return self.restore(step, abstract_state, data_iterator)
+      except Exception as e:  # any read or decode error of a damaged checkpoint
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        aside = self.directory / CORRUPT / str(step)
+        logging.error("checkpoint %d in %s does not restore (%s); moved to %s", step, self.directory, reason, aside)
+        aside.parent.mkdir(exist_ok=True)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(self.directory / str(step), aside)
+        self.manager.reload()
+        failed.append(f"step {step}: {reason}")
+    if failed:
+      raise NoGoodCheckpointError(f"no checkpoint in {self.directory} restores (moved to {CORRUPT}/): "
+                                  + "; ".join(failed))
+    return None
 
   def restore(self, step: int, abstract_state: TrainState, data_iterator=None) -> TrainState:
     """The state of `step`, laid out as `abstract_state` (ShapeDtypeStructs with shardings) says; the
@@ -75,8 +127,16 @@ class Checkpointer:
     return serialization.from_state_dict(abstract_params, restored["params"])
 
   def wait(self) -> None:
-    """Blocks until the last save is committed."""
-    self.manager.wait_until_finished()
+    """Blocks until the last save is committed; CheckpointSaveError if it failed."""
+    self._raising("the last checkpoint", self.manager.wait_until_finished)
+
+  def finish_or_abandon(self) -> None:
+    """After an error in the loop: lets the save in flight commit; one that fails is abandoned (orbax
+    never renames its temporary folder into a checkpoint), so the previous checkpoints stay as they were."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # the save in flight failed too; the error being raised says more
+      logging.error("the checkpoint save in flight was abandoned: %s: %s", type(e).__name__, e)
 
   def close(self) -> None:
     self.manager.close()

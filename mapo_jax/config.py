@@ -7,6 +7,7 @@ GPU x 2 accumulation steps on 8 GPUs = 128 pairs per optimizer step (`global_bat
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import ml_collections
@@ -18,6 +19,10 @@ from mapo_jax.models.layers import REMAT_POLICIES
 
 DATA_MODES = ("cached", "onthefly")
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+class UsageError(ValueError):
+  """A command line that cannot run (a missing flag)."""
 
 
 class ConfigError(ValueError):
@@ -84,6 +89,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.sample_guidance = 5.0
   config.export_dtype = "fp16"  # UNet weights written to WORKDIR/export
 
+  # Divergence guards: the run stops (non-zero exit, no export) when more than this fraction of the last
+  # 100 steps skipped their update for a non-finite loss or gradient, and export refuses parameters that
+  # are not finite or whose global norm grew past `max_param_norm_ratio` times the initial model's.
+  config.max_skipped_fraction = 0.1
+  config.max_param_norm_ratio = 10.0
+
   # Demo only: a folder where `mapo_jax.demo` creates its tiny pipeline, dataset and cache if missing.
   config.demo_assets = ""
   return config
@@ -101,11 +112,19 @@ def use_dpo_recipe(config: ml_collections.ConfigDict, objective: str = "dpo") ->
   return config
 
 
-def _flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+def unknown_key_message(key: str) -> str:
+  """`config.KEY: unknown key`, with the nearest known keys (for typos on the command line)."""
+  schema = sorted(flatten(base_config()))
+  near = difflib.get_close_matches(key, schema, n=3, cutoff=0.5)
+  hint = f"; did you mean {', '.join('config.' + k for k in near)}?" if near else ""
+  return f"config.{key}: unknown key{hint} (`--print-config` lists every key with its value)"
+
+
+def flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
   out = {}
   for key, value in cfg.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      out.update(_flatten(value, f"{prefix}{key}."))
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      out.update(flatten(value, f"{prefix}{key}."))
     else:
       out[f"{prefix}{key}"] = value
   return out
@@ -126,10 +145,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   Checks that need the device count (mesh, batch divisibility) are in `validate_for_devices`.
   """
-  given, schema = _flatten(config), _flatten(base_config())
+  given, schema = flatten(config), flatten(base_config())
   for key in given:
     if key not in schema:
-      raise ConfigError(key, f"unknown key (known: {', '.join(sorted(schema))})")
+      raise ConfigError(key, unknown_key_message(key).split(": ", 1)[1])
   for key, default in schema.items():
     if key not in given:
       raise ConfigError(key, "missing")
@@ -162,6 +181,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("optim.lr", "optim.eps", "mapo.beta", "mapo.snr", "dpo.beta", "rpo.beta", "rpo.tau"):
     if not given[key] > 0:
       raise ConfigError(key, f"{given[key]!r} must be > 0")
+  if not 0 <= given["max_skipped_fraction"] <= 1:
+    raise ConfigError("max_skipped_fraction", f"{given['max_skipped_fraction']!r} must be in [0, 1]")
+  if not given["max_param_norm_ratio"] > 1:
+    raise ConfigError("max_param_norm_ratio", f"{given['max_param_norm_ratio']!r} must be > 1")
+  if given["sample_every"] > 0 and not given["sample_prompts"]:
+    raise ConfigError("sample_prompts", "is empty, but sample_every > 0 draws sample grids: give prompts, "
+                      "or set sample_every=0")
   for key in ("optim.b1", "optim.b2"):
     if not 0 <= given[key] < 1:
       raise ConfigError(key, f"{given[key]!r} must be in [0, 1)")

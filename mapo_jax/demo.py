@@ -31,6 +31,7 @@ from mapo_jax.data.sources import ParquetSource
 from mapo_jax.encode import make_encoder
 from mapo_jax.models import AutoencoderKL, CLIPTextModel, save_text_encoder, save_unet, save_vae
 from mapo_jax.pipelines import family, load_pipeline
+from mapo_jax.workdir import remove_stale_temporaries
 from mapo_jax.models.presets import MICRO_SDXL_UNET
 from mapo_jax.models.unet import UNet2DConditionModel
 
@@ -151,19 +152,26 @@ def write_pairs(out: Path, num_pairs: int = NUM_PAIRS, seed: int = 0) -> None:
 
 
 def _build(final: Path, write) -> None:
-  """Runs write(tmp) and renames tmp to `final`; skips if `final` exists."""
+  """Runs write(tmp) and renames tmp to `final`; skips if `final` exists. Two processes building the same
+  part at once (two first-time demos) both finish; the second to rename keeps the first one's."""
   if final.exists():
     return
   tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
   write(tmp)
-  os.replace(tmp, final)
+  try:
+    os.replace(tmp, final)
+  except OSError:  # a folder cannot replace a non-empty one: another process finished first
+    if not final.exists():
+      raise
+    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def ensure_assets(folder: str | os.PathLike) -> dict[str, Path]:
   """Creates whatever of pipeline/, pairs.parquet and cache/ is missing; returns their paths."""
   folder = Path(folder).expanduser()
   folder.mkdir(parents=True, exist_ok=True)
+  remove_stale_temporaries(folder)
   paths = {"pipeline": folder / "pipeline", "pairs": folder / "pairs.parquet", "cache": folder / "cache"}
   _build(paths["pipeline"], write_pipeline)
   _build(paths["pairs"], write_pairs)

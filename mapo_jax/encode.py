@@ -91,6 +91,14 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
     missing = [f"--{k}" for k in ("pipeline", "data", "resolution") if getattr(args, k) is None]
     if missing:
       p.error(f"the following arguments are required: {', '.join(missing)}")
+    # Checked before anything is read or written: a bad size would only fail later, in the trainer.
+    try:
+      multiple = family(args.pipeline).resolution_multiple(args.pipeline)
+    except (FileNotFoundError, ValueError) as e:
+      p.error(f"--pipeline {args.pipeline}: {e}")
+    if args.resolution <= 0 or args.resolution % multiple:
+      p.error(f"--resolution {args.resolution} must be a positive multiple of {multiple} (the VAE's and the "
+              f"UNet's downsampling of {args.pipeline})")
   elif args.data is not None:
     p.error("--merge joins finished caches; it takes no --data")
   return args

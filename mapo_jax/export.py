@@ -25,6 +25,7 @@ from flax import nnx
 from mapo_jax import pipelines
 from mapo_jax.checkpoint import CHECKPOINTS, Checkpointer, abstract_like
 from mapo_jax.convert.files import EXPORT_DTYPES
+from mapo_jax.workdir import remove_stale_temporaries
 
 
 def export_denoiser(model: nnx.Module, base: str | os.PathLike, out: str | os.PathLike, *,
@@ -33,6 +34,7 @@ def export_denoiser(model: nnx.Module, base: str | os.PathLike, out: str | os.Pa
   `denoiser_only`, a bare model folder (for SD: a UNet folder)."""
   base, out = Path(base), Path(out)
   family = pipelines.family(base)
+  remove_stale_temporaries(out.parent)
   tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
   if denoiser_only:

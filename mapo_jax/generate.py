@@ -63,9 +63,16 @@ def save_images(images: np.ndarray, out: Path) -> list[str]:
   return names
 
 
+def positive_int(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+  return value
+
+
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
   """Flags shared with mapo_jax.evaluate. Defaults are diffusers' StableDiffusionXLPipeline defaults."""
-  p.add_argument("--steps", type=int, default=50, help="denoising steps")
+  p.add_argument("--steps", type=positive_int, default=50, help="denoising steps")
   p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance weight (<= 1: none)")
   p.add_argument("--seed", type=int, default=0, help="image i starts from noise drawn from (seed, i)")
   p.add_argument("--height", type=int, help="pixels (default: the UNet's sample_size x 8)")
@@ -73,7 +80,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt",
                  help="for every prompt (default: none; SDXL then uses zero embeddings)")
   p.add_argument("--sampler", default="euler", choices=sampling.SAMPLERS, help="Euler discrete or DDIM (eta 0)")
-  p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8,
+  p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=8,
                  help="prompts per sampler call (the last batch is padded)")
 
 

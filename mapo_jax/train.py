@@ -14,17 +14,20 @@ JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); multi-host TPU slic
 """
 from __future__ import annotations
 
+import json
 import logging as pylogging
 import math
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import app, flags, logging
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -33,16 +36,23 @@ from PIL import Image
 from tqdm import tqdm
 
 from mapo_jax import config as config_lib
-from mapo_jax import demo, objectives, optim, pipelines, sampling, sharding
+from mapo_jax import convert, demo, objectives, optim, pipelines, sampling, sharding
+from mapo_jax import workdir as workdir_lib
 from mapo_jax.build import build, compile_step, model_options
-from mapo_jax.checkpoint import CHECKPOINTS, Checkpointer, abstract_like
+from mapo_jax.checkpoint import CHECKPOINTS, CheckpointSaveError, Checkpointer, NoGoodCheckpointError, abstract_like
 from mapo_jax.data import cached_loader, onthefly_loader, open_source, read_manifest
 from mapo_jax.encode import make_encoder
 from mapo_jax.export import export_denoiser
 from mapo_jax.metrics import MetricsWriter
+from mapo_jax.workdir import WorkdirLock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "output folder; an existing one is resumed", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "output folder; an existing one is resumed (required)")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "resume even though the objective, model, resolution or data changed; "
+    "also spelled --allow-config-change")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "print every config key with its value and exit; "
+                                  "also spelled --print-config")
 _STOP_AFTER = flags.DEFINE_integer(
     "stop_after_step", None, "stop after this step as a preemption would (checkpoint, exit 0); "
     "also spelled --stop-after-step")
@@ -54,7 +64,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS
                                    "this process's index in a multi-host job")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with the cluster "
                                  "auto-detected (TPU pod slices, SLURM); launch/tpu_pod.sh sets it")
-DASHED_FLAGS = ("stop-after-step",)  # the documented spellings; absl itself only knows underscores
+DASHED_FLAGS = ("stop-after-step", "allow-config-change", "print-config")  # absl only knows underscores
+SKIP_WINDOW = 100  # steps over which config.max_skipped_fraction is measured
 
 
 def initialize_distributed() -> None:
@@ -80,21 +91,56 @@ def save_grid(images: np.ndarray, path: Path) -> None:
   Image.fromarray(sampling.make_grid(images, cols=math.ceil(math.sqrt(len(images))))).save(path)
 
 
+class DivergedError(RuntimeError):
+  """Training diverged: too many skipped updates, or parameters unfit to export."""
+
+
+def check_skipped(history: list[tuple[int, int]], step: int, skipped: int, max_fraction: float) -> None:
+  """DivergedError when more than max_fraction × SKIP_WINDOW of the last SKIP_WINDOW steps skipped their
+  update. `history` holds (step, cumulative skipped) of earlier checks, oldest first; this one is added."""
+  history.append((step, skipped))
+  base_step, base_skipped = next(((s, k) for s, k in reversed(history) if s <= step - SKIP_WINDOW), history[0])
+  recent = skipped - base_skipped
+  if recent > max_fraction * SKIP_WINDOW:
+    raise DivergedError(f"{recent} of the last {step - base_step} steps skipped their update for a non-finite "
+                        f"loss or gradient (config.max_skipped_fraction={max_fraction} of {SKIP_WINDOW} steps): "
+                        "the run diverged; lower config.optim.lr or check the data. Nothing was exported.")
+
+
+def check_exportable(params, initial_norm: float, max_ratio: float) -> None:
+  """DivergedError unless every parameter is finite and the global norm is within max_ratio × the initial."""
+  norm = float(optax.tree.norm(params))
+  if not np.isfinite(norm):
+    raise DivergedError("the trained parameters are not finite; nothing was exported")
+  if norm > max_ratio * initial_norm:
+    raise DivergedError(f"the parameters' global norm grew from {initial_norm:.4g} to {norm:.4g}, more than "
+                        f"config.max_param_norm_ratio={max_ratio} times: the run diverged; nothing was exported")
+
+
 def main(argv) -> None:
   del argv
+  if _PRINT_CONFIG.value:
+    print("\n".join(f"config.{k} = {v!r}" for k, v in config_lib.flatten(_CONFIG.value).items()))
+    return
+  if not _WORKDIR.value:
+    raise config_lib.UsageError("--workdir is required: the run's output folder (an existing one is resumed)")
   config, workdir = _CONFIG.value, Path(_WORKDIR.value).absolute()
   # ----------------------------------------------------------------------------------------------
-  # Config: every value is checked before any model is loaded or anything compiles.
+  # Config and workdir: every value is checked before any model is loaded or anything compiles; one
+  # trainer per workdir; a resume may not change what the run trains.
   # ----------------------------------------------------------------------------------------------
   config_lib.validate(config)
-  # Orbax logs each save's every phase at INFO; keep its warnings and our own INFO lines.
-  logging.get_absl_handler().addFilter(lambda r: r.levelno >= pylogging.WARNING or "orbax" not in r.pathname)
   initialize_distributed()
   config_lib.validate_for_devices(config, jax.device_count(), jax.process_count())
   lead = jax.process_index() == 0
   if lead:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json(indent=2))
+    WorkdirLock(workdir).acquire()  # released by the kernel when this process ends, however it ends
+  checkpointer = Checkpointer(workdir / CHECKPOINTS, keep=config.keep_checkpoints)
+  resume_step = checkpointer.latest_step()
+  if lead:
+    if resume_step is not None:
+      workdir_lib.check_resume_config(workdir, json.loads(config.to_json()), allow_change=_ALLOW_CONFIG_CHANGE.value)
+    workdir_lib.record_config(workdir, config.to_json(indent=2), resume_step or 0)
   logging.info("config:\n%s", config)
 
   # ----------------------------------------------------------------------------------------------
@@ -109,10 +155,14 @@ def main(argv) -> None:
 
   # ----------------------------------------------------------------------------------------------
   # Models, by the pipeline's family: the trained denoiser, the frozen reference (DPO/RPO), and the
-  # components that sample grids and on-the-fly encoding need.
+  # components that sample grids and on-the-fly encoding need. Weights go from safetensors straight
+  # into each device's shard: no device holds a whole model.
   # ----------------------------------------------------------------------------------------------
-  # Weights go from safetensors straight into each device's shard: no device holds a whole model.
   family = pipelines.family(config.pipeline)
+  multiple = family.resolution_multiple(config.pipeline)
+  if config.resolution % multiple:
+    raise config_lib.ConfigError("resolution", f"{config.resolution} is not a multiple of {multiple} "
+                                 f"(the VAE's and the UNet's downsampling of {config.pipeline})")
   options = model_options(config, mesh)
   model = family.load_denoiser(config.pipeline, param_dtype=jnp.dtype(config.param_dtype), mesh=mesh, **options)
   reference = None
@@ -145,16 +195,18 @@ def main(argv) -> None:
   # ----------------------------------------------------------------------------------------------
   built = build(config, family, model, reference, pipe.schedule, pipe.latents, mesh)
   del model, reference  # their arrays now live in `built` (the trainable ones donated to the state)
-  graphdef, state, state_shardings, frozen = built.graphdef, built.state, built.state_shardings, built.frozen
+  graphdef, state, frozen = built.graphdef, built.state, built.frozen
+  initial_norm = float(optax.tree.norm(state.params))  # the starting model's, for the export check
   learning_rate = optim.learning_rate(config.optim)
 
   # ----------------------------------------------------------------------------------------------
-  # Restore: the workdir's latest checkpoint (onto this run's mesh), else start from the pipeline.
+  # Restore: the newest checkpoint that restores (onto this run's mesh), else start from the pipeline.
   # ----------------------------------------------------------------------------------------------
-  checkpointer = Checkpointer(workdir / CHECKPOINTS, keep=config.keep_checkpoints)
-  if (latest := checkpointer.latest_step()) is not None:
-    state = checkpointer.restore(latest, abstract_like(state, state_shardings), data_iterator)
-    logging.info("resumed from %s/%s/%d", workdir, CHECKPOINTS, latest)
+  if resume_step is not None:
+    restored = checkpointer.restore_latest(abstract_like(state, built.state_shardings), data_iterator)
+    if restored is not None:
+      state = restored
+      logging.info("resumed from %s/%s/%d", workdir, CHECKPOINTS, int(state.step))
   first_step = int(state.step)
 
   def sample_grid(step: int) -> None:
@@ -169,7 +221,8 @@ def main(argv) -> None:
 
   # ----------------------------------------------------------------------------------------------
   # Loop. Only logging steps wait for the devices; SIGTERM/SIGINT and --stop-after-step end the run
-  # after a step with a checkpoint, as a preemption would.
+  # after a step with a checkpoint, as a preemption would. A step's checkpoint is started before its
+  # sample grid, and any error first finishes the save in flight.
   # ----------------------------------------------------------------------------------------------
   stop_requested = []
 
@@ -183,58 +236,148 @@ def main(argv) -> None:
   metrics_writer = MetricsWriter(workdir, first_step=first_step, enabled=lead)
   progress = tqdm(total=config.steps, initial=first_step, unit="step", disable=not lead, dynamic_ncols=True)
   last_log, last_time = first_step, time.perf_counter()
+  skip_history = [(first_step, int(state.skipped))]
   step = first_step
   compiled_step = None
-  while step < config.steps:
-    batch = next(data_iterator)
-    if compiled_step is None:
-      compiled_step = compile_step(built.train_step, mesh, state, batch, frozen)
-      barrier("train step compiled")
-    state, metrics = compiled_step(state, batch, frozen)
-    step += 1
-    progress.update()
-    stop = bool(stop_requested) or step == _STOP_AFTER.value
-    if step % config.log_every == 0 or step == config.steps or stop:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
-      now = time.perf_counter()
-      metrics.update(lr=float(learning_rate(step - 1)),
-                     pairs_per_s=(step - last_log) * config.global_batch_size / (now - last_time))
-      last_log, last_time = step, now
-      progress.set_postfix(loss=f"{metrics['loss']:.4g}", pairs_s=f"{metrics['pairs_per_s']:.3g}")
-      if not np.isfinite(metrics["loss"]):
-        logging.warning("step %d: non-finite loss, update skipped (%d so far)", step, metrics["skipped_steps"])
-      metrics_writer.write(step, metrics)
-    if config.sample_every and (step % config.sample_every == 0 or step == config.steps):
-      sample_grid(step)
-    if step % config.checkpoint_every == 0 or step == config.steps or stop:
-      checkpointer.save(step, state, data_iterator)
-    if stop:
-      break
-  progress.close()
-  metrics_writer.close()
-  checkpointer.wait()
+  try:
+    while step < config.steps:
+      batch = next(data_iterator)
+      if compiled_step is None:
+        start = time.perf_counter()
+        progress.write("compiling the train step (once per run; minutes for a large model)...", file=sys.stderr)
+        compiled_step = compile_step(built.train_step, mesh, state, batch, frozen)
+        progress.write(f"compiled the train step in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        barrier("train step compiled")
+      state, metrics = compiled_step(state, batch, frozen)
+      step += 1
+      progress.update()
+      checkpointer.check()  # a failed asynchronous save stops the run here, one step later at most
+      stop = bool(stop_requested) or step == _STOP_AFTER.value
+      if step % config.log_every == 0 or step == config.steps or stop:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+        now = time.perf_counter()
+        metrics.update(lr=float(learning_rate(step - 1)),
+                       pairs_per_s=(step - last_log) * config.global_batch_size / (now - last_time))
+        last_log, last_time = step, now
+        progress.set_postfix(loss=f"{metrics['loss']:.4g}", pairs_s=f"{metrics['pairs_per_s']:.3g}")
+        if not np.isfinite(metrics["loss"]):
+          logging.warning("step %d: non-finite loss, update skipped (%d so far)", step, metrics["skipped_steps"])
+        metrics_writer.write(step, metrics)
+        check_skipped(skip_history, step, int(metrics["skipped_steps"]), config.max_skipped_fraction)
+      if step % config.checkpoint_every == 0 or step == config.steps or stop:
+        checkpointer.save(step, state, data_iterator)
+      if config.sample_every and (step % config.sample_every == 0 or step == config.steps):
+        sample_grid(step)
+      if stop:
+        break
+    checkpointer.wait()
+  except BaseException:
+    checkpointer.finish_or_abandon()
+    raise
+  finally:
+    progress.close()
+    metrics_writer.close()
   checkpointer.close()
   # Every process leaves together: one that exits while another still finalises the checkpoint
   # would leave the other waiting in jax.distributed's shutdown.
   multihost_utils.sync_global_devices("checkpoint closed")
 
   # ----------------------------------------------------------------------------------------------
-  # Export: the finished model as a diffusers pipeline folder.
+  # Export: the finished model as a diffusers pipeline folder, if its parameters are sound.
   # ----------------------------------------------------------------------------------------------
   if step < config.steps:
     logging.info("stopped after step %d of %d; run again with --workdir %s to resume", step, config.steps, workdir)
     print(f"stopped after step {step}; checkpoint in {workdir / CHECKPOINTS}")
     return
-  params = (multihost_utils.process_allgather(state.params, tiled=True) if jax.process_count() > 1
-            else jax.device_get(state.params))
+  check_exportable(state.params, initial_norm, config.max_param_norm_ratio)
+  params = convert.host_params(state.params)  # one parameter at a time; every process takes part
   if lead:
     if not (workdir / "export").exists() or first_step < config.steps:
-      export_denoiser(nnx.merge(graphdef, params, jax.device_get(frozen.policy)), config.pipeline,
+      export_denoiser(nnx.merge(graphdef, params, convert.host_params(frozen.policy)), config.pipeline,
                       workdir / "export", dtype=config.export_dtype)
     print(f"done: {config.steps} steps in {workdir}\n  checkpoints  {workdir / CHECKPOINTS}\n"
           f"  export       {workdir / 'export'}\n  samples      {workdir / 'samples'}\n"
           f"  metrics      {workdir / 'metrics.jsonl'} (TensorBoard: {workdir / 'tensorboard'})")
   multihost_utils.sync_global_devices("export")
+
+
+# Errors a user can act on: reported in one line, exit status 1 (no traceback).
+USER_ERRORS = (config_lib.ConfigError, config_lib.UsageError, workdir_lib.WorkdirBusyError, workdir_lib.ConfigChangedError,
+               CheckpointSaveError, NoGoodCheckpointError, DivergedError, FileNotFoundError)
+
+
+def quiet_orbax(record: pylogging.LogRecord) -> bool:
+  """Orbax logs each save's every phase at INFO, and a failed save's traceback from each of its threads:
+  keep its warnings and errors as one line each (the trainer reports the failure itself)."""
+  if "orbax" not in record.pathname:
+    return True
+  if record.levelno < pylogging.WARNING:
+    return False
+  record.msg, record.args = str(record.getMessage()).splitlines()[0] if record.getMessage() else "", ()
+  record.exc_info = record.exc_text = None
+  return True
+
+
+_background_errors: set[str] = set()
+
+
+def log_background_error(exc_type, exc_value) -> None:
+  """One line per kind of error raised in a background thread (checkpoint writers, data workers) instead
+  of a traceback from every thread: a failed save alone raised hundreds of them."""
+  line = f"{exc_type.__name__}: {str(exc_value).splitlines()[0] if str(exc_value) else ''}"
+  if line not in _background_errors:
+    _background_errors.add(line)
+    logging.warning("in a background thread: %s", line[:500])
+
+
+def run(argv) -> None:
+  logging.get_absl_handler().addFilter(quiet_orbax)
+  sys.unraisablehook = lambda u: log_background_error(u.exc_type, u.exc_value)
+  threading.excepthook = lambda a: log_background_error(a.exc_type, a.exc_value)
+  try:
+    main(argv)
+  except USER_ERRORS as e:
+    print(f"\nerror: {e}", file=sys.stderr)  # on a line of its own, whatever a thread printed last
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # os._exit: a failed asynchronous save can leave orbax's writer thread behind, and the exit must not
+    # wait for it (or for the loader's threads).
+    os._exit(1)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with errors a user can act on: a missing or absent --config file, an unknown
+  `--config.KEY` (with the nearest keys), and `--help` that lists every config key with its default."""
+  argv = underscore_dashed_flags(argv)
+  args = argv[1:]
+  if any(a in ("--help", "-h", "--helpshort", "-?", "--helpfull") for a in args):
+    print(__doc__)
+    print(flags.FLAGS.main_module_help())
+    print("\nconfig keys (override any with --config.KEY=VALUE), with their defaults:")
+    print("\n".join(f"  config.{k} = {v!r}" for k, v in config_lib.flatten(config_lib.base_config()).items()))
+    sys.exit(0)
+
+  def fail(message: str):
+    print(f"mapo_jax.train: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+  paths = [args[i + 1] if a == "--config" and i + 1 < len(args) else a.partition("=")[2]
+           for i, a in enumerate(args) if a == "--config" or a.startswith("--config=")]
+  if not paths:
+    fail("--config is required: a configs/*.py file, e.g. --config configs/demo.py")
+  path = paths[-1].split(":")[0]  # config_flags takes FILE:ARG
+  if not Path(path).is_file():
+    fail(f"--config {path}: no such file")
+  known = config_lib.flatten(config_lib.base_config())
+  for a in args:
+    if a.startswith("--config."):
+      key = a[len("--config."):].partition("=")[0]
+      if key not in known and not any(k.startswith(key + ".") for k in known):
+        fail(config_lib.unknown_key_message(key))
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
 def underscore_dashed_flags(argv: list[str]) -> list[str]:
@@ -249,4 +392,4 @@ def underscore_dashed_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-  app.run(main, argv=underscore_dashed_flags(sys.argv))
+  app.run(run, flags_parser=parse_flags)

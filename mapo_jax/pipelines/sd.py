@@ -44,6 +44,17 @@ COND_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "time_ids")
 load_denoiser, save_denoiser = load_unet, save_unet
 
 
+def resolution_multiple(path: str | os.PathLike) -> int:
+  """The image sizes a pipeline trains at must be multiples of this: the VAE's downsampling (8 for SD/SDXL)
+  times the UNet's (2 per downsampling block), so every UNet level has whole latent pixels. Reads only
+  the two config.json files."""
+  vae = convert.read_config(convert.model_folder(path, "vae"))
+  unet = convert.read_config(convert.model_folder(path, DENOISER))
+  vae_factor = 2 ** (len(vae.get("block_out_channels", (64,))) - 1)
+  unet_factor = 2 ** (len(unet.get("down_block_types", ())) - 1)
+  return vae_factor * unet_factor
+
+
 def abstract_denoiser(path: str | os.PathLike) -> UNet2DConditionModel:
   """The UNet of a pipeline (or UNet) folder as shapes only: no weights read, nothing allocated."""
   config = convert.read_config(convert.model_folder(path, DENOISER))
