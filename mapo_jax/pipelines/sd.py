@@ -33,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mapo_jax import convert, diffusion
+from mapo_jax import convert, diffusion, sharding
 from mapo_jax.models.clip import CLIPTextModel, load_text_encoder
-from mapo_jax.models.unet import UNet2DConditionModel, load_unet, save_unet
+from mapo_jax.models.layers import Options
+from mapo_jax.models.unet import UNet2DConditionModel, UNetConfig, load_unet, save_unet
 from mapo_jax.models.vae import AutoencoderKL, load_vae
 
 CLASS_NAMES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # model_index.json _class_name
@@ -55,10 +56,52 @@ def resolution_multiple(path: str | os.PathLike) -> int:
   return vae_factor * unet_factor
 
 
-def abstract_denoiser(path: str | os.PathLike) -> UNet2DConditionModel:
-  """The UNet of a pipeline (or UNet) folder as shapes only: no weights read, nothing allocated."""
-  config = convert.read_config(convert.model_folder(path, DENOISER))
-  return nnx.eval_shape(lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(0)))
+def abstract_denoiser(path_or_config: str | os.PathLike | Mapping[str, Any], *, dtype=jnp.float32,
+                      param_dtype=jnp.float32, attention: str | None = None, remat: str = "none"
+                      ) -> UNet2DConditionModel:
+  """The UNet of a pipeline (or UNet) folder, or of a config.json dict, as shapes only: no weights read,
+  nothing allocated. The options are `load_unet`'s (ahead-of-time compiles need the real ones)."""
+  config = (path_or_config if isinstance(path_or_config, Mapping)
+            else convert.read_config(convert.model_folder(path_or_config, DENOISER)))
+  options = Options(dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat)
+  return nnx.eval_shape(lambda: UNet2DConditionModel(config, options=options, rngs=nnx.Rngs(0)))
+
+
+# The SD / SDXL training schedule (scheduler_config.json of SD 1.5 and SDXL base 1.0) and the VAEs' scaling
+# factors, for architectures given without a pipeline folder (presets).
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        prediction_type="epsilon")
+SDXL_SCALING_FACTOR, SD_SCALING_FACTOR = 0.13025, 0.18215
+TEXT_TOKENS = 77  # CLIP's model_max_length
+VAE_DOWNSAMPLE = 8
+
+
+def preset_latents(denoiser_config: Mapping[str, Any]) -> Latents:
+  """The latent normalisation of the VAE that goes with a UNet config: SDXL's VAE for text_time UNets."""
+  sdxl = denoiser_config.get("addition_embed_type") == "text_time"
+  return Latents(scale=SDXL_SCALING_FACTOR if sdxl else SD_SCALING_FACTOR)
+
+
+def abstract_batch(denoiser_config: Mapping[str, Any], resolution: int, pairs: int, mesh,
+                   rpo_embedding: str = "pooled") -> dict[str, jax.ShapeDtypeStruct]:
+  """A training batch of `pairs` as ShapeDtypeStructs sharded over the batch axes: the keys, shapes and
+  dtypes (float32: the loader's default cast, data/loader.py) that data/cache.py batches have.
+
+  The pooled embedding is SDXL's projected text embedding (projection_class_embeddings_input_dim minus the
+  six time ids' embeddings) or, for one-tower UNets, the text encoder's pooler output (its width is the
+  UNet's cross_attention_dim). rpo_emb is the pooled embedding or the prompt embeddings' mean."""
+  cfg = UNetConfig.from_dict(denoiser_config)
+  width = cfg.cross_attention_dim[0]
+  if cfg.addition_embed_type == "text_time":
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+  else:
+    pooled = width
+  side = resolution // VAE_DOWNSAMPLE
+  shapes = dict(moments_w=(pairs, side, side, 2 * cfg.in_channels), moments_l=(pairs, side, side, 2 * cfg.in_channels),
+                prompt_embeds=(pairs, TEXT_TOKENS, width), pooled_prompt_embeds=(pairs, pooled),
+                time_ids=(pairs, 6), rpo_emb=(pairs, pooled if rpo_embedding == "pooled" else width))
+  batch_sharding = sharding.batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sharding) for k, shape in shapes.items()}
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 # What prompt encoding and decoding need (training's on-the-fly encoding, sample grids, encode).

@@ -1,0 +1,184 @@
+"""Ahead-of-time compiles for TPU slices on this CPU host (mapo_jax/aot.py) and the slice table (mapo_jax/tpu.py).
+
+Two compiles in all (about a minute each): MaPO on a v5e 2x2 slice through the CLI, DPO on a v5p 2x2x1 slice
+through `aot.run`. Both use the micro SDXL-layout UNet at 256 px: its one attention level sits after one
+downsample, at 256/8/2 = 16 x 16 = 256 tokens, two 128-token blocks of the splash kernel.
+"""
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO
+from flax import nnx
+
+from mapo_jax import aot, sharding, tpu
+from mapo_jax.models.presets import MICRO_SDXL_UNET, SD15_UNET, SDXL_BASE_UNET
+from mapo_jax.pipelines import sd
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="needs libtpu (pip install 'jax[tpu]'; the test extra installs it)")
+GIB = 1024**3
+
+
+# --- The slice table (no compile) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, topology, chips, host_bounds, hosts, hbm_gib", [
+    ("v5p-8", "v5p:2x2x1", 4, (2, 2, 1), 1, 95),
+    ("v5p-16", "v5p:2x2x2", 8, (2, 2, 1), 2, 95),
+    ("v5p-64", "v5p:2x4x4", 32, (2, 2, 1), 8, 95),
+    ("v5p-128", "v5p:4x4x4", 64, (2, 2, 1), 16, 95),
+    ("v4-8", "v4:2x2x1", 4, (2, 2, 1), 1, 32),
+    ("v4-32", "v4:2x2x4", 16, (2, 2, 1), 4, 32),
+    ("v5litepod-1", "v5e:1x1", 1, (1, 1, 1), 1, 16),
+    ("v5litepod-4", "v5e:2x2", 4, (2, 2, 1), 1, 16),
+    ("v5litepod-8", "v5e:2x4", 8, (2, 4, 1), 1, 16),
+    ("v5litepod-16", "v5e:4x4", 16, (2, 2, 1), 4, 16),
+    ("v5e-16", "v5e:4x4", 16, (2, 2, 1), 4, 16),
+    ("v5litepod-256", "v5e:16x16", 256, (2, 2, 1), 64, 16),
+    ("v6e-8", "v6e:2x4", 8, (2, 4, 1), 1, 32),
+    ("v6e-32", "v6e:4x8", 32, (2, 2, 1), 8, 32),
+    ("v6e-128", "v6e:8x16", 128, (2, 2, 1), 32, 32),
+    ("v5e:2x2", "v5e:2x2", 4, (2, 2, 1), 1, 16),
+    ("v5p:2x2x1", "v5p:2x2x1", 4, (2, 2, 1), 1, 95),
+    ("V5E:4x4", "v5e:4x4", 16, (2, 2, 1), 4, 16),
+])
+def test_slice_names(name, topology, chips, host_bounds, hosts, hbm_gib):
+  slc = tpu.parse(name)
+  assert (slc.topology, slc.chips, slc.host_bounds, slc.hosts) == (topology, chips, host_bounds, hosts)
+  assert slc.hbm_bytes == hbm_gib * GIB
+
+
+@pytest.mark.parametrize("name, match", [
+    ("v7x-8", "v4 .*v5e .*v5p .*v6e"),  # unknown generations name the known ones
+    ("tpu-8", "not one of"),
+    ("v5p-7", "TensorCores, 2 per chip"),
+    ("v5p-6", "power of two"),
+    ("v5p-4", "start at 4 chips"),
+    ("v5e:2x2x2", "2 dimensions"),
+    ("v5p", "GENERATION-N"),
+])
+def test_bad_slice_names(name, match):
+  with pytest.raises(ValueError, match=match):
+    tpu.parse(name)
+
+
+# --- Pieces of the CLI (no compile) --------------------------------------------------------------------
+
+def test_missing_hbm_reads_the_compilers_messages():
+  # libtpu 0.0.42 (jax 0.10.2), seen on this host:
+  message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+             "(27.97G) exceeds available HBM (15.75G).")
+  assert aot.missing_hbm(message) == pytest.approx(12.22 * GIB, rel=1e-6)
+  assert aot.missing_hbm("Used 20.50G of 15.75G hbm. Exceeded hbm capacity by 4.75G.") == 4.75 * GIB
+  assert aot.missing_hbm("RESOURCE_EXHAUSTED: something else") is None
+
+
+def fake_report(size, fits):
+  required = {f.name: 0 for f in dataclasses.fields(aot.Report) if f.default is dataclasses.MISSING}
+  return aot.Report(**dict(required, global_batch_size=size), fits=fits,
+                    error=None if fits else "RESOURCE_EXHAUSTED: ...")
+
+
+def test_max_batch_search_doubles_then_bisects():
+  probed = []
+
+  def probe(size):  # fits up to 56 pairs
+    probed.append(size)
+    return fake_report(size, size <= 56)
+
+  best, failed = aot.search_max_batch(probe, unit=8)
+  assert best.global_batch_size == 56 and failed.global_batch_size == 64
+  assert probed == [8, 16, 32, 64, 48, 56]  # doubling to the first failure, then bisection between 32 and 64
+  best, failed = aot.search_max_batch(lambda size: fake_report(size, False), unit=8)
+  assert best is None and failed.global_batch_size == 8
+
+
+def test_abstract_batch_matches_the_sdxl_and_sd15_caches():
+  mesh = sharding.make_mesh((1, -1, 1), jax.devices()[:4])
+  batch = sd.abstract_batch(SDXL_BASE_UNET, 1024, 8, mesh)
+  assert {k: v.shape for k, v in batch.items()} == dict(
+      moments_w=(8, 128, 128, 8), moments_l=(8, 128, 128, 8), prompt_embeds=(8, 77, 2048),
+      pooled_prompt_embeds=(8, 1280), time_ids=(8, 6), rpo_emb=(8, 1280))
+  assert all(v.dtype == np.float32 and v.sharding == sharding.batch_sharding(mesh) for v in batch.values())
+  batch = sd.abstract_batch(SD15_UNET, 512, 8, mesh, rpo_embedding="mean")
+  assert batch["prompt_embeds"].shape == (8, 77, 768) and batch["pooled_prompt_embeds"].shape == (8, 768)
+  assert sd.preset_latents(SDXL_BASE_UNET).scale == 0.13025 and sd.preset_latents(SD15_UNET).scale == 0.18215
+
+
+def test_model_defaults_to_the_config_file_name_and_asks_otherwise():
+  from mapo_jax.config import base_config
+  config = base_config()
+  assert aot.resolve_model(None, config, "configs/sdxl_mapo.py").denoiser_config == SDXL_BASE_UNET
+  assert aot.resolve_model(None, config, "configs/sd15_dpo.py").latents.scale == 0.18215
+  with pytest.raises(ValueError, match="pass --model"):
+    aot.resolve_model(None, config, "configs/demo.py")
+  with pytest.raises(ValueError, match="neither a folder nor a preset"):
+    aot.resolve_model("/no/such/pipeline", config, None)
+
+
+# --- Compiles ------------------------------------------------------------------------------------------
+
+def expected_shard_bytes(unet_config, mesh_shape, dtype_bytes):
+  """Per-chip bytes of a UNet's parameters by the logical-axis rules, worked out here from shapes and axes:
+  a dimension is divided by its mesh axis's size when that size divides it and no earlier dimension of
+  the parameter took the axis."""
+  model = sd.abstract_denoiser(unet_config)
+  total = 0
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    size, used = 1, set()
+    for dim, name in zip(var.get_value().shape, var.get_metadata()["axes"]):
+      axis = sharding.LOGICAL_RULES.get(name) if name else None
+      if axis and axis not in used and dim % mesh_shape[axis] == 0:
+        dim //= mesh_shape[axis]
+        used.add(axis)
+      size *= dim
+    total += size * dtype_bytes
+  return total
+
+
+@needs_libtpu
+def test_cli_mapo_fits_v5e_2x2_with_the_splash_kernel(tmp_path):
+  hlo = tmp_path / "step.hlo"
+  cmd = [sys.executable, "-m", "mapo_jax.aot", "--config", os.path.join(REPO, "configs/demo.py"),
+         "--config.resolution=256", "--model", "micro", "--topology", "v5e:2x2", "--dump-hlo", str(hlo)]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert report["fits"] and report["error"] is None and "FITS" in proc.stdout
+  assert report["attention"] == "pallas"  # the target's kernel, though this host is a CPU
+  assert (report["topology"], report["chips"], report["mesh"]) == ("v5e:2x2", 4, dict(data=1, fsdp=4, tensor=1))
+  assert report["hbm_bytes"] == 16 * GIB
+  params = expected_shard_bytes(MICRO_SDXL_UNET, report["mesh"], 4)  # demo: float32 parameters
+  assert report["params_bytes"] == params
+  assert 2 * params <= report["opt_state_bytes"] < 2 * params + 1024  # Adam's two moments, plus counters
+  assert report["reference_bytes"] == 0  # MaPO has no reference model
+  assert report["peak_bytes"] == (report["argument_bytes"] + report["temp_bytes"] + report["output_bytes"]
+                                  - report["alias_bytes"])
+  assert report["flops"] > 0 and report["estimated_step_seconds"] > 0 and report["micro_pairs_per_chip"] == 1
+  assert "tpu_custom_call" in hlo.read_text()  # the Mosaic (splash attention) kernels
+
+
+@needs_libtpu
+def test_run_dpo_fits_v5p_2x2x1_with_a_bf16_reference():
+  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(REPO, "configs/demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.objective, config.resolution, config.ref_param_dtype = "dpo", 256, "bfloat16"
+  report = aot.run(config, "v5p:2x2x1", "micro")
+  assert report.fits and report.error is None, report.error
+  assert report.attention == "pallas" and report.hbm_bytes == 95 * GIB and report.chips == 4
+  mesh = dict(data=1, fsdp=4, tensor=1)
+  assert report.params_bytes == expected_shard_bytes(MICRO_SDXL_UNET, mesh, 4)
+  assert report.reference_bytes == expected_shard_bytes(MICRO_SDXL_UNET, mesh, 2)
+  # Splash forward for the reference and the policy, dq and dkv kernels for the policy's backward.
+  assert report.compiled.as_text().count("tpu_custom_call") > 0
+  assert math.isclose(report.micro_pairs_per_chip, 1)
