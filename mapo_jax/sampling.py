@@ -8,7 +8,9 @@ and the latent normalisation (`pipe.latents`). Here:
   `diffusion.sample` (prepare_latents does that to given latents too);
 - decode: latents denormalised (`Latents.denormalize`) through the VAE, then (x / 2 + 0.5) clipped,
   × 255 rounded to uint8.
-The batch is sharded over all devices of the mesh when it divides evenly (else replicated). The trainer's
+The batch is sharded over all devices of the mesh when it divides evenly (else replicated); the mesh may
+span several processes, which then all call with the same prompts and seed (the trainer's sample grids on
+a multi-host slice). The trainer's
 sample grids, `python -m mapo_jax.generate` and `python -m mapo_jax.evaluate` all sample through here.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mapo_jax import diffusion
@@ -52,9 +55,16 @@ def batch_mesh() -> Mesh:
 
 
 def _place(tree, batch: int, mesh: Mesh):
-  """Shards the leading (batch) axis over every mesh axis at once when it divides, else replicates."""
-  spec = P(mesh.axis_names) if batch % mesh.size == 0 else P()
-  return jax.device_put(tree, NamedSharding(mesh, spec))
+  """Shards the leading (batch) axis over every mesh axis at once when it divides, else replicates. The
+  inputs are the same on every process (prompts, seeds), so each process fills its own devices' shards:
+  the mesh may span several processes (a multi-host TPU slice)."""
+  sharding = NamedSharding(mesh, P(mesh.axis_names) if batch % mesh.size == 0 else P())
+
+  def put(x):
+    x = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree.map(put, tree)
 
 
 @functools.partial(jax.jit, static_argnames=("denoise", "graphdef", "steps", "sampler"))
@@ -156,8 +166,9 @@ def generate_images(pipe: Pipeline, prompts: Sequence[str], *, negative_prompts:
     z = generate_latents(pipe.denoise, unet, pipe.scheduler_config, cond, uncond, noise, steps=steps, guidance=guidance,
                          sampler=sampler, mesh=mesh)
     keep = min(bs, n - start)
+    z = np.asarray(multihost_utils.process_allgather(z, tiled=True))  # every process decodes all of them
     images.append(np.asarray(jax.device_get(decode(pipe.vae, pipe.latents, z)))[:keep])
-    latents.append(np.asarray(jax.device_get(z))[:keep])
+    latents.append(z[:keep])
   return np.concatenate(images), np.concatenate(latents)
 
 

@@ -91,6 +91,11 @@ def save_grid(images: np.ndarray, path: Path) -> None:
   Image.fromarray(sampling.make_grid(images, cols=math.ceil(math.sqrt(len(images))))).save(path)
 
 
+# One compiled program: op-by-op reductions over parameters sharded across processes would each need
+# their own collective.
+global_norm = jax.jit(optax.tree.norm)
+
+
 class DivergedError(RuntimeError):
   """Training diverged: too many skipped updates, or parameters unfit to export."""
 
@@ -109,7 +114,7 @@ def check_skipped(history: list[tuple[int, int]], step: int, skipped: int, max_f
 
 def check_exportable(params, initial_norm: float, max_ratio: float) -> None:
   """DivergedError unless every parameter is finite and the global norm is within max_ratio × the initial."""
-  norm = float(optax.tree.norm(params))
+  norm = float(global_norm(params))
   if not np.isfinite(norm):
     raise DivergedError("the trained parameters are not finite; nothing was exported")
   if norm > max_ratio * initial_norm:
@@ -196,7 +201,7 @@ def main(argv) -> None:
   built = build(config, family, model, reference, pipe.schedule, pipe.latents, mesh)
   del model, reference  # their arrays now live in `built` (the trainable ones donated to the state)
   graphdef, state, frozen = built.graphdef, built.state, built.frozen
-  initial_norm = float(optax.tree.norm(state.params))  # the starting model's, for the export check
+  initial_norm = float(global_norm(state.params))  # the starting model's, for the export check
   learning_rate = optim.learning_rate(config.optim)
 
   # ----------------------------------------------------------------------------------------------
@@ -210,14 +215,14 @@ def main(argv) -> None:
   first_step = int(state.step)
 
   def sample_grid(step: int) -> None:
-    if jax.process_count() > 1:  # sampling.py places the frozen models on one local device only
-      logging.warning("sample grids are skipped in multi-process runs")
-      return
+    """Every process samples on the global mesh (the trained parameters are sharded over all of them);
+    process 0 writes the grid."""
     images, _ = sampling.generate_images(
         pipe, list(config.sample_prompts), steps=config.sample_steps, guidance=config.sample_guidance,
         seed=config.seed, height=config.resolution, width=config.resolution,
         unet=(graphdef, state.params, frozen.policy), mesh=mesh)
-    save_grid(images, workdir / "samples" / f"step_{step:06d}.png")
+    if lead:
+      save_grid(images, workdir / "samples" / f"step_{step:06d}.png")
 
   # ----------------------------------------------------------------------------------------------
   # Loop. Only logging steps wait for the devices; SIGTERM/SIGINT and --stop-after-step end the run
