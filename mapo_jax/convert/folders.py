@@ -36,13 +36,17 @@ def with_defaults(kind: str, config: Mapping[str, Any], defaults: Mapping[str, A
 
 
 def load_model(folder: Path, build: Callable[[], nnx.Module], *, stem: str, variant: str | None = None,
-               ignore: Iterable[str] = (), fix=None, shardings=None) -> nnx.Module:
+               rename: Callable[[str], str] | None = None, ignore: Iterable[str] = (), fix=None,
+               shardings=None) -> nnx.Module:
   """Builds the model abstractly (no random init) and fills it from the folder's weights, read one
-  tensor at a time. `shardings` (see params.load_state_dict): a pure-dict tree of shardings or a
-  callable from the abstract model to one; each device then receives only its own block of each
-  parameter. Without it, parameters land whole on the default device."""
+  tensor at a time. `rename` maps a file's key to ours (legacy or library-specific names). `shardings`
+  (see params.load_state_dict): a pure-dict tree of shardings or a callable from the abstract model to
+  one; each device then receives only its own block of each parameter. Without it, parameters land
+  whole on the default device. The one loader of every model (UNet, VAE, CLIP towers, reward CLIP)."""
   model = nnx.eval_shape(build)
   with open_weights(folder, stem, variant) as weights:
+    if rename is not None:
+      weights = {rename(k): v for k, v in weights.items()}
     load_state_dict(model, weights, source=str(folder), ignore=ignore, fix=fix, shardings=shardings)
   return model
 

@@ -199,12 +199,10 @@ def load_text_encoder(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype
   folder = convert.model_folder(path, subfolder)
   cfg = CLIPTextConfig.from_dict(convert.read_config(folder))  # validate before reading any weights
   options = Options(dtype=dtype, param_dtype=param_dtype)
-  model = nnx.eval_shape(lambda: CLIPTextModel(cfg, options=options, rngs=nnx.Rngs(0)))
-  weights = convert.read_weights(folder, convert.TRANSFORMERS_STEM, variant)
   # Older files keep the non-persistent `position_ids` buffer.
-  convert.load_state_dict(model, {_checkpoint_key(k): v for k, v in weights.items()}, source=str(folder),
-                          ignore=[r"text_model\.embeddings\.position_ids"])
-  return model
+  return convert.load_model(folder, lambda: CLIPTextModel(cfg, options=options, rngs=nnx.Rngs(0)),
+                            stem=convert.TRANSFORMERS_STEM, variant=variant, rename=_checkpoint_key,
+                            ignore=[r"text_model\.embeddings\.position_ids"])
 
 
 def save_text_encoder(encoder: CLIPTextModel, out_dir: str | os.PathLike, *, dtype: str | None = None):

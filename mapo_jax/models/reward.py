@@ -185,11 +185,9 @@ def load_clip_model(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=j
   folder = Path(path)
   config = convert.read_config(folder)
   options = Options(dtype=dtype, param_dtype=param_dtype)
-  model = nnx.eval_shape(lambda: CLIPModel(config, options=options, rngs=nnx.Rngs(0)))
-  weights = convert.read_weights(folder, convert.TRANSFORMERS_STEM)
-  convert.load_state_dict(model, {_RENAME.get(k, k): v for k, v in weights.items()}, source=str(folder),
-                          ignore=[r"(text|vision)_model\.embeddings\.position_ids"], fix=_fix_layout)
-  return model
+  return convert.load_model(folder, lambda: CLIPModel(config, options=options, rngs=nnx.Rngs(0)),
+                            stem=convert.TRANSFORMERS_STEM, rename=lambda k: _RENAME.get(k, k),
+                            ignore=[r"(text|vision)_model\.embeddings\.position_ids"], fix=_fix_layout)
 
 
 def preprocess(images: np.ndarray, config: Mapping[str, Any]) -> np.ndarray:

@@ -368,7 +368,8 @@ class UNet2DConditionModel(nnx.Module):
     """The diffusers config dict this model was built from."""
     return json.loads(self.cfg.raw_json)
 
-  def __call__(self, sample, timesteps, encoder_hidden_states, text_embeds=None, time_ids=None):
+  def __call__(self, sample, timesteps, encoder_hidden_states, text_embeds: jax.Array | None = None,
+               time_ids: jax.Array | None = None):
     cfg, dtype = self.cfg, self.options.dtype
     b = sample.shape[0]
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))

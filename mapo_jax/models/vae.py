@@ -248,10 +248,8 @@ def load_vae(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=jnp.floa
   if jnp.dtype(dtype) == jnp.float16 and cfg.force_upcast:
     dtype = jnp.float32
   options = Options(dtype=dtype, param_dtype=param_dtype, attention=attention)
-  model = nnx.eval_shape(lambda: AutoencoderKL(cfg, options=options, rngs=nnx.Rngs(0)))
-  weights = convert.read_weights(folder, convert.DIFFUSERS_STEM, variant)
-  convert.load_state_dict(model, {_rename_legacy(k): v for k, v in weights.items()}, source=str(folder))
-  return model
+  return convert.load_model(folder, lambda: AutoencoderKL(cfg, options=options, rngs=nnx.Rngs(0)),
+                            stem=convert.DIFFUSERS_STEM, variant=variant, rename=_rename_legacy)
 
 
 def save_vae(vae: AutoencoderKL, out_dir: str | os.PathLike, *, dtype: str | None = None):

@@ -97,9 +97,10 @@ def abstract_batch(denoiser_config: Mapping[str, Any], resolution: int, pairs: i
   else:
     pooled = width
   side = resolution // VAE_DOWNSAMPLE
-  shapes = dict(moments_w=(pairs, side, side, 2 * cfg.in_channels), moments_l=(pairs, side, side, 2 * cfg.in_channels),
-                prompt_embeds=(pairs, TEXT_TOKENS, width), pooled_prompt_embeds=(pairs, pooled),
-                time_ids=(pairs, 6), rpo_emb=(pairs, pooled if rpo_embedding == "pooled" else width))
+  moments = (pairs, side, side, 2 * cfg.in_channels)
+  shapes = {"moments_w": moments, "moments_l": moments, "prompt_embeds": (pairs, TEXT_TOKENS, width),
+            "pooled_prompt_embeds": (pairs, pooled), "time_ids": (pairs, 6),
+            "rpo_emb": (pairs, pooled if rpo_embedding == "pooled" else width)}
   batch_sharding = sharding.batch_sharding(mesh)
   return {k: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sharding) for k, shape in shapes.items()}
 
