@@ -1,11 +1,11 @@
 """Will it fit? Compiles a config's real train step for a TPU slice ahead of time, on this (CPU) host.
 
     python -m mapo_jax.aot --config configs/sdxl_mapo.py --topology v5p-8 [--config.KEY=VALUE ...]
-        [--model PIPELINE_FOLDER_OR_PRESET] [--max-batch] [--dump_hlo FILE]
+        [--architecture PIPELINE_FOLDER_OR_PRESET] [--max-batch] [--dump_hlo FILE]
 
 The step is the one `mapo_jax.train` runs (mapo_jax/build.py: same state, shardings, objective, optimizer,
 attention kernel), built from abstract models (shapes only): no weights or data are read, only the
-architecture: `--model` is a diffusers pipeline folder (its config.json files and scheduler config) or a
+architecture: `--architecture` is a diffusers pipeline folder (its config.json files and scheduler config) or a
 preset of models/presets.py (UNETS); by default config.pipeline, else the config file's name (sdxl_* →
 "sdxl", sd15_* → "sd15"). The reference of DPO/RPO has the model's architecture. `--topology` is a gcloud
 accelerator type (v5p-8, v5litepod-16, v6e-8, v4-32) or a raw topology (v5e:2x2, v5p:2x2x1), mapo_jax/tpu.py.
@@ -19,6 +19,7 @@ error. `--max-batch` searches the largest global_batch_size that fits (each prob
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: v5p-8, v5litepod-16, v6e-8, v4-32, v5e:2x2, ...")
-_MODEL = flags.DEFINE_string("model", None, "a diffusers pipeline folder or a models/presets.py UNETS name")
+_ARCHITECTURE = flags.DEFINE_string("architecture", None, "a diffusers pipeline folder or a models/presets.py UNETS name")
 _MAX_BATCH = flags.DEFINE_bool("max_batch", False, "search the largest global_batch_size that fits; also "
                                "spelled --max-batch")
 _DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "write the compiled step's HLO text to this file")
@@ -58,21 +59,21 @@ def resolve_model(name: str | None, config, config_file: str | None) -> Model:
   from mapo_jax.convert import model_folder, read_config
   from mapo_jax.models import presets
   from mapo_jax.pipelines import sd
-  source = "--model"
+  source = "--architecture"
   if not name and config.pipeline:
     name, source = config.pipeline, "config.pipeline"
   if not name and config_file:
     prefix = Path(config_file).name.split("_")[0]
     name, source = PREFIX_PRESETS.get(prefix), f"the config file name ({Path(config_file).name})"
   if not name:
-    raise ValueError(f"which architecture? pass --model PIPELINE_FOLDER or a preset ({', '.join(presets.UNETS)})")
+    raise ValueError(f"which architecture? pass --architecture PIPELINE_FOLDER or a preset ({', '.join(presets.UNETS)})")
   if name in presets.UNETS:
     unet = dict(presets.UNETS[name])
     return Model(name, sd, unet, sd.preset_latents(unet), diffusion.NoiseSchedule.from_config(sd.SCHEDULER_CONFIG))
   path = Path(name)
   if not path.is_dir():
     raise ValueError(f"{source}={name!r} is neither a folder nor a preset ({', '.join(presets.UNETS)}); "
-                     "pass --model")
+                     "pass --architecture")
   family = pipelines.family(path)
   scheduler = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
   return Model(str(path), family, read_config(model_folder(path, family.DENOISER)),
@@ -326,7 +327,7 @@ def main(argv) -> int:
     jax.config.update("jax_platforms", "cpu")  # the host compiles; never probe for local accelerators
   config_file = config_flags.get_config_filename(flags.FLAGS["config"])
   try:
-    report = run(_CONFIG.value, _TOPOLOGY.value, _MODEL.value, config_file=config_file, max_batch=_MAX_BATCH.value)
+    report = run(_CONFIG.value, _TOPOLOGY.value, _ARCHITECTURE.value, config_file=config_file, max_batch=_MAX_BATCH.value)
   except Exception as e:  # noqa: BLE001  (a bad config, topology or model: the message says which)
     print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
     print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
@@ -338,16 +339,6 @@ def main(argv) -> int:
   return status(report)
 
 
-def underscore_dashed_flags(argv: list[str]) -> list[str]:
-  """--max-batch → --max_batch (the documented spelling; absl knows underscores only)."""
-  out = []
-  for arg in argv:
-    name, sep, value = arg.partition("=")
-    if name.startswith("--") and name[2:] in DASHED_FLAGS:
-      arg = "--" + name[2:].replace("-", "_") + sep + value
-    out.append(arg)
-  return out
-
-
 if __name__ == "__main__":
-  app.run(main, argv=underscore_dashed_flags(sys.argv))
+  from mapo_jax import config as config_lib
+  app.run(main, flags_parser=functools.partial(config_lib.parse_command_line, dashed=DASHED_FLAGS, doc=__doc__))

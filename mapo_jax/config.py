@@ -8,6 +8,8 @@ GPU x 2 accumulation steps on 8 GPUs = 128 pairs per optimizer step (`global_bat
 from __future__ import annotations
 
 import difflib
+import sys
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -112,12 +114,61 @@ def use_dpo_recipe(config: ml_collections.ConfigDict, objective: str = "dpo") ->
   return config
 
 
+def underscore_dashed_flags(argv: list[str], dashed: tuple[str, ...]) -> list[str]:
+  """--stop-after-step[=K] → --stop_after_step[=K] for the names in `dashed`: the dashed spellings are the
+  documented ones, absl knows underscores only."""
+  out = []
+  for arg in argv:
+    name, sep, value = arg.partition("=")
+    if name.startswith("--") and name[2:] in dashed:
+      arg = "--" + name[2:].replace("-", "_") + sep + value
+    out.append(arg)
+  return out
+
+
+def parse_command_line(argv: list[str], *, dashed: tuple[str, ...], doc: str) -> list[str]:
+  """absl flag parsing for the programs that take `--config` (train, aot), with errors a user can act on:
+  a missing or absent config file, an unknown `--config.KEY` (with the nearest keys), and `--help` that
+  lists every config key with its default. Errors print one line and exit 2."""
+  from absl import flags  # the programs' flags are defined in their own modules
+  argv = underscore_dashed_flags(argv, dashed)
+  args = argv[1:]
+  if any(a in ("--help", "-h", "--helpshort", "-?", "--helpfull") for a in args):
+    print(doc)
+    print(flags.FLAGS.main_module_help())
+    print("\nconfig keys (override any with --config.KEY=VALUE), with their defaults:")
+    print("\n".join(f"  config.{k} = {v!r}" for k, v in flatten(base_config()).items()))
+    sys.exit(0)
+
+  def fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+  paths = [args[i + 1] if a == "--config" and i + 1 < len(args) else a.partition("=")[2]
+           for i, a in enumerate(args) if a == "--config" or a.startswith("--config=")]
+  if not paths:
+    fail("--config is required: a configs/*.py file, e.g. --config configs/demo.py")
+  path = paths[-1].split(":")[0]  # config_flags takes FILE:ARG
+  if not Path(path).is_file():
+    fail(f"--config {path}: no such file")
+  known = flatten(base_config())
+  for a in args:
+    if a.startswith("--config."):
+      key = a[len("--config."):].partition("=")[0]
+      if key not in known and not any(k.startswith(key + ".") for k in known):
+        fail(unknown_key_message(key))
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
 def unknown_key_message(key: str) -> str:
   """`config.KEY: unknown key`, with the nearest known keys (for typos on the command line)."""
   schema = sorted(flatten(base_config()))
   near = difflib.get_close_matches(key, schema, n=3, cutoff=0.5)
   hint = f"; did you mean {', '.join('config.' + k for k in near)}?" if near else ""
-  return f"config.{key}: unknown key{hint} (`--print-config` lists every key with its value)"
+  return f"config.{key}: unknown key{hint} (`python -m mapo_jax.train --help` lists every key)"
 
 
 def flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:

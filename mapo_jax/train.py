@@ -14,6 +14,7 @@ JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); multi-host TPU slic
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging as pylogging
 import math
@@ -350,51 +351,5 @@ def run(argv) -> None:
     os._exit(1)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with errors a user can act on: a missing or absent --config file, an unknown
-  `--config.KEY` (with the nearest keys), and `--help` that lists every config key with its default."""
-  argv = underscore_dashed_flags(argv)
-  args = argv[1:]
-  if any(a in ("--help", "-h", "--helpshort", "-?", "--helpfull") for a in args):
-    print(__doc__)
-    print(flags.FLAGS.main_module_help())
-    print("\nconfig keys (override any with --config.KEY=VALUE), with their defaults:")
-    print("\n".join(f"  config.{k} = {v!r}" for k, v in config_lib.flatten(config_lib.base_config()).items()))
-    sys.exit(0)
-
-  def fail(message: str):
-    print(f"mapo_jax.train: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-  paths = [args[i + 1] if a == "--config" and i + 1 < len(args) else a.partition("=")[2]
-           for i, a in enumerate(args) if a == "--config" or a.startswith("--config=")]
-  if not paths:
-    fail("--config is required: a configs/*.py file, e.g. --config configs/demo.py")
-  path = paths[-1].split(":")[0]  # config_flags takes FILE:ARG
-  if not Path(path).is_file():
-    fail(f"--config {path}: no such file")
-  known = config_lib.flatten(config_lib.base_config())
-  for a in args:
-    if a.startswith("--config."):
-      key = a[len("--config."):].partition("=")[0]
-      if key not in known and not any(k.startswith(key + ".") for k in known):
-        fail(config_lib.unknown_key_message(key))
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-
-
-def underscore_dashed_flags(argv: list[str]) -> list[str]:
-  """--stop-after-step[=K] → --stop_after_step[=K]: the dashed spelling is the documented one."""
-  out = []
-  for arg in argv:
-    name, sep, value = arg.partition("=")
-    if name.startswith("--") and name[2:] in DASHED_FLAGS:
-      arg = "--" + name[2:].replace("-", "_") + sep + value
-    out.append(arg)
-  return out
-
-
 if __name__ == "__main__":
-  app.run(run, flags_parser=parse_flags)
+  app.run(run, flags_parser=functools.partial(config_lib.parse_command_line, dashed=DASHED_FLAGS, doc=__doc__))

@@ -117,7 +117,7 @@ def test_model_defaults_to_the_config_file_name_and_asks_otherwise():
   config = base_config()
   assert aot.resolve_model(None, config, "configs/sdxl_mapo.py").denoiser_config == SDXL_BASE_UNET
   assert aot.resolve_model(None, config, "configs/sd15_dpo.py").latents.scale == 0.18215
-  with pytest.raises(ValueError, match="pass --model"):
+  with pytest.raises(ValueError, match="pass --architecture"):
     aot.resolve_model(None, config, "configs/demo.py")
   with pytest.raises(ValueError, match="neither a folder nor a preset"):
     aot.resolve_model("/no/such/pipeline", config, None)
@@ -147,7 +147,7 @@ def expected_shard_bytes(unet_config, mesh_shape, dtype_bytes):
 def test_cli_mapo_fits_v5e_2x2_with_the_splash_kernel(tmp_path):
   hlo = tmp_path / "step.hlo"
   cmd = [sys.executable, "-m", "mapo_jax.aot", "--config", os.path.join(REPO, "configs/demo.py"),
-         "--config.resolution=256", "--model", "micro", "--topology", "v5e:2x2", "--dump-hlo", str(hlo)]
+         "--config.resolution=256", "--architecture", "micro", "--topology", "v5e:2x2", "--dump-hlo", str(hlo)]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

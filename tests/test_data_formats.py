@@ -158,7 +158,7 @@ def test_ranked_json_best_worst_and_options(tmp_path, monkeypatch):
   path = write_hpd(tmp_path)
   # The CLI flag, with the fake encoder standing in for the pipeline's.
   monkeypatch.setattr(encode, "load_pipeline", lambda *args, **kwargs: None)
-  monkeypatch.setattr(encode, "family", lambda path: types.SimpleNamespace(FROZEN=()))
+  monkeypatch.setattr(encode, "family", lambda path: types.SimpleNamespace(FROZEN=(), resolution_multiple=lambda p: 8))
   monkeypatch.setattr(encode, "make_encoder", lambda pipe, **kwargs: fake_encode)
   encode.main(encode.parse_flags(["encode", "--pipeline", "fake", "--data", str(path), "--best_worst",
                                   "--out", str(tmp_path / "cli"), "--resolution", "16"]))

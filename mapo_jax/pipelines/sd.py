@@ -50,10 +50,11 @@ def resolution_multiple(path: str | os.PathLike) -> int:
   times the UNet's (2 per downsampling block), so every UNet level has whole latent pixels. Reads only
   the two config.json files."""
   vae = convert.read_config(convert.model_folder(path, "vae"))
-  unet = convert.read_config(convert.model_folder(path, DENOISER))
   vae_factor = 2 ** (len(vae.get("block_out_channels", (64,))) - 1)
-  unet_factor = 2 ** (len(unet.get("down_block_types", ())) - 1)
-  return vae_factor * unet_factor
+  if not (Path(path) / DENOISER / "config.json").is_file():  # an encoder-only folder (VAE and text towers)
+    return vae_factor
+  unet = convert.read_config(Path(path) / DENOISER)
+  return vae_factor * 2 ** (len(unet.get("down_block_types", ())) - 1)
 
 
 def abstract_denoiser(path_or_config: str | os.PathLike | Mapping[str, Any], *, dtype=jnp.float32,
