@@ -1,4 +1,5 @@
 """MaPO on Stable Diffusion 1.5 at 512 px (one text tower; the UNet takes no pooled embedding or time ids).
+Not a published recipe (MaPO's is SDXL only): sdxl_mapo.py's values with SD 1.5's own VAE.
 
     python -m mapo_jax.encode --pipeline /models/sd15 --data /data/pickapic --out /data/cache512 --resolution 512
     python -m mapo_jax.train --config configs/sd15_mapo.py --workdir /runs/sd15_mapo \

@@ -291,7 +291,11 @@ def run(config, topology: str, model_name: str | None = None, *, config_file: st
   if objectives.get_objective(config.objective).needs_reference:
     reference = family.abstract_denoiser(model.denoiser_config, param_dtype=jnp.dtype(config.ref_param_dtype),
                                          **options)
-  built = build(config, family, abstract, reference, model.schedule, model.latents, mesh)
+  empty_prompt = None
+  if config.data.empty_prompt_prob > 0:  # the empty prompt's rows, shaped like one pair's prompt keys
+    one = family.abstract_batch(model.denoiser_config, config.resolution, 1, mesh)
+    empty_prompt = {k: jax.ShapeDtypeStruct(one[k].shape[1:], one[k].dtype) for k in family.PROMPT_KEYS}
+  built = build(config, family, abstract, reference, model.schedule, model.latents, mesh, empty_prompt)
   attention = options["attention"]
   probe = lambda size: compile_report(built, mesh, slc, config, model, attention, size)
   if not max_batch:

@@ -10,12 +10,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import ml_collections
 from flax import nnx
 
 from mapo_jax import objectives, optim, sharding
 from mapo_jax.models.attention import default_implementation, mesh_platform
-from mapo_jax.train_step import Frozen, StepConfig, create_sharded_state, jit_train_step, make_train_step
+from mapo_jax.train_step import (Frozen, StepConfig, create_sharded_state, jit_eval_step, jit_train_step, make_eval_step,
+                                 make_train_step)
 
 
 def model_options(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
@@ -32,12 +34,28 @@ class Built:
   state_shardings: Any
   frozen: Frozen
   train_step: Any  # jitted `step(state, batch, frozen) -> (state, metrics)`; lower and compile under `mesh`
+  eval_step: Any  # jitted `evaluate(state.params, batch, frozen) -> metrics` on held-out pairs (fixed key)
+
+
+def step_config(config: ml_collections.ConfigDict, family: ModuleType, latents, num_timesteps: int) -> StepConfig:
+  """The step's static options from the config: objective and hyper-parameters, accumulation, and the
+  batch preparation (empty prompts, label noise, fixed time ids [R, R, 0, 0, R, R] from the family)."""
+  objective = objectives.get_objective(config.objective)
+  hparams = objective.hparams(config[config.objective] if objective.defaults else None, num_timesteps=num_timesteps)
+  fixed = None
+  if config.data.time_ids == "fixed":
+    fixed = tuple(float(v) for v in family.time_ids(config.resolution, config.resolution, 1)[0])
+  return StepConfig(objective=config.objective, hparams=hparams, latents=latents, accum_steps=config.accum_steps,
+                    empty_prompt_prob=float(config.data.empty_prompt_prob),
+                    label_noise_prob=float(config.data.label_noise_prob), fixed_time_ids=fixed)
 
 
 def build(config: ml_collections.ConfigDict, family: ModuleType, model: nnx.Module, reference: nnx.Module | None,
-          schedule, latents, mesh) -> Built:
+          schedule, latents, mesh, empty_prompt: dict | None = None) -> Built:
   """The train state of `model` (and the reference's parameters) on `mesh`, and the jitted step of
-  `config.objective`. Models may be abstract (nnx.eval_shape): everything is then ShapeDtypeStructs."""
+  `config.objective`. Models may be abstract (nnx.eval_shape): everything is then ShapeDtypeStructs.
+  `empty_prompt`: the empty prompt's conditioning rows (needed when config.data.empty_prompt_prob > 0),
+  arrays or ShapeDtypeStructs; placed replicated."""
   objective = objectives.get_objective(config.objective)
   tx = optim.make_optimizer(config.optim)
   graphdef, state, state_shardings, frozen_params, frozen_shardings = create_sharded_state(
@@ -46,16 +64,30 @@ def build(config: ml_collections.ConfigDict, family: ModuleType, model: nnx.Modu
   if objective.needs_reference:
     ref_graphdef = nnx.graphdef(reference)
     ref_params, ref_shardings = sharding.place(reference, mesh)
-  hparams = objective.hparams(config[config.objective] if objective.defaults else None,
-                              num_timesteps=schedule.num_train_timesteps)
-  step_config = StepConfig(objective=config.objective, hparams=hparams, latents=latents,
-                           accum_steps=config.accum_steps)
-  train_step = jit_train_step(make_train_step(family.denoise, graphdef, ref_graphdef, tx, schedule, step_config, mesh),
-                              state_shardings, mesh, Frozen(policy=frozen_shardings, reference=ref_shardings))
-  return Built(graphdef, state, state_shardings, Frozen(policy=frozen_params, reference=ref_params), train_step)
+  cfg = step_config(config, family, latents, schedule.num_train_timesteps)
+  empty_shardings = None
+  if cfg.empty_prompt_prob > 0:
+    if empty_prompt is None:
+      raise ValueError("config.data.empty_prompt_prob > 0 needs the empty prompt's conditioning")
+    empty_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), empty_prompt)
+    if sharding.is_abstract(empty_prompt):
+      empty_prompt = sharding.with_shardings(empty_prompt, empty_shardings)
+    else:  # every process holds the same rows: each fills its own devices (multi-host safe)
+      empty_prompt = jax.tree.map(lambda x, s: jax.make_array_from_callback(
+          np.shape(x), s, lambda index, x=np.asarray(x): x[index]), empty_prompt, empty_shardings)
+  else:
+    empty_prompt = None
+  frozen_shardings = Frozen(policy=frozen_shardings, reference=ref_shardings, empty_prompt=empty_shardings)
+  train_step = jit_train_step(make_train_step(family.denoise, graphdef, ref_graphdef, tx, schedule, cfg, mesh),
+                              state_shardings, mesh, frozen_shardings)
+  eval_step = jit_eval_step(make_eval_step(family.denoise, graphdef, ref_graphdef, schedule, cfg, mesh),
+                            state_shardings.params, mesh, frozen_shardings,
+                            micro_pairs=config.global_batch_size // config.accum_steps)
+  return Built(graphdef, state, state_shardings, Frozen(policy=frozen_params, reference=ref_params,
+                                                        empty_prompt=empty_prompt), train_step, eval_step)
 
 
-def compile_step(train_step, mesh, state, batch, frozen):
+def compile_step(train_step, mesh, state, batch, frozen):  # also the eval step, with state.params for state
   """`train_step` lowered and compiled for these arguments (arrays, or ShapeDtypeStructs with shardings).
   Traced under `jax.set_mesh(mesh)`, so kernels that run per shard (attention on TPU and GPU) see the mesh."""
   with jax.set_mesh(mesh):

@@ -3,7 +3,8 @@ config before anything is loaded or compiled and names the offending key.
 
 Recipe files in configs/ call `base_config()` and override a few keys. Defaults are the official MaPO
 recipe (docs/recipes.md): AdamW lr 1e-5 constant, no warmup, clip 1.0, 2000 steps, 1024 px, 8 pairs per
-GPU x 2 accumulation steps on 8 GPUs = 128 pairs per optimizer step (`global_batch_size`).
+GPU x 2 accumulation steps on 8 GPUs = 128 pairs per optimizer step (`global_batch_size`), except the VAE
+(default the pipeline's; configs/sdxl_mapo.py names the fp16-safe one the recipe uses).
 """
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ from mapo_jax.models.attention import IMPLEMENTATIONS
 from mapo_jax.models.layers import REMAT_POLICIES
 
 DATA_MODES = ("cached", "onthefly")
+TIME_IDS = ("original", "fixed")
+# The fp16-safe SDXL VAE (madebyollin/sdxl-vae-fp16-fix) that both official SDXL recipes encode with; the
+# recipes name this folder, override it with --config.vae=DIR.
+SDXL_FP16_FIX_VAE = "/models/sdxl-vae-fp16-fix"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -41,11 +46,24 @@ def base_config() -> ml_collections.ConfigDict:
   # DPO / RPO; MaPO and SFT load none.
   config.pipeline = ""
   config.reference = ""
+  # A VAE folder (diffusers layout: config.json + weights, or a pipeline folder with vae/) used instead of
+  # the pipeline's vae/ for on-the-fly encoding, sample grids and the latent normalisation; "" = the
+  # pipeline's. A cache must have been encoded by the same VAE (`encode --vae`, recorded in its manifest).
+  config.vae = ""
 
   # Data. mode "cached": batches from `python -m mapo_jax.encode --out {cache_dir}`; "onthefly": decode
   # and encode `source` (parquet file/folder or JSONL) every step, for small datasets.
+  # empty_prompt_prob: each pair's caption is replaced by the empty prompt "" with this probability (the
+  # official Diffusion-DPO `--proportion_empty_prompts`), drawn in the step from the step's key.
+  # time_ids: SDXL micro-conditioning, "original" = the cache's [orig_H, orig_W, top, left, res, res];
+  # "fixed" = [res, res, 0, 0, res, res] for every pair, as the official Diffusion-DPO trainer.
+  # label_noise_prob: each pair's winner and loser are swapped with this probability (the official MaPO
+  # `--label_noise_prob`), drawn in the step from the step's key.
+  # eval_pairs: held-out pairs (a fixed seeded subset, never trained on) whose objective loss and accuracy
+  # are logged every log_every steps as eval_loss / eval_accuracy, with the same noise each time; 0 = off.
   config.data = ml_collections.ConfigDict(dict(
-      mode="cached", cache_dir="", source="", random_crop=False, rpo_embedding="pooled", num_threads=8))
+      mode="cached", cache_dir="", source="", random_crop=False, rpo_embedding="pooled", num_threads=8,
+      empty_prompt_prob=0.0, time_ids="original", label_noise_prob=0.0, eval_pairs=0))
   config.resolution = 1024
 
   # Objective: `objective` picks one; its hyper-parameters live in the block of the same name, with the
@@ -102,15 +120,31 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-def use_dpo_recipe(config: ml_collections.ConfigDict, objective: str = "dpo") -> ml_collections.ConfigDict:
-  """The official Diffusion-DPO batch and optimizer (SalesforceAIResearch/DiffusionDPO launchers):
-  2048 pairs per step, `--learning_rate=1e-8 --scale_lr` (lr x batch = 2.048e-5), constant_with_warmup
-  over 500 steps. Shared by the DPO and RPO recipes."""
+def use_dpo_recipe(config: ml_collections.ConfigDict, objective: str = "dpo", *, sdxl: bool = True
+                   ) -> ml_collections.ConfigDict:
+  """The official Diffusion-DPO recipe (SalesforceAIResearch/DiffusionDPO `launchers/sdxl.sh`,
+  `launchers/sd15.sh`, `train.py`); configs/sdxl_dpo.py and configs/sd15_dpo.py list every value.
+
+  Both launchers: 2048 pairs per step (1 per GPU x 128 accumulation x 16 GPUs), `--learning_rate=1e-8
+  --scale_lr` (lr x 2048 = 2.048e-5), constant_with_warmup, 2000 steps, beta_dpo 5000, 20 % empty prompts
+  (`--proportion_empty_prompts` default 0.2), gradient clipping at `--max_grad_norm` 1.0.
+  sdxl.sh: 200 warmup steps; `--sdxl` forces transformers' Adafactor (train.py `if args.use_adafactor or
+  args.sdxl`); time ids fixed at [res, res, 0, 0, res, res]; the fp16-safe VAE. The global-norm clip is
+  skipped only under `--use_adafactor` (train.py `if not args.use_adafactor`), which sdxl.sh does not
+  pass, so the SDXL run clips too.
+  sd15.sh: 500 warmup steps, torch AdamW (0.9, 0.999, 1e-8, wd 1e-2), the pipeline's VAE.
+  Shared by the DPO and RPO recipes."""
   config.objective = objective
   config.global_batch_size = 2048
   config.optim.lr = 1e-8 * config.global_batch_size
   config.optim.schedule = "linear_warmup"  # = constant_with_warmup
-  config.optim.warmup_steps = 500
+  config.optim.warmup_steps = 200 if sdxl else 500
+  config.optim.clip_norm = 1.0
+  config.data.empty_prompt_prob = 0.2
+  if sdxl:
+    config.optim.name = "adafactor"
+    config.data.time_ids = "fixed"
+    config.vae = SDXL_FP16_FIX_VAE
   return config
 
 
@@ -217,6 +251,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   choice("objective", tuple(objectives.OBJECTIVES))
   choice("data.mode", DATA_MODES)
   choice("data.rpo_embedding", objectives.RPO_EMBEDDINGS)
+  choice("data.time_ids", TIME_IDS)
   for key in ("dtype", "param_dtype", "ref_param_dtype"):
     choice(key, DTYPES)
   choice("attention", ("",) + IMPLEMENTATIONS)
@@ -227,7 +262,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("steps", "global_batch_size", "accum_steps", "log_every", "checkpoint_every",
               "keep_checkpoints", "sample_steps", "data.num_threads", "optim.total_steps"):
     at_least(key, 1)
-  for key in ("sample_every", "optim.warmup_steps", "optim.clip_norm", "optim.weight_decay", "seed"):
+  for key in ("data.empty_prompt_prob", "data.label_noise_prob"):
+    if not 0 <= given[key] <= 1:
+      raise ConfigError(key, f"{given[key]!r} must be in [0, 1]")
+  if given["data.label_noise_prob"] > 0 and not objectives.get_objective(given["objective"]).paired:
+    raise ConfigError("data.label_noise_prob", f"objective {given['objective']!r} trains on winners only: "
+                      "there is no loser to swap")
+  for key in ("data.eval_pairs", "sample_every", "optim.warmup_steps", "optim.clip_norm", "optim.weight_decay",
+              "seed"):
     at_least(key, 0)
   for key in ("optim.lr", "optim.eps", "mapo.beta", "mapo.snr", "dpo.beta", "rpo.beta", "rpo.tau"):
     if not given[key] > 0:
@@ -276,3 +318,8 @@ def validate_for_devices(config: ml_collections.ConfigDict, num_devices: int, pr
                       f"accum_steps = {data} x {fsdp} x {config.accum_steps} = {unit}")
   if config.global_batch_size % process_count:
     raise ConfigError("global_batch_size", f"{config.global_batch_size} does not split over {process_count} processes")
+  micro = config.global_batch_size // config.accum_steps
+  if config.data.eval_pairs % micro:
+    raise ConfigError("data.eval_pairs", f"{config.data.eval_pairs} is not a multiple of the micro-batch "
+                      f"(global_batch_size / accum_steps = {micro}): held-out pairs are evaluated a micro-batch "
+                      "at a time")

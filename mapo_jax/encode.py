@@ -1,6 +1,6 @@
 """Encode every preference pair once into an ArrayRecord cache for training.
 
-    python -m mapo_jax.encode --pipeline DIR --data SPEC --out DIR --resolution 1024 [--strict]
+    python -m mapo_jax.encode --pipeline DIR --data SPEC --out DIR --resolution 1024 [--vae DIR] [--strict]
     python -m mapo_jax.encode --merge PART_DIR PART_DIR ... --out DIR [--copy_shards]
 
 --data is a Pick-a-Pic-style parquet file or folder, Arrow files or a `datasets.save_to_disk`
@@ -10,6 +10,9 @@ w/NAME.png, l/NAME.png and NAME.txt, or tfds:NAME[:SPLIT] (see docs/data.md and
 mapo_jax/data/sources.py). Each pair stores the VAE posterior moments
 of winner and loser ([mean, logvar] on the channel axis, unscaled: the train step samples and
 scales), the prompt embeddings, the pooled embedding, SDXL time ids and the RPO embedding.
+--vae encodes the images with another VAE folder than the pipeline's vae/ (e.g. the fp16-safe
+madebyollin/sdxl-vae-fp16-fix of the official SDXL recipes); the manifest records it and the trainer
+refuses the cache unless its config.vae names the same folder.
 Run the same command on every host of a multi-host job (with --distributed): each encodes its
 share of the shards on its local devices; the last to finish writes manifest.json. Re-running
 skips finished shards. Bad rows are skipped and counted (logged with file and row) unless --strict.
@@ -19,6 +22,7 @@ which refers to the parts' shard files (or, with --copy_shards, hard-links or co
 """
 
 import argparse
+import os
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +73,8 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--data", help="parquet, Arrow or save_to_disk folder, .jsonl, ranked .json, w/ + l/ folder, "
                  "or tfds:NAME[:SPLIT]; options as PATH?key=value (docs/data.md)")
   p.add_argument("--out", required=True, help="cache folder (shards + manifest.json)")
+  p.add_argument("--vae", default="", help="a VAE folder to encode with instead of the pipeline's vae/ "
+                 "(recorded in the manifest; train with the same --config.vae)")
   p.add_argument("--resolution", type=int, help="square training resolution in pixels")
   p.add_argument("--best_worst", action="store_true",
                  help="ranked .json only: one pair per prompt, best vs worst image, instead of every pair")
@@ -112,11 +118,12 @@ def main(args: argparse.Namespace) -> None:
   if args.distributed:
     jax.distributed.initialize()
   source = open_source(args.data, **({"best_worst": True} if args.best_worst else {}))
-  pipe = load_pipeline(args.pipeline, components=family(args.pipeline).FROZEN)
+  vae = os.path.abspath(args.vae) if args.vae else ""
+  pipe = load_pipeline(args.pipeline, components=family(args.pipeline).FROZEN, vae=vae or None)
   settings = EncodeSettings(resolution=args.resolution, seed=args.seed, random_crop=args.random_crop,
                             cache_dtype=args.cache_dtype, shard_size=args.shard_size)
   manifest = write_cache(source, args.out, make_encoder(pipe, rpo_embedding=args.rpo_embedding), settings,
-                         pipeline=args.pipeline, batch_size=args.batch_size, strict=args.strict,
+                         pipeline=args.pipeline, vae=vae, batch_size=args.batch_size, strict=args.strict,
                          process_index=jax.process_index(), process_count=jax.process_count())
   if manifest is None:
     logging.info("this host's shards are done; the last host to finish writes the manifest")

@@ -1,4 +1,23 @@
-"""The optimizer: optax AdamW (or Adafactor) behind global-norm clipping, with a learning-rate schedule."""
+"""The optimizer: optax AdamW (or Adafactor) behind global-norm clipping, with a learning-rate schedule.
+
+Adafactor is transformers' `Adafactor(params, lr=lr, weight_decay=wd, clip_threshold=1.0,
+scale_parameter=False, relative_step=False)` as the official Diffusion-DPO trainer calls it for SDXL
+(SalesforceAIResearch/DiffusionDPO train.py), built from optax's parts:
+- second moments: grad² + 1e-30 (transformers' eps[0]), decayed by beta2_t = 1 − t^−0.8 at update t = 1,
+  2, ... (transformers' decay_rate −0.8; optax's decay_rate 0.8 with offset 0 gives the same beta2_t);
+  row/column-factored for matrices, as transformers factors every tensor of rank >= 2;
+- the update divided by max(1, RMS(update) / 1.0) per tensor (clip_threshold 1.0 = optax clip_by_block_rms);
+- no parameter scaling, no relative step, no first moment (beta1 None): lr comes from the schedule;
+- decoupled weight decay scaled by the learning rate: p -= lr · (update + wd · p). optax.adafactor adds
+  `weight_decay_rate · p` after the learning rate (a decay of wd per step, not lr · wd), so the chain is
+  built here with the decay before the learning rate.
+Differences that remain: transformers factors the last two axes of every tensor of rank >= 2, optax the
+two largest axes of tensors whose two largest axes are both >= MIN_DIM_TO_FACTOR (128). For linear
+weights that is the same pair of axes (rank-1 second-moment estimate over in x out); for conv kernels
+transformers (OIHW) factors the 3 x 3 spatial axes and optax (HWIO) the channel axes, and tensors with
+an axis < 128 (conv_in, conv_out) keep full second moments here. transformers' eps[1] (1e-3) only floors
+the parameter scale, which is off.
+"""
 from __future__ import annotations
 
 import optax
@@ -25,10 +44,24 @@ def make_optimizer(cfg: ConfigDict) -> optax.GradientTransformation:
   if cfg.name == "adamw":
     opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
   elif cfg.name == "adafactor":
-    opt = optax.adafactor(lr, weight_decay_rate=cfg.weight_decay or None)
+    opt = adafactor(lr, weight_decay=cfg.weight_decay)
   else:
     raise ValueError(f"optim.name={cfg.name!r}; expected one of {OPTIMIZERS}")
   return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt) if cfg.clip_norm else opt
+
+
+MIN_DIM_TO_FACTOR = 128  # optax.adafactor's min_dim_size_to_factor
+
+
+def adafactor(lr: optax.ScalarOrSchedule, weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """transformers' Adafactor(lr=lr, weight_decay=weight_decay, clip_threshold=1.0, scale_parameter=False,
+  relative_step=False) in optax parts (module docstring: what maps and what differs)."""
+  return optax.chain(
+      optax.scale_by_factored_rms(factored=True, decay_rate=0.8, step_offset=0,
+                                  min_dim_size_to_factor=MIN_DIM_TO_FACTOR, epsilon=1e-30),
+      optax.clip_by_block_rms(1.0),
+      optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
+      optax.scale_by_learning_rate(lr))
 
 
 def default_config() -> ConfigDict:

@@ -41,7 +41,9 @@ from mapo_jax import convert, demo, objectives, optim, pipelines, sampling, shar
 from mapo_jax import workdir as workdir_lib
 from mapo_jax.build import build, compile_step, model_options
 from mapo_jax.checkpoint import CHECKPOINTS, CheckpointSaveError, Checkpointer, NoGoodCheckpointError, abstract_like
-from mapo_jax.data import cached_loader, onthefly_loader, open_source, read_manifest
+from mapo_jax.data import (cached_eval_batch, cached_loader, encoded_vae, onthefly_eval_batch, onthefly_loader,
+                           open_source, read_manifest)
+from mapo_jax.data.cache import RecordLayout
 from mapo_jax.encode import make_encoder
 from mapo_jax.export import export_denoiser
 from mapo_jax.metrics import MetricsWriter
@@ -95,6 +97,33 @@ def save_grid(images: np.ndarray, path: Path) -> None:
 # One compiled program: op-by-op reductions over parameters sharded across processes would each need
 # their own collective.
 global_norm = jax.jit(optax.tree.norm)
+
+
+def check_cache_vae(manifest: dict, cache_dir: str, vae: str) -> None:
+  """ConfigError naming config.vae unless the cache was encoded by `vae` ("" = the pipeline's own vae/):
+  latents of another VAE live in another space, and training on them would silently be wrong."""
+  encoded = encoded_vae(manifest)
+  same = os.path.abspath(encoded) == os.path.abspath(vae) if encoded and vae else encoded == vae
+  if not same:
+    describe = lambda v: repr(v) if v else "the pipeline's own vae/"
+    raise config_lib.ConfigError("vae", f"{describe(vae)}, but {cache_dir} was encoded with {describe(encoded)}: "
+                                 "set config.vae to the VAE that encoded the cache (`encode --vae`), or re-encode")
+
+
+def empty_prompt_rows(pipe, dtypes: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+  """The empty prompt "" through the pipeline's text towers, one row per prompt key, as the official
+  Diffusion-DPO trainer encodes its dropped captions (SalesforceAIResearch/DiffusionDPO train.py:
+  `captions.append("")`, then the towers; not the zeros SDXL pipelines use for the unconditional branch
+  at sampling). `dtypes`: the cache's storage dtypes, so the rows are rounded as a cached "" would be."""
+  rows = {k: np.asarray(v[0], np.float32) for k, v in jax.device_get(pipe.encode_prompts([""])).items()}
+  if dtypes:
+    rows = {k: v.astype(dtypes[k]).astype(np.float32) for k, v in rows.items()}
+  return rows
+
+
+def place_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+  """A batch every process holds whole (the held-out pairs) as global arrays sharded by `sharding`."""
+  return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
 
 
 class DivergedError(RuntimeError):
@@ -165,6 +194,9 @@ def main(argv) -> None:
   # into each device's shard: no device holds a whole model.
   # ----------------------------------------------------------------------------------------------
   family = pipelines.family(config.pipeline)
+  if config.vae and not Path(config.vae).exists():
+    raise config_lib.ConfigError("vae", f"{config.vae!r} does not exist: a VAE folder (config.json and weights), "
+                                 "or '' for the pipeline's own vae/")
   multiple = family.resolution_multiple(config.pipeline)
   if config.resolution % multiple:
     raise config_lib.ConfigError("resolution", f"{config.resolution} is not a multiple of {multiple} "
@@ -175,31 +207,47 @@ def main(argv) -> None:
   if objectives.get_objective(config.objective).needs_reference:
     reference = family.load_denoiser(config.reference or config.pipeline, mesh=mesh,
                                      param_dtype=jnp.dtype(config.ref_param_dtype), **options)
-  needs_frozen = config.sample_every > 0 or config.data.mode == "onthefly"
-  pipe = family.load_pipeline(config.pipeline, (family.FROZEN if needs_frozen else ()) + ("scheduler",))
+  needs_frozen = config.sample_every > 0 or config.data.mode == "onthefly" or config.data.empty_prompt_prob > 0
+  pipe = family.load_pipeline(config.pipeline, (family.FROZEN if needs_frozen else ()) + ("scheduler",),
+                              vae=config.vae or None)
 
   # ----------------------------------------------------------------------------------------------
   # Input: global batches of `global_batch_size` pairs sharded over (data, fsdp); each process reads
   # its own slice. The iterator's position is checkpointed with the state.
   # ----------------------------------------------------------------------------------------------
   loader_kwargs = dict(batch_size=config.global_batch_size // jax.process_count(), seed=config.seed,
-                       sharding=sharding.batch_sharding(mesh), num_threads=config.data.num_threads)
+                       sharding=sharding.batch_sharding(mesh), num_threads=config.data.num_threads,
+                       holdout=config.data.eval_pairs)
+  eval_batch = None
   if config.data.mode == "cached":
-    encoded_at = read_manifest(config.data.cache_dir)["settings"]["resolution"]
+    manifest = read_manifest(config.data.cache_dir)
+    encoded_at = manifest["settings"]["resolution"]
     if encoded_at != config.resolution:
       raise config_lib.ConfigError("resolution", f"{config.resolution}, but {config.data.cache_dir} was "
                                    f"encoded at {encoded_at}")
+    check_cache_vae(manifest, config.data.cache_dir, config.vae)
     dataset = cached_loader(config.data.cache_dir, **loader_kwargs)
+    if config.data.eval_pairs:
+      eval_batch = cached_eval_batch(config.data.cache_dir, config.data.eval_pairs)
+    cache_dtypes = RecordLayout.from_json(manifest["record"]).dtypes
   else:
-    dataset = onthefly_loader(open_source(config.data.source),
-                              make_encoder(pipe, rpo_embedding=config.data.rpo_embedding),
-                              resolution=config.resolution, random_crop=config.data.random_crop, **loader_kwargs)
+    source, encoder = open_source(config.data.source), make_encoder(pipe, rpo_embedding=config.data.rpo_embedding)
+    pair_kwargs = dict(resolution=config.resolution, random_crop=config.data.random_crop)
+    dataset = onthefly_loader(source, encoder, **pair_kwargs, **loader_kwargs)
+    if config.data.eval_pairs:
+      eval_batch = onthefly_eval_batch(source, encoder, config.data.eval_pairs, seed=config.seed,
+                                       num_threads=config.data.num_threads, **pair_kwargs)
+    cache_dtypes = None
+  if eval_batch is not None:
+    eval_batch = place_global(eval_batch, sharding.batch_sharding(mesh))
   data_iterator = iter(dataset)
+  # Empty-prompt dropout: "" encoded once here, swapped in per pair inside the step (train_step.augment_batch).
+  empty_prompt = empty_prompt_rows(pipe, cache_dtypes) if config.data.empty_prompt_prob > 0 else None
 
   # ----------------------------------------------------------------------------------------------
   # Train state (float32 master params + optimizer state, sharded), frozen parameters and the step.
   # ----------------------------------------------------------------------------------------------
-  built = build(config, family, model, reference, pipe.schedule, pipe.latents, mesh)
+  built = build(config, family, model, reference, pipe.schedule, pipe.latents, mesh, empty_prompt)
   del model, reference  # their arrays now live in `built` (the trainable ones donated to the state)
   graphdef, state, frozen = built.graphdef, built.state, built.frozen
   initial_norm = float(global_norm(state.params))  # the starting model's, for the export check
@@ -244,7 +292,7 @@ def main(argv) -> None:
   last_log, last_time = first_step, time.perf_counter()
   skip_history = [(first_step, int(state.skipped))]
   step = first_step
-  compiled_step = None
+  compiled_step = compiled_eval = None
   try:
     while step < config.steps:
       batch = next(data_iterator)
@@ -264,7 +312,12 @@ def main(argv) -> None:
         now = time.perf_counter()
         metrics.update(lr=float(learning_rate(step - 1)),
                        pairs_per_s=(step - last_log) * config.global_batch_size / (now - last_time))
-        last_log, last_time = step, now
+        if eval_batch is not None:  # held-out pairs, fixed noise: after the throughput, which it would skew
+          if compiled_eval is None:
+            compiled_eval = compile_step(built.eval_step, mesh, state.params, eval_batch, frozen)
+          evaluated = jax.device_get(compiled_eval(state.params, eval_batch, frozen))
+          metrics.update({f"eval_{k}": float(evaluated[k]) for k in ("loss", "accuracy", "margin") if k in evaluated})
+        last_log, last_time = step, time.perf_counter()
         progress.set_postfix(loss=f"{metrics['loss']:.4g}", pairs_s=f"{metrics['pairs_per_s']:.3g}")
         if not np.isfinite(metrics["loss"]):
           logging.warning("step %d: non-finite loss, update skipped (%d so far)", step, metrics["skipped_steps"])

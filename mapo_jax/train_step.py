@@ -9,6 +9,10 @@ whole global batch before it is split into micro-batches, so for the per-pair ob
 accumulating k micro-batches equals one step on the k-times larger batch. RPO compares every pair with
 every other pair of the *same micro-batch* (its B x B matrix spans one micro-batch across all devices), so
 with accum_steps = k > 1 it is not the same as one step on the whole global batch.
+
+Before the noise, the step may fix the time ids, swap captions for the empty prompt and swap winners with
+losers (`prepare_batch`, `augment_batch`): per pair, for the whole global batch, from a key folded from
+the step's key, so a resumed run takes the same choices.
 """
 from __future__ import annotations
 
@@ -27,6 +31,9 @@ Batch = dict[str, jax.Array]
 # Batch keys that are not conditioning: VAE posterior moments of winner and loser, and RPO's embedding.
 LATENT_KEYS = ("moments_w", "moments_l")
 EMBEDDING_KEY = "rpo_emb"
+TIME_IDS_KEY = "time_ids"
+AUGMENT_STREAM = 1  # fold_in(step key, this): the augmentation's draws, apart from draw_noise's split
+EVAL_SEED = 0  # the held-out evaluation's one fixed key: the same noise and timesteps at every evaluation
 
 
 @struct.dataclass
@@ -43,6 +50,9 @@ class Frozen:
   """Parameters that travel beside the train state and never train, placed on the mesh like it."""
   policy: Params  # the trained model's parameters outside the trainable filter ({} for a full fine-tune)
   reference: Params | None = None  # the frozen reference model (DPO, RPO), or None
+  # The empty prompt's conditioning, one row per key without the batch axis ({"prompt_embeds": (77, D),
+  # "pooled_prompt_embeds": (P,)}), swapped in for captions at `StepConfig.empty_prompt_prob`; else None.
+  empty_prompt: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +61,9 @@ class StepConfig:
   hparams: dict  # the objective's keyword options (`Objective.hparams`)
   latents: Any  # the family's `Latents` (normalisation of VAE latents)
   accum_steps: int = 1
+  empty_prompt_prob: float = 0.0  # per pair: conditioning -> Frozen.empty_prompt (config.data.empty_prompt_prob)
+  label_noise_prob: float = 0.0  # per pair: winner <-> loser (config.data.label_noise_prob)
+  fixed_time_ids: tuple[float, ...] | None = None  # every pair's time ids, e.g. (R, R, 0, 0, R, R); None: the batch's
 
 
 def init_state(params: Params, tx: optax.GradientTransformation, seed: int) -> TrainState:
@@ -65,6 +78,43 @@ def draw_noise(key: jax.Array, batch: Batch, num_timesteps: int) -> dict[str, ja
   return dict(eps_w=jax.random.normal(k_w, shape), eps_l=jax.random.normal(k_l, shape),
               noise=jax.random.normal(k_noise, shape),
               t=diffusion.sample_timesteps(k_t, shape[0], num_timesteps))
+
+
+def prepare_batch(batch: Batch, cfg: StepConfig) -> Batch:
+  """The deterministic part: `fixed_time_ids` replace the batch's (no re-encode needed)."""
+  if cfg.fixed_time_ids is None or TIME_IDS_KEY not in batch:
+    return batch
+  ids = batch[TIME_IDS_KEY]
+  return dict(batch, **{TIME_IDS_KEY: jnp.broadcast_to(jnp.asarray(cfg.fixed_time_ids, ids.dtype), ids.shape)})
+
+
+def augment_batch(key: jax.Array, batch: Batch, empty_prompt: dict | None, cfg: StepConfig):
+  """Per pair, independently: with p = empty_prompt_prob every conditioning key of `empty_prompt`
+  (prompt_embeds, pooled_prompt_embeds; not time_ids) becomes the empty prompt's; with p = label_noise_prob
+  moments_w and moments_l trade places. Returns (batch, {"empty_prompt_fraction", "label_flip_fraction"}).
+
+  `rpo_emb` is not swapped: it says which pairs RPO compares (their captions' similarity), and a pair
+  whose conditioning was dropped still shows what its caption describes.
+  `key` is the step's key; the draws are made for the whole global batch, from their own stream.
+  """
+  n = batch[LATENT_KEYS[0]].shape[0]
+  k_empty, k_flip = jax.random.split(jax.random.fold_in(key, AUGMENT_STREAM))
+  out, stats = dict(batch), {}
+  per_pair = lambda mask, x: mask.reshape((n,) + (1,) * (x.ndim - 1))
+  if cfg.empty_prompt_prob > 0:
+    if not empty_prompt:
+      raise ValueError("empty_prompt_prob > 0 needs Frozen.empty_prompt, the empty prompt's conditioning")
+    drop = jax.random.bernoulli(k_empty, cfg.empty_prompt_prob, (n,))
+    for k, row in empty_prompt.items():
+      out[k] = jnp.where(per_pair(drop, batch[k]), jnp.asarray(row, batch[k].dtype)[None], batch[k])
+    stats["empty_prompt_fraction"] = jnp.mean(drop.astype(jnp.float32))
+  if cfg.label_noise_prob > 0:
+    flip = jax.random.bernoulli(k_flip, cfg.label_noise_prob, (n,))
+    w, l = batch[LATENT_KEYS[0]], batch[LATENT_KEYS[1]]
+    out[LATENT_KEYS[0]] = jnp.where(per_pair(flip, w), l, w)
+    out[LATENT_KEYS[1]] = jnp.where(per_pair(flip, w), w, l)
+    stats["label_flip_fraction"] = jnp.mean(flip.astype(jnp.float32))
+  return out, stats
 
 
 def posterior_sample(moments: jax.Array, eps: jax.Array) -> jax.Array:
@@ -122,6 +172,7 @@ def make_train_step(denoise: Callable, graphdef, ref_graphdef, tx, schedule, cfg
 
   def step(state: TrainState, batch: Batch, frozen: Frozen):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    batch, augmented = augment_batch(key, prepare_batch(batch, cfg), frozen.empty_prompt, cfg)
     draws = draw_noise(key, batch, schedule.num_train_timesteps)
     # Micro-batch j takes pairs j, j+k, j+2k, ...: each device's shard of the batch splits in place.
     micro = lambda x: x.reshape(-1, cfg.accum_steps, *x.shape[1:]).swapaxes(0, 1)
@@ -148,10 +199,31 @@ def make_train_step(denoise: Callable, graphdef, ref_graphdef, tx, schedule, cfg
 
     params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
     skipped = state.skipped + (~finite).astype(jnp.int32)
-    metrics = dict(metrics, grad_norm=grad_norm, skipped_steps=skipped)
+    metrics = dict(metrics, **augmented, grad_norm=grad_norm, skipped_steps=skipped)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, skipped=skipped), metrics
 
   return step
+
+
+def make_eval_step(denoise: Callable, graphdef, ref_graphdef, schedule, cfg: StepConfig, mesh=None):
+  """Returns `evaluate(params, batch, frozen, micro_pairs) -> metrics`: the objective's loss and metrics on
+  held-out pairs with one fixed key (EVAL_SEED), so every evaluation draws the same noise and timesteps and
+  the curve moves only with the parameters. No empty prompts or label noise; `fixed_time_ids` apply. The
+  batch is split into micro-batches of `micro_pairs` as the train step splits its batch (pairs j, j+k, ...)
+  and their metrics averaged (equal sizes: for the per-pair objectives, the mean over all held-out pairs).
+  """
+  loss_fn = make_loss_fn(denoise, graphdef, ref_graphdef, schedule, cfg)
+  pin = ((lambda t: jax.lax.with_sharding_constraint(t, sharding.batch_sharding(mesh))) if mesh is not None
+         else (lambda t: t))
+
+  def evaluate(params, batch: Batch, frozen: Frozen, micro_pairs: int):
+    batch = prepare_batch(batch, cfg)
+    draws = draw_noise(jax.random.key(EVAL_SEED), batch, schedule.num_train_timesteps)
+    micro = lambda x: x.reshape(micro_pairs, -1, *x.shape[1:]).swapaxes(0, 1)
+    metrics = jax.lax.map(lambda xs: loss_fn(params, frozen, *pin(xs))[1], jax.tree.map(micro, (batch, draws)))
+    return jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+
+  return evaluate
 
 
 def create_sharded_state(model: nnx.Module, tx, mesh, seed: int, trainable=nnx.Param):
@@ -197,3 +269,11 @@ def jit_train_step(step_fn, state_shardings, mesh, frozen_shardings: Frozen):
   return jax.jit(step_fn, donate_argnums=(0,),
                  in_shardings=(state_shardings, sharding.batch_sharding(mesh), frozen_shardings),
                  out_shardings=(state_shardings, sharding.replicated(mesh)))
+
+
+def jit_eval_step(eval_fn, param_shardings, mesh, frozen_shardings: Frozen, micro_pairs: int):
+  """`evaluate(params, batch, frozen)` jitted with the train step's shardings (nothing donated), one
+  micro-batch of `micro_pairs` pairs at a time."""
+  return jax.jit(lambda params, batch, frozen: eval_fn(params, batch, frozen, micro_pairs),
+                 in_shardings=(param_shardings, sharding.batch_sharding(mesh), frozen_shardings),
+                 out_shardings=sharding.replicated(mesh))

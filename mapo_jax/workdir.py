@@ -26,7 +26,8 @@ from absl import logging
 from mapo_jax import config as config_lib
 
 # Config keys that define what a run trains: changing one on resume trains a different thing.
-DEFINING_KEYS = ("objective", "pipeline", "reference", "resolution", "data.mode", "data.cache_dir", "data.source")
+DEFINING_KEYS = ("objective", "pipeline", "reference", "vae", "resolution", "data.mode", "data.cache_dir",
+                 "data.source", "data.eval_pairs")  # eval_pairs: which pairs are trained on
 
 
 class WorkdirBusyError(RuntimeError):

@@ -1,4 +1,5 @@
 """Configs: every recipe validates with the official defaults; a bad value fails naming its key."""
+import ast
 import importlib.util
 import subprocess
 import sys
@@ -35,16 +36,48 @@ def test_official_defaults():
       1e-5, "constant", 0.1, 2000, 1.0)
   assert (mapo.global_batch_size, mapo.accum_steps, mapo.resolution, mapo.optim.name) == (128, 2, 1024, "adamw")
   assert (dpo.objective, dpo.dpo.beta, dpo.global_batch_size) == ("dpo", 5000.0, 2048)
-  assert dpo.optim.lr == pytest.approx(2.048e-5) and dpo.optim.warmup_steps == 500
+  assert dpo.optim.lr == pytest.approx(2.048e-5) and dpo.optim.warmup_steps == 200
   assert (rpo.objective, rpo.rpo.tau) == ("rpo", 0.5)
   assert load("sd15_mapo").resolution == 512
+
+
+def documented_values(name):
+  """The `| key | value | source |` rows of a recipe's docstring table, values as Python literals."""
+  spec = importlib.util.spec_from_file_location(name, f"{REPO}/configs/{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  rows = [line.split("|")[1:3] for line in module.__doc__.splitlines() if line.startswith("| ")]
+  return {k.strip(): ast.literal_eval(v.strip()) for k, v in rows if k.strip() not in ("key",)}
+
+
+# Each official recipe's docstring table holds the source's values: the resolved config must equal them, and
+# the table must cover the keys that make the recipe (so a new deviation cannot hide by omission).
+SOURCED = {
+    "sdxl_dpo": {"optim.name", "optim.warmup_steps", "optim.clip_norm", "data.empty_prompt_prob", "data.time_ids",
+                 "vae", "optim.lr", "global_batch_size", "dpo.beta", "steps"},
+    "sd15_dpo": {"optim.name", "optim.warmup_steps", "optim.clip_norm", "data.empty_prompt_prob", "vae",
+                 "optim.lr", "global_batch_size", "dpo.beta", "resolution"},
+    "sdxl_mapo": {"optim.name", "optim.lr", "optim.schedule", "optim.clip_norm", "data.empty_prompt_prob",
+                  "data.time_ids", "data.label_noise_prob", "vae", "mapo.beta", "global_batch_size", "accum_steps"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SOURCED))
+def test_recipes_match_their_documented_sources(name):
+  documented = documented_values(name)
+  assert SOURCED[name] <= documented.keys(), SOURCED[name] - documented.keys()
+  resolved = config_lib.flatten(load(name))
+  for key, value in documented.items():
+    assert key in resolved, f"{name}: documented key {key} is not a config key"
+    got = resolved[key]
+    assert got == (pytest.approx(value) if isinstance(value, float) else value), f"{name}: config.{key} = {got!r}, documented {value!r}"
 
 
 @pytest.mark.parametrize("key, value", [
     ("objective", "ppo"), ("data.mode", "stream"), ("optim.lr", -1.0), ("optim.schedule", "step"),
     ("dtype", "float8"), ("remat", "sometimes"), ("resolution", 1020), ("accum_steps", 0), ("mesh", (1, -1, -1)),
     ("export_dtype", "int8"), ("rpo.tau", 0.0), ("keep_checkpoints", 0), ("global_batch_size", 127),
-    ("log_every", "10"),
+    ("log_every", "10"), ("data.empty_prompt_prob", 1.5), ("data.label_noise_prob", -0.1), ("data.time_ids", "crop"),
 ])
 def test_bad_value_names_the_key(key, value):
   config = load("sdxl_mapo")

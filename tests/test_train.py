@@ -1,5 +1,6 @@
 """The trainer end to end, as a subprocess on the demo config: outputs, exact resume, SIGTERM."""
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,3 +69,27 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(demo_assets, trainer
               "--config.sample_every=0")
   assert [m["step"] for m in metrics(tmp_path)][-2:] == [stopped + 1, stopped + 2]
   assert (tmp_path / UNET_WEIGHTS).exists()
+
+
+def test_resume_with_empty_prompts_label_noise_and_eval_is_bit_identical(demo_assets, trainer_env, tmp_path):
+  """Per-pair empty prompts and label flips come from the step's key: a run resumed from step 4 retakes
+  steps 5 and 6 exactly (weights and logged values), held-out evaluation included. Two short runs: the
+  second resumes the first's workdir after its last checkpoint is removed."""
+  args = ("--config.data.empty_prompt_prob=0.2", "--config.data.label_noise_prob=0.1", "--config.data.time_ids=fixed",
+          "--config.data.eval_pairs=8", "--config.steps=6", "--config.log_every=1", "--config.checkpoint_every=2",
+          "--config.keep_checkpoints=3", "--config.sample_every=0")
+  run_trainer(trainer_env(), tmp_path, demo_assets, *args)
+  first, want = metrics(tmp_path), load_file(tmp_path / UNET_WEIGHTS)
+  assert all(0 <= m["eval_accuracy"] <= 1 and np.isfinite(m["eval_loss"]) for m in first)
+  assert len({m["eval_loss"] for m in first}) > 1  # the parameters move; the held-out noise does not
+  assert {"empty_prompt_fraction", "label_flip_fraction"} <= first[0].keys()
+  shutil.rmtree(tmp_path / "checkpoints" / "6")
+  run_trainer(trainer_env(), tmp_path, demo_assets, *args)  # resumes from step 4
+  got = load_file(tmp_path / UNET_WEIGHTS)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  again = metrics(tmp_path)
+  assert [m["step"] for m in again] == [1, 2, 3, 4, 5, 6]
+  keys = ("loss", "accuracy", "eval_loss", "eval_accuracy", "empty_prompt_fraction", "label_flip_fraction")
+  for old, new in zip(first[4:], again[4:]):
+    assert {k: new[k] for k in keys} == {k: old[k] for k in keys}, old["step"]

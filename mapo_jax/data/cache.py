@@ -119,20 +119,24 @@ def shard_name(k: int, num_shards: int) -> str:
 
 
 def write_cache(source: Source, out_dir: str | Path, encode_fn: EncodeFn, settings: EncodeSettings, *,
-                pipeline: str, batch_size: int = 8, strict: bool = False, process_index: int = 0,
+                pipeline: str, vae: str = "", batch_size: int = 8, strict: bool = False, process_index: int = 0,
                 process_count: int = 1, num_threads: int | None = None) -> dict[str, Any] | None:
-  """Encodes this host's unfinished shards; returns the manifest once every shard is done, else None."""
+  """Encodes this host's unfinished shards; returns the manifest once every shard is done, else None.
+
+  `vae`: the VAE folder that encodes (absolute path), or "" for the pipeline's own vae/; recorded in the
+  manifest so the trainer can refuse a cache encoded by another VAE than its config.vae."""
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   num_shards = -(-len(source) // settings.shard_size)
-  identity = {"source": source.name, "source_rows": len(source), "pipeline": pipeline,
+  identity = {"source": source.name, "source_rows": len(source), "pipeline": pipeline, "vae": vae,
               "settings": dataclasses.asdict(settings)}
   todo = []
   for k in range(process_index, num_shards, process_count):
     sidecar = out_dir / f"{shard_name(k, num_shards)}.json"
     if not sidecar.exists():
       todo.append(k)
-    elif (done := {key: json.loads(sidecar.read_text())[key] for key in identity}) != identity:
+    # .get: sidecars written before `vae` was recorded were encoded by the pipeline's VAE ("").
+    elif (done := {key: json.loads(sidecar.read_text()).get(key, "") for key in identity}) != identity:
       raise ValueError(f"{sidecar} was encoded with {done}, this run asks for {identity}; "
                        "use another --out or delete the old cache")
 
@@ -199,6 +203,12 @@ def _maybe_write_manifest(out_dir: Path, num_shards: int, identity: dict[str, An
   return manifest
 
 
+def encoded_vae(manifest: Mapping[str, Any]) -> str:
+  """The VAE folder a cache was encoded with; "" = its pipeline's own vae/ (also caches from before it was
+  recorded)."""
+  return manifest.get("vae") or ""
+
+
 def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
   path = Path(cache_dir) / MANIFEST
   if not path.exists():
@@ -235,7 +245,8 @@ def merge_caches(parts: Iterable[str | Path], out_dir: str | Path, *, copy: bool
   manifests = [read_manifest(p) for p in parts]
   first = manifests[0]
   def fields(m):  # settings first: a different resolution also changes the record shapes
-    return ([(f"settings.{k}", m["settings"].get(k)) for k in _MERGE_SETTINGS] + [("pipeline", m["pipeline"])]
+    return ([(f"settings.{k}", m["settings"].get(k)) for k in _MERGE_SETTINGS]
+            + [("pipeline", m["pipeline"]), ("vae", encoded_vae(m))]
             + [(f"record.{k}", m["record"].get(k)) for k in BATCH_KEYS])
 
   for part, m in zip(parts[1:], manifests[1:]):
@@ -264,7 +275,7 @@ def merge_caches(parts: Iterable[str | Path], out_dir: str | Path, *, copy: bool
       shards.append(shard | {"file": file})
   manifest = {c: sum(m[c] for m in manifests) for c in _COUNTS} | {
       "source": f"merge of {len(parts)} caches", "source_rows": sum(m["source_rows"] for m in manifests),
-      "pipeline": first["pipeline"], "settings": first["settings"], "record": first["record"],
+      "pipeline": first["pipeline"], "vae": encoded_vae(first), "settings": first["settings"], "record": first["record"],
       "shards": shards,
       "parts": [{"dir": os.path.relpath(os.path.abspath(p), os.path.abspath(out_dir)), "source": m["source"],
                  "source_rows": m["source_rows"]} | {c: m[c] for c in _COUNTS} for p, m in zip(parts, manifests)]}

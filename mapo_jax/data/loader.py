@@ -8,6 +8,11 @@ Together the processes consume the shuffled stream in contiguous windows of
 `batch_size * process_count` pairs (process p the p-th block of each), so a global batch holds the same
 pairs in the same order whatever the host count.
 
+Held-out pairs (`holdout` > 0, config.data.eval_pairs): `holdout_split` picks a fixed seeded subset of
+the pairs (EVAL_SPLIT_SEED, independent of the run's seed, so runs with other seeds evaluate on the same
+pairs); the loaders leave them out of training and `cached_eval_batch` / `onthefly_eval_batch` return
+them as one batch. With holdout = 0 the loaders are exactly as without it.
+
 The loader yields VAE posterior moments, not latents: the train step samples latents with its
 own RNG. Checkpoint the iterator with grain's Orbax handler:
     it = iter(cached_loader(...))
@@ -25,7 +30,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from mapo_jax.data.cache import ENCODED_KEYS, EncodeFn, RecordLayout, read_manifest
+from mapo_jax.data.cache import BATCH_KEYS, ENCODED_KEYS, EncodeFn, RecordLayout, read_manifest
 from mapo_jax.data.pairs import Counts, prepare_pair, prepare_rows
 from mapo_jax.data.sources import Source
 
@@ -33,6 +38,25 @@ from mapo_jax.data.sources import Source
 def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
   """Per-process numpy batch -> global arrays whose leading (pair) axis spans all processes."""
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+EVAL_SPLIT_SEED = 0
+
+
+def holdout_split(num_pairs: int, holdout: int) -> tuple[np.ndarray, np.ndarray]:
+  """(training indices, held-out indices), each sorted: `holdout` of range(num_pairs) chosen by a fixed
+  seeded permutation, and the rest."""
+  if not 0 <= holdout < num_pairs:
+    raise ValueError(f"cannot hold out {holdout} of {num_pairs} pairs for evaluation (config.data.eval_pairs)")
+  perm = np.random.default_rng(EVAL_SPLIT_SEED).permutation(num_pairs)
+  return np.sort(perm[holdout:]), np.sort(perm[:holdout])
+
+
+def _training_subset(ds: grain.MapDataset, holdout: int) -> grain.MapDataset:
+  if not holdout:
+    return ds
+  train, _ = holdout_split(len(ds), holdout)
+  return grain.MapDataset.range(len(train)).map(lambda i: ds[int(train[i])])
 
 
 def _batches(ds: grain.MapDataset, prepare, finish, *, batch_size: int, seed: int,
@@ -64,9 +88,10 @@ def _batches(ds: grain.MapDataset, prepare, finish, *, batch_size: int, seed: in
 def cached_loader(cache_dir: str | Path, *, batch_size: int, seed: int, num_epochs: int | None = None,
                   dtype: Any = np.float32, sharding: jax.sharding.Sharding | None = None,
                   process_index: int | None = None, process_count: int | None = None,
-                  num_threads: int = 8) -> grain.IterDataset:
+                  num_threads: int = 8, holdout: int = 0) -> grain.IterDataset:
   """Batches of `BATCH_KEYS` from a cache written by `python -m mapo_jax.encode`.
 
+  holdout: pairs left out for evaluation (`holdout_split`; `cached_eval_batch` returns them).
   batch_size: pairs per process. dtype: every array is cast to it (default float32); None keeps
   the stored dtypes (cache_dtype for the big arrays, float32 for time_ids and rpo_emb).
   sharding: if given, yields global jax.Arrays; else per-process numpy arrays.
@@ -82,7 +107,8 @@ def cached_loader(cache_dir: str | Path, *, batch_size: int, seed: int, num_epoc
   def finish(batch):
     return batch if dtype is None else {k: v.astype(dtype, copy=False) for k, v in batch.items()}
 
-  return _batches(grain.MapDataset.source(records), layout.deserialize, finish, batch_size=batch_size,
+  return _batches(_training_subset(grain.MapDataset.source(records), holdout), layout.deserialize, finish,
+                  batch_size=batch_size,
                   seed=seed, num_epochs=num_epochs, sharding=sharding, process_index=process_index,
                   process_count=process_count, num_threads=num_threads)
 
@@ -90,7 +116,7 @@ def cached_loader(cache_dir: str | Path, *, batch_size: int, seed: int, num_epoc
 def onthefly_loader(source: Source, encode_fn: EncodeFn, *, resolution: int, batch_size: int, seed: int,
                     random_crop: bool = False, strict: bool = False, num_epochs: int | None = None,
                     sharding: jax.sharding.Sharding | None = None, process_index: int | None = None,
-                    process_count: int | None = None, num_threads: int = 8) -> grain.IterDataset:
+                    process_count: int | None = None, num_threads: int = 8, holdout: int = 0) -> grain.IterDataset:
   """Like `cached_loader` (float32 arrays), but decodes and encodes every pair each time it is read.
 
   For small datasets: every row is read into memory and checked once up front (ties dropped,
@@ -110,7 +136,33 @@ def onthefly_loader(source: Source, encode_fn: EncodeFn, *, resolution: int, bat
     encoded = jax.device_get({k: encoded[k] for k in ENCODED_KEYS})
     return {k: np.asarray(v, np.float32) for k, v in encoded.items()} | {"time_ids": batch["time_ids"]}
 
-  return _batches(grain.MapDataset.source([row for row, _ in kept]),
+  return _batches(_training_subset(grain.MapDataset.source([row for row, _ in kept]), holdout),
                   functools.partial(prepare_pair, **pair_kwargs), finish, batch_size=batch_size,
                   seed=seed, num_epochs=num_epochs, sharding=sharding, process_index=process_index,
                   process_count=process_count, num_threads=num_threads)
+
+
+def cached_eval_batch(cache_dir: str | Path, holdout: int) -> dict[str, np.ndarray]:
+  """The `holdout` pairs `cached_loader(..., holdout=holdout)` leaves out, as one float32 batch (every
+  process reads all of them)."""
+  manifest = read_manifest(cache_dir)
+  layout = RecordLayout.from_json(manifest["record"])
+  files = [str(Path(cache_dir) / s["file"]) for s in manifest["shards"] if s["pairs"]]
+  records = grain.sources.ArrayRecordDataSource(files)
+  _, held = holdout_split(len(records), holdout)
+  pairs = [layout.deserialize(records[int(i)]) for i in held]
+  return {k: np.stack([p[k] for p in pairs]).astype(np.float32) for k in BATCH_KEYS}
+
+
+def onthefly_eval_batch(source: Source, encode_fn: EncodeFn, holdout: int, *, resolution: int, seed: int,
+                        random_crop: bool = False, strict: bool = False, num_threads: int = 8) -> dict[str, np.ndarray]:
+  """The `holdout` pairs `onthefly_loader(..., holdout=holdout)` leaves out, encoded once, as one batch."""
+  pair_kwargs = {"resolution": resolution, "seed": seed, "random_crop": random_crop}
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    kept = prepare_rows(list(source.read(0, len(source))), pool, Counts(), strict=strict, **pair_kwargs)
+  _, held = holdout_split(len(kept), holdout)
+  pairs = [kept[int(i)][1] for i in held]
+  stack = lambda key: np.stack([p[key] for p in pairs])
+  encoded = jax.device_get(dict(encode_fn(stack("pixels_w"), stack("pixels_l"), [p["caption"] for p in pairs])))
+  return ({k: np.asarray(encoded[k], np.float32) for k in ENCODED_KEYS}
+          | {"time_ids": stack("time_ids").astype(np.float32)})

@@ -4,6 +4,8 @@
 A family module provides what the trainer, the sampler, encoding and export need and nothing else knows:
   CLASS_NAMES               the `_class_name`s it serves
   DENOISER, COND_KEYS       the model_index name of the model that trains; its conditioning keys
+  PROMPT_KEYS               the conditioning keys a prompt's encoding gives (empty-prompt dropout swaps them)
+  time_ids(h, w, batch)     fixed micro-conditioning rows (config.data.time_ids = "fixed")
   FROZEN                    the components prompt encoding and decoding need
   Pipeline, load_pipeline   the pipeline folder's components (with `latents`, `schedule`, `denoiser_config`)
   load_denoiser, save_denoiser

@@ -42,6 +42,7 @@ from mapo_jax.models.vae import AutoencoderKL, load_vae
 CLASS_NAMES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # model_index.json _class_name
 DENOISER = "unet"  # the model_index name of the model that trains
 COND_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "time_ids")
+PROMPT_KEYS = COND_KEYS[:2]  # the keys `encode_prompts` gives: what an empty prompt replaces (not time ids)
 load_denoiser, save_denoiser = load_unet, save_unet
 
 
@@ -172,11 +173,13 @@ class Pipeline:
   tokenizer: Any = None  # transformers CLIPTokenizer
   tokenizer_2: Any = None
   scheduler_config: dict[str, Any] | None = None
+  vae_path: Path | None = None  # a VAE folder used instead of `path/vae` (load_pipeline's `vae`)
 
   @functools.cached_property
   def latents(self) -> Latents:
     """The VAE's latent normalisation, from the loaded VAE or, when it was not loaded, its config.json."""
-    config = self.vae.config if self.vae is not None else convert.read_config(self.path / "vae")
+    config = (self.vae.config if self.vae is not None
+              else convert.read_config(convert.model_folder(self.vae_path or self.path, "vae")))
     return Latents.from_vae_config(config)
 
   @functools.cached_property
@@ -236,9 +239,12 @@ def _load_tokenizer(folder: Path):
 
 def load_pipeline(path: str | os.PathLike, components: Iterable[str] = COMPONENTS, *,
                   unet_kwargs: Mapping[str, Any] | None = None, vae_kwargs: Mapping[str, Any] | None = None,
-                  text_encoder_kwargs: Mapping[str, Any] | None = None) -> Pipeline:
+                  text_encoder_kwargs: Mapping[str, Any] | None = None, vae: str | os.PathLike | None = None
+                  ) -> Pipeline:
   """Loads the named components of a diffusers pipeline folder.
 
+  `vae`: a VAE folder (or a pipeline folder's vae/) loaded instead of the pipeline's, e.g. the fp16-safe
+  madebyollin/sdxl-vae-fp16-fix; `latents` then follows its config.
   `components` are model_index.json names ("scheduler" reads scheduler/scheduler_config.json into
   `scheduler_config`). The kwargs go to `load_unet`, `load_vae` and `load_text_encoder` (both towers),
   e.g. `unet_kwargs=dict(dtype=jnp.bfloat16, remat="full")`.
@@ -259,9 +265,11 @@ def load_pipeline(path: str | os.PathLike, components: Iterable[str] = COMPONENT
       "tokenizer_2": _load_tokenizer,
       "scheduler": lambda folder: json.loads((folder / "scheduler_config.json").read_text()),
   }
-  loaded = {("scheduler_config" if name == "scheduler" else name): loaders[name](path / name)
+  vae_path = Path(vae) if vae else None
+  folder = lambda name: vae_path if name == "vae" and vae_path is not None else path / name
+  loaded = {("scheduler_config" if name == "scheduler" else name): loaders[name](folder(name))
             for name in components if _in_folder(model_index, name)}
-  return Pipeline(path=path, model_index=model_index, **loaded)
+  return Pipeline(path=path, model_index=model_index, vae_path=vae_path, **loaded)
 
 
 def tokenize(pipeline: Pipeline, captions: Sequence[str]) -> dict[str, np.ndarray]:
