@@ -41,11 +41,13 @@ from mapo_jax import convert, demo, objectives, optim, pipelines, sampling, shar
 from mapo_jax import workdir as workdir_lib
 from mapo_jax.build import build, compile_step, model_options
 from mapo_jax.checkpoint import CHECKPOINTS, CheckpointSaveError, Checkpointer, NoGoodCheckpointError, abstract_like
-from mapo_jax.data import (cached_eval_batch, cached_loader, encoded_vae, onthefly_eval_batch, onthefly_loader,
+from mapo_jax.data import (cached_eval_batch, cached_loader, onthefly_eval_batch, onthefly_loader,
                            open_source, read_manifest)
 from mapo_jax.data.cache import RecordLayout
 from mapo_jax.encode import make_encoder
 from mapo_jax.export import export_denoiser
+from mapo_jax.guards import (SKIP_WINDOW, DivergedError, check_cache_vae, check_exportable, check_skipped,
+                             global_norm)
 from mapo_jax.metrics import MetricsWriter
 from mapo_jax.workdir import WorkdirLock
 
@@ -68,7 +70,6 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with the cluster "
                                  "auto-detected (TPU pod slices, SLURM); launch/tpu_pod.sh sets it")
 DASHED_FLAGS = ("stop-after-step", "allow-config-change", "print-config")  # absl only knows underscores
-SKIP_WINDOW = 100  # steps over which config.max_skipped_fraction is measured
 
 
 def initialize_distributed() -> None:
@@ -94,22 +95,6 @@ def save_grid(images: np.ndarray, path: Path) -> None:
   Image.fromarray(sampling.make_grid(images, cols=math.ceil(math.sqrt(len(images))))).save(path)
 
 
-# One compiled program: op-by-op reductions over parameters sharded across processes would each need
-# their own collective.
-global_norm = jax.jit(optax.tree.norm)
-
-
-def check_cache_vae(manifest: dict, cache_dir: str, vae: str) -> None:
-  """ConfigError naming config.vae unless the cache was encoded by `vae` ("" = the pipeline's own vae/):
-  latents of another VAE live in another space, and training on them would silently be wrong."""
-  encoded = encoded_vae(manifest)
-  same = os.path.abspath(encoded) == os.path.abspath(vae) if encoded and vae else encoded == vae
-  if not same:
-    describe = lambda v: repr(v) if v else "the pipeline's own vae/"
-    raise config_lib.ConfigError("vae", f"{describe(vae)}, but {cache_dir} was encoded with {describe(encoded)}: "
-                                 "set config.vae to the VAE that encoded the cache (`encode --vae`), or re-encode")
-
-
 def empty_prompt_rows(pipe, dtypes: dict[str, str] | None = None) -> dict[str, np.ndarray]:
   """The empty prompt "" through the pipeline's text towers, one row per prompt key, as the official
   Diffusion-DPO trainer encodes its dropped captions (SalesforceAIResearch/DiffusionDPO train.py:
@@ -124,32 +109,6 @@ def empty_prompt_rows(pipe, dtypes: dict[str, str] | None = None) -> dict[str, n
 def place_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
   """A batch every process holds whole (the held-out pairs) as global arrays sharded by `sharding`."""
   return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
-
-
-class DivergedError(RuntimeError):
-  """Training diverged: too many skipped updates, or parameters unfit to export."""
-
-
-def check_skipped(history: list[tuple[int, int]], step: int, skipped: int, max_fraction: float) -> None:
-  """DivergedError when more than max_fraction × SKIP_WINDOW of the last SKIP_WINDOW steps skipped their
-  update. `history` holds (step, cumulative skipped) of earlier checks, oldest first; this one is added."""
-  history.append((step, skipped))
-  base_step, base_skipped = next(((s, k) for s, k in reversed(history) if s <= step - SKIP_WINDOW), history[0])
-  recent = skipped - base_skipped
-  if recent > max_fraction * SKIP_WINDOW:
-    raise DivergedError(f"{recent} of the last {step - base_step} steps skipped their update for a non-finite "
-                        f"loss or gradient (config.max_skipped_fraction={max_fraction} of {SKIP_WINDOW} steps): "
-                        "the run diverged; lower config.optim.lr or check the data. Nothing was exported.")
-
-
-def check_exportable(params, initial_norm: float, max_ratio: float) -> None:
-  """DivergedError unless every parameter is finite and the global norm is within max_ratio × the initial."""
-  norm = float(global_norm(params))
-  if not np.isfinite(norm):
-    raise DivergedError("the trained parameters are not finite; nothing was exported")
-  if norm > max_ratio * initial_norm:
-    raise DivergedError(f"the parameters' global norm grew from {initial_norm:.4g} to {norm:.4g}, more than "
-                        f"config.max_param_norm_ratio={max_ratio} times: the run diverged; nothing was exported")
 
 
 def main(argv) -> None:

@@ -106,7 +106,7 @@ def test_adafactor_matches_transformers():
 
 
 def test_cache_encoded_by_another_vae_is_refused():
-  from mapo_jax.train import check_cache_vae
+  from mapo_jax.guards import check_cache_vae
   check_cache_vae({}, "/c", "")  # older caches, no `vae`: the pipeline's own
   check_cache_vae({"vae": "/models/fix"}, "/c", "/models/fix/")
   for manifest, vae in (({}, "/models/fix"), ({"vae": "/models/fix"}, ""), ({"vae": "/a"}, "/b")):
