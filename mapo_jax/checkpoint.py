@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import serialization

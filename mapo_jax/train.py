@@ -28,7 +28,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags, logging
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -46,7 +45,7 @@ from mapo_jax.data import (cached_eval_batch, cached_loader, onthefly_eval_batch
 from mapo_jax.data.cache import RecordLayout
 from mapo_jax.encode import make_encoder
 from mapo_jax.export import export_denoiser
-from mapo_jax.guards import (SKIP_WINDOW, DivergedError, check_cache_vae, check_exportable, check_skipped,
+from mapo_jax.guards import (DivergedError, check_cache_vae, check_exportable, check_skipped,
                              global_norm)
 from mapo_jax.metrics import MetricsWriter
 from mapo_jax.workdir import WorkdirLock

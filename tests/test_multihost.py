@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from conftest import REPO, rel_l2, run_trainer
 from PIL import Image
 from safetensors.numpy import load_file

@@ -14,7 +14,7 @@ from conftest import REPO, run_trainer
 from test_checkpoint import sharded_state
 
 from mapo_jax import demo
-from mapo_jax.checkpoint import CORRUPT, CheckpointSaveError, Checkpointer, NoGoodCheckpointError, abstract_like
+from mapo_jax.checkpoint import CORRUPT, Checkpointer, NoGoodCheckpointError, abstract_like
 from mapo_jax.metrics import MetricsWriter
 from mapo_jax.workdir import WorkdirBusyError, WorkdirLock, remove_stale_temporaries
 

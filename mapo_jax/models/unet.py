@@ -19,7 +19,7 @@ from flax import nnx
 
 from mapo_jax import convert, sharding
 from mapo_jax.models.attention import Attention
-from mapo_jax.models.layers import (REMAT_POLICIES, Conv2d, Downsample2D, Dropout, GroupNorm, LayerNorm, Linear,
+from mapo_jax.models.layers import (Conv2d, Downsample2D, Dropout, GroupNorm, LayerNorm, Linear,
                                     Options, Upsample2D, remat_call)
 
 # diffusers' defaults for every UNet2DConditionModel option (diffusers 0.42).
