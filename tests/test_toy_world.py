@@ -1,0 +1,55 @@
+"""The toy world's judge against drawings whose truth is known (mapo_jax/toy_world.py)."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from mapo_jax import toy_world as tw
+
+ATTRIBUTES = ("shape", "color", "style")
+
+
+def _drawn(n, seed):
+  rng = np.random.default_rng(seed)
+  scenes = [tw.random_scene(rng) for _ in range(n)]
+  return scenes, np.stack([tw.draw(s, rng) for s in scenes])
+
+
+def _jpeg(image):
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="JPEG", quality=90)
+  return np.asarray(Image.open(buf))
+
+
+def _blur(image):  # softer edges, as a small VAE's decodings have
+  return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(1.0)))
+
+
+@pytest.mark.parametrize("degrade", [None, _jpeg, _blur], ids=["raw", "jpeg", "blur"])
+def test_judge_reads_drawings(degrade):
+  scenes, images = _drawn(300, seed=0)
+  if degrade is not None:
+    images = np.stack([degrade(x) for x in images])
+  verdict = tw.judge(images)
+  for k in ATTRIBUTES:
+    accuracy = np.mean([got == getattr(s, k) for got, s in zip(verdict[k], scenes)])
+    assert accuracy >= 0.98, (k, accuracy)
+  correct = tw.caption_correct(verdict, [tw.caption(s) for s in scenes])
+  assert correct.mean() >= 0.98
+  assert abs(tw.filled_rate(verdict) - np.mean([s.style == "filled" for s in scenes])) <= 0.02
+
+
+def test_judge_on_blank_and_wrong_captions():
+  blank = np.full((2, tw.SIZE, tw.SIZE, 3), 240, np.uint8)
+  assert tw.judge(blank) == {k: [tw.NONE] * 2 for k in ATTRIBUTES}
+  image = tw.draw(tw.Scene("square", "blue", "filled"), np.random.default_rng(0))
+  verdict = tw.judge(np.stack([image, image]))
+  assert tw.caption_correct(verdict, ["a blue square", "a red square"]).tolist() == [True, False]
+
+
+def test_bad_scene_and_caption_name_the_value():
+  with pytest.raises(ValueError, match="'hexagon'"):
+    tw.Scene("hexagon", "red", "filled")
+  with pytest.raises(ValueError, match="'a purple circle'"):
+    tw.parse_caption("a purple circle")
