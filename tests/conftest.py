@@ -28,6 +28,34 @@ from flax import nnx
 # The tiny reference models run ~50x faster on one thread than with torch's two competing with XLA.
 torch.set_num_threads(1)
 
+
+def _torchvision_beside_cpu_torch():
+  """PyPI's torchvision wheels are linked against CUDA torch. Beside the CPU torch their C ops fail to load,
+  and `import torchvision` (which transformers, diffusers and open_clip do) then dies registering fake kernels
+  for the undefined ops torchvision::nms and qnms. The tests use only torchvision's Python transforms
+  (open_clip's preprocessing), so those two schemas are defined first, when the C ops are missing."""
+  import glob
+  import importlib.util
+  spec = importlib.util.find_spec("torchvision")
+  if spec is None:
+    return None
+  try:
+    torch.ops.load_library(glob.glob(os.path.join(os.path.dirname(spec.origin), "_C*.so"))[0])
+    return None
+  except (OSError, IndexError):
+    pass
+  try:
+    torch.ops.torchvision.nms  # already defined (a machine-level fix, or an earlier import)
+    return None
+  except (AttributeError, RuntimeError):
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    return lib  # the schemas live as long as this object
+
+
+_TORCHVISION_OPS = _torchvision_beside_cpu_torch()
+
 from mapo_jax.models.presets import TINY_SD2_UNET, TINY_SD15_UNET, TINY_SDXL_UNET  # noqa: F401
 
 
