@@ -110,10 +110,10 @@ def markdown(results: dict) -> str:
   s, summary = results["settings"], results["summary"]
   cell = lambda text: str(text).replace("|", "\\|")  # a literal | would end the table cell
   lines = [f"# A: `{s['model_a']}` vs B: `{s['model_b']}`", "",
-           f"{len(results['per_prompt'])} prompts from `{s['prompts']}`; seed {s['seed']}, {s['steps']} "
-           f"{s['sampler']} steps, guidance {s['guidance']}, {s['height']}x{s['width']} px. Mean ± standard error; "
-           f"win rate of B over A (ties ½) with its 95 % bootstrap interval ({BOOTSTRAP_SAMPLES} resamples of "
-           "the prompts).", "", "| reward | prompts | A | B | B win rate [95 % CI] |", "|---|---|---|---|---|"]
+           (f"{len(results['per_prompt'])} prompts from `{s['prompts']}`; seed {s['seed']}, {s['steps']} "
+            f"{s['sampler']} steps, guidance {s['guidance']}, {s['height']}x{s['width']} px. Mean ± standard error; "
+            f"win rate of B over A (ties ½) with its 95 % bootstrap interval ({BOOTSTRAP_SAMPLES} resamples of "
+            "the prompts)."), "", "| reward | prompts | A | B | B win rate [95 % CI] |", "|---|---|---|---|---|"]
   lines += [_row(f"{kind} (`{cell(s['rewards'][kind])}`)", r) for kind, r in summary.items()]
   if any("categories" in r for r in summary.values()):
     lines += ["", "## Per category", "", "| reward / category | prompts | A | B | B win rate [95 % CI] |",

@@ -145,7 +145,9 @@ def main(args: argparse.Namespace) -> None:
   out = Path(args.out)
   model = generate.resolve_pipeline(args.model)
   kind, reward_path = args.reward
-  settings = {key: getattr(args, key) for key in SETTINGS} | {"model": str(model), "reward": f"{kind}={reward_path}"}
+  settings = {key: getattr(args, key) for key in SETTINGS} | {  # absolute: a re-run may start elsewhere
+      "model": str(model.resolve()), "prompts": str(Path(args.prompts).resolve()),
+      "reward": f"{kind}={Path(reward_path).resolve()}"}
   writer = jax.process_index() == 0
   if writer:
     check_settings(out, settings)

@@ -103,7 +103,7 @@ def decide(scores: Scores, margin: float) -> Decision:
   score_l = np.where(winner == 0, scores.score_1, scores.score_0)
   decisive = scored & (scores.human >= 0)
   agree = np.sum(decisive & (np.sign(diff) == np.where(scores.human == 0, 1, -1))) + 0.5 * np.sum(decisive & (diff == 0))
-  stats = {"rows": int(len(keep)), "scored": int(scored.sum()), "skipped": int((~scored).sum()),
+  stats = {"rows": len(keep), "scored": int(scored.sum()), "skipped": int((~scored).sum()),
            "human_decisive": int(decisive.sum()), "human_ties": int((scored & (scores.human == -1)).sum()),
            "agreement": float(agree / decisive.sum()) if decisive.any() else None,
            "flipped": int((keep & decisive & (winner != scores.human)).sum()),

@@ -49,8 +49,9 @@ def setup(tmp_path_factory):
   return root, model_dir, images, scores, margin
 
 
-def expected(scores, margin, rows=range(len(CAPTIONS))):
-  """Per row: kept?, the reward's winner (0/1); and the counts relabel reports."""
+def expected(scores, margin, rows=None):
+  """Per row: kept?, the reward's winner (0/1); and the counts relabel reports (over `rows`, default all)."""
+  rows = range(len(CAPTIONS)) if rows is None else rows
   d = scores[:, 0] - scores[:, 1]
   keep, winner = np.abs(d) > margin, np.where(d > 0, 0, 1)
   decisive = [i for i in rows if HUMAN[i] is not None]
@@ -168,8 +169,7 @@ def test_arrow_save_to_disk_and_preference_folder(setup):
     relabel.relabel(str(folder), load(model_dir), root / "folder_soft", soft=True)
 
 
-def test_refusals_name_the_file(setup, tmp_path, capsys):
-  root, model_dir, *_ = setup
+def test_refusals_name_the_file(tmp_path, capsys):
   ranked = tmp_path / "ranked.json"
   ranked.write_text(json.dumps([{"prompt": "a", "image_path": ["0.png", "1.png"], "rank": [1, 2]}]))
   with pytest.raises(ValueError, match=f"{ranked}: relabel cannot write a RankedSource back"):
