@@ -244,8 +244,8 @@ def relabel(data: str, reward: rewards.Reward, out: str | os.PathLike, *, soft: 
   source = sources.open_source(data)
   path = Path(sources.parse_spec(data)[0])
   write = writer_for(source, path, soft)
-  if isinstance(source, sources.JsonlSource) and out.suffix != ".jsonl":
-    raise ValueError(f"--out {out}: the source is JSONL, so the output must be a .jsonl file")
+  if path.is_file() and out.suffix != path.suffix:  # the suffix is how `open_source` knows the format
+    raise ValueError(f"--out {out}: the source {path} is a {path.suffix} file, so the output must be one too")
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL decodes without the GIL
     decision = decide(score_rows(source, reward, pool), margin)
   out.parent.mkdir(parents=True, exist_ok=True)

@@ -174,6 +174,10 @@ def test_refusals_name_the_file(tmp_path, capsys):
   ranked.write_text(json.dumps([{"prompt": "a", "image_path": ["0.png", "1.png"], "rank": [1, 2]}]))
   with pytest.raises(ValueError, match=f"{ranked}: relabel cannot write a RankedSource back"):
     relabel.relabel(str(ranked), None, tmp_path / "out.json")  # refused before any scoring
+  jsonl = tmp_path / "pairs.jsonl"
+  jsonl.write_text(json.dumps({"prompt": "a", "chosen": "0.png", "rejected": "1.png"}) + "\n")
+  with pytest.raises(ValueError, match=f"--out {tmp_path / 'out.parquet'}: the source {jsonl} is a .jsonl file"):
+    relabel.relabel(str(jsonl), None, tmp_path / "out.parquet")
   (tmp_path / "exists.jsonl").write_text("")
   with pytest.raises(FileExistsError, match="exists.jsonl exists"):
     relabel.relabel(str(ranked), None, tmp_path / "exists.jsonl")
