@@ -53,6 +53,8 @@ class Scores:
 
 
 def score_rows(source: sources.Source, reward: rewards.Reward, pool: concurrent.futures.Executor) -> Scores:
+  """Both images of every row scored with its caption, as stored (no training crop); rows that the pair rules
+  (`mapo_jax.data.pairs`) would skip are logged and marked skipped. Images are decoded on `pool`."""
   n = len(source)
   out = Scores(np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32), np.full(n, -2, np.int8))
 
@@ -81,6 +83,8 @@ def score_rows(source: sources.Source, reward: rewards.Reward, pool: concurrent.
     if index:
       s = scoring.score(reward, prompts, images)
       out.score_0[index], out.score_1[index] = s[0::2], s[1::2]
+    if (start // READ_CHUNK) % 100 == 99:
+      logging.info("%s: scored %d of %d rows", source.name, start + READ_CHUNK, n)
   return out
 
 
@@ -95,6 +99,8 @@ class Decision:
 
 
 def decide(scores: Scores, margin: float) -> Decision:
+  """The reward's labels: the higher score wins; |score_0 − score_1| <= margin is a tie (dropped). Agreement is
+  over the rows with a human winner: 1 where the reward scores it higher, ½ for equal scores."""
   scored = scores.human != -2
   diff = scores.score_0.astype(np.float64) - scores.score_1
   keep = scored & (np.abs(diff) > margin)
