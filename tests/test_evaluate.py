@@ -158,7 +158,7 @@ def test_evaluate_is_deterministic_and_ties_count_half(evaluated):
 
 def test_evaluate_flag_errors(tmp_path, capsys):
   base = ["evaluate", "--model-a", "A", "--model-b", "B", "--prompts", "p.txt", "--out", str(tmp_path)]
-  for spec, message in (("imagereward=/x", "unknown kind 'imagereward'"), ("pickscore", "expected KIND=PATH")):
+  for spec, message in (("nosuchreward=/x", "unknown kind 'nosuchreward'"), ("pickscore", "expected KIND=PATH")):
     with pytest.raises(SystemExit):
       evaluate.parse_flags([*base, "--rewards", spec])
     assert message in capsys.readouterr().err
