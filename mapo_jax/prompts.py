@@ -2,13 +2,12 @@
 
     read_prompt_set(path) -> PromptSet(prompts, categories)
 
-| path | format | category |
-|---|---|---|
-| `*.tsv` | PartiPrompts (google-research/parti `PartiPrompts.tsv`): tab-separated, header `Prompt Category Challenge Note` | `Category` |
-| `*.json` | one HPS v2 benchmark style (`anime.json`, `concept-art.json`, `paintings.json`, `photo.json`): a JSON list of prompt strings | the file's stem |
-| a folder of `*.json` | all of a folder's HPS v2 style files, in sorted name order | the file's stem |
-| `*.parquet` | a Pick-a-Pic split (e.g. `test_unique`): its `caption` column, unique captions in first-seen order | none |
-| `*.txt` | one prompt per line, blank lines skipped | none |
+- `*.tsv`: PartiPrompts (google-research/parti `PartiPrompts.tsv`): tab-separated, header
+  `Prompt Category Challenge Note`; category: `Category`.
+- `*.json`: one HPS v2 benchmark style (`anime.json`, `concept-art.json`, `paintings.json`, `photo.json`): a JSON
+  list of prompt strings; category: the file's stem. A folder of them: all, in sorted file-name order.
+- `*.parquet`: a Pick-a-Pic split (e.g. `test_unique`): its `caption` column, unique captions in first-seen order.
+- `*.txt`: one prompt per line, blank lines skipped.
 
 Anything else is refused with the file's name: a guess at a format would silently score the wrong prompts.
 """

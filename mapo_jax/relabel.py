@@ -108,7 +108,8 @@ def decide(scores: Scores, margin: float) -> Decision:
   score_w = np.where(winner == 0, scores.score_0, scores.score_1)
   score_l = np.where(winner == 0, scores.score_1, scores.score_0)
   decisive = scored & (scores.human >= 0)
-  agree = np.sum(decisive & (np.sign(diff) == np.where(scores.human == 0, 1, -1))) + 0.5 * np.sum(decisive & (diff == 0))
+  reward_agrees = np.sign(diff) == np.where(scores.human == 0, 1, -1)
+  agree = np.sum(decisive & reward_agrees) + 0.5 * np.sum(decisive & (diff == 0))
   stats = {"rows": len(keep), "scored": int(scored.sum()), "skipped": int((~scored).sum()),
            "human_decisive": int(decisive.sum()), "human_ties": int((scored & (scores.human == -1)).sum()),
            "agreement": float(agree / decisive.sum()) if decisive.any() else None,
@@ -164,7 +165,8 @@ def _relabel_table(table: pa.Table, first: int, d: Decision, soft: bool) -> pa.T
     table = table.set_column(table.schema.get_field_index(name), name, column)
   table = table.drop_columns([c for c in SCORE_FIELDS if c in table.column_names])
   if soft:
-    table = table.append_column("score_w", pa.array(d.score_w[rows])).append_column("score_l", pa.array(d.score_l[rows]))
+    for name, values in (("score_w", d.score_w), ("score_l", d.score_l)):
+      table = table.append_column(name, pa.array(values[rows]))
   metadata = dict(table.schema.metadata or {})
   if b"huggingface" in metadata:
     hf = json.loads(metadata[b"huggingface"])

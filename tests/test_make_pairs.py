@@ -20,10 +20,10 @@ SAMPLING = ["--steps", 3, "--guidance", 5, "--height", 32, "--width", 48, "--see
 def test_prompt_pairs_rank_gaps_and_pairings():
   # Ranks by score (ties by index): image 1 (0.9), 3 (0.9), 0 (0.3), 2 (0.1); equal scores never pair.
   assert make_pairs.prompt_pairs([0.3, 0.9, 0.1, 0.9]) == [(1, 0, 2), (1, 2, 3), (3, 0, 1), (3, 2, 2), (0, 2, 1)]
-  samples = [{"prompt_index": 0, "prompt": "p", "images": [{"file": f"{j}", "seed": j, "score": s}
-                                                          for j, s in enumerate([0.3, 0.9, 0.1, 0.9])]},
-             {"prompt_index": 1, "prompt": "q", "images": [{"file": f"q{j}", "seed": 9 + j, "score": s}
-                                                          for j, s in enumerate([5.0, 1.0, 2.0, 4.0])]},
+  images = lambda name, seed, scores: [{"file": f"{name}{j}", "seed": seed + j, "score": s}
+                                      for j, s in enumerate(scores)]
+  samples = [{"prompt_index": 0, "prompt": "p", "images": images("", 0, [0.3, 0.9, 0.1, 0.9])},
+             {"prompt_index": 1, "prompt": "q", "images": images("q", 9, [5.0, 1.0, 2.0, 4.0])},
              {"prompt_index": 2, "prompt": "r", "images": [{"file": f"r{j}", "seed": j, "score": 1.0} for j in range(4)]}]
   pick = lambda pairing: [(p["chosen"], p["rejected"], p["rank_gap"]) for p in make_pairs.select_pairs(samples, pairing)]
   assert pick("best-worst") == [("1", "2", 3), ("q0", "q1", 3)]  # a prompt whose images all tie gives none

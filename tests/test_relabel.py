@@ -181,7 +181,8 @@ def test_refusals_name_the_file(tmp_path, capsys):
   (tmp_path / "exists.jsonl").write_text("")
   with pytest.raises(FileExistsError, match="exists.jsonl exists"):
     relabel.relabel(str(ranked), None, tmp_path / "exists.jsonl")
-  for spec, message in (("clip=/x,pickscore=/y", "expected one KIND=PATH, got 2"), ("nosuchreward=/x", "unknown kind 'nosuchreward'")):
+  for spec, message in (("clip=/x,pickscore=/y", "expected one KIND=PATH, got 2"),
+                        ("nosuchreward=/x", "unknown kind 'nosuchreward'")):
     with pytest.raises(SystemExit):
       relabel.parse_flags(["relabel", "--data", "d.jsonl", "--out", "o.jsonl", "--reward", spec])
     assert message in capsys.readouterr().err
