@@ -4,10 +4,11 @@
         --rewards pickscore=/models/PickScore_v1,hps=/models/HPS_v2.1_compressed.pt,\
 aesthetic=/models/sac+logos+ava1-l14-linearMSE.pth,clip=/models/clip-vit-large-patch14
 
---data: any pair source of `mapo_jax.encode` (docs/data.md), e.g. a folder holding only the test split's parquet files
-of a local Pick-a-Pic v2 copy (a parquet folder is read recursively; bench/RESULTS.md has the exact commands). Each pair's two
-images are scored with its caption, as `mapo_jax.relabel` scores them (the same functions); agreement is over the
-pairs with a human winner (human ties are counted apart), a pair whose two scores are equal counting one half.
+--data: any pair source of `mapo_jax.encode` (docs/data.md), e.g. a folder holding only the test split's
+parquet files of a local Pick-a-Pic v2 copy (a parquet folder is read recursively; bench/RESULTS.md has the
+exact commands). Each pair's two images are scored with its caption, as `mapo_jax.relabel` scores them (the
+same functions); agreement is over the pairs with a human winner (human ties are counted apart), a pair whose
+two scores are equal counting one half.
 Rows `encode` would skip are skipped and counted. Nothing is written.
 """
 from __future__ import annotations
