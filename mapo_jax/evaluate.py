@@ -1,17 +1,19 @@
-"""Compare two models on a prompt set: preference-reward win rate and mean scores, and CLIP score.
+"""Compare two models on a prompt set with reward models: the papers' table of mean scores and win rates.
 
-    python -m mapo_jax.evaluate --model-a BASE --model-b ALIGNED --reward PICKSCORE_DIR
-        --prompts prompts.txt --out OUT [--clip CLIP_DIR] [--seed 0] [--steps 50] [--guidance 5]
-        [--height H --width W] [--negative-prompt TEXT] [--sampler euler|ddim] [--batch-size 8]
+    python -m mapo_jax.evaluate --model-a BASE --model-b TUNED --rewards pickscore=DIR,hps=FILE,aesthetic=FILE,clip=DIR
+        --prompts FILE --out OUT [--seed 0] [--steps 50] [--guidance 5] [--height H --width W]
+        [--negative-prompt TEXT] [--sampler euler|ddim] [--batch-size 8]
 
 --model-a / --model-b: as `mapo_jax.generate --model` (a diffusers pipeline folder, or a workdir with
-export/). Both sample every prompt from the same noise (image i from (--seed, i)), so the images differ
-by the model only. --reward: a transformers CLIPModel folder (safetensors weights, tokenizer files and
-preprocessor_config.json; PickScore: yuvalkirstain/PickScore_v1 plus the processor files of
-laion/CLIP-ViT-H-14-laion2B-s32B-b79K); reward = logit_scale.exp() * cos(image, text), as PickScore.
---clip: a CLIPModel folder for the CLIP text-image score 100 * max(cos, 0), torchmetrics' CLIPScore
-(e.g. openai/clip-vit-large-patch14); without it, that score uses the reward folder's CLIP embeddings.
-Win rate of B: the fraction of prompts where B scores higher than A, a tie counting one half.
+export/). Both sample every prompt from the same noise (image i from (--seed, i)), so the images differ by
+the model only and the comparison is paired. --rewards: KIND=PATH items (`mapo_jax.rewards.load_reward`).
+--prompts: a PartiPrompts .tsv, an HPS v2 benchmark style .json or a folder of them, a Pick-a-Pic parquet
+(unique captions) or a .txt, one prompt per line (`mapo_jax.prompts`).
+
+For each reward: the mean ± standard error of each model's scores, and the win rate of B over A (the share
+of prompts where B scores higher, a tie counting one half) with a 95 % percentile bootstrap interval over
+prompts (BOOTSTRAP_SAMPLES resamples, seed BOOTSTRAP_SEED: reruns give the same interval); per category too
+when the prompt set has categories. docs/evaluation.md gives the formulas.
 Writes OUT/results.json (settings, summary, per-prompt scores), OUT/results.md (the same as tables),
 OUT/a/NNNN.png, OUT/b/NNNN.png, and OUT/side_by_side.png (A left, B right, the first 16 prompts).
 """
@@ -26,18 +28,67 @@ from absl import app, logging
 from absl.flags import argparse_flags
 from PIL import Image
 
-from mapo_jax import generate, sampling
+from mapo_jax import generate, rewards, sampling, scoring
 from mapo_jax.pipelines import load_pipeline
-from mapo_jax.models.reward import RewardModel, load_reward_model
+from mapo_jax.prompts import FORMATS, read_prompt_set
 
-METRICS = {"reward": "reward", "clip_score": "CLIP score"}
 GRID_ROWS = 16
+BOOTSTRAP_SAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+
+
+def wins(scores_a, scores_b) -> np.ndarray:
+  """Per prompt: 1 where B scores higher than A, 0.5 for a tie, 0 where A scores higher."""
+  a, b = np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)
+  return (b > a) + 0.5 * (b == a)
 
 
 def win_rate(scores_a, scores_b) -> float:
   """Fraction of prompts where B scores higher than A; a tie counts one half."""
-  a, b = np.asarray(scores_a), np.asarray(scores_b)
-  return float(np.mean((b > a) + 0.5 * (b == a)))
+  return float(np.mean(wins(scores_a, scores_b)))
+
+
+def bootstrap_interval(scores_a, scores_b, *, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED,
+                       level: float = 0.95) -> tuple[float, float]:
+  """Percentile bootstrap interval of `win_rate` over prompts (Efron & Tibshirani 1993, ch. 13).
+
+  Each resample draws n prompts with replacement and takes their mean win (1, ½ or 0). That mean depends
+  only on how many wins, ties and losses were drawn, so the counts are drawn directly: multinomial(n,
+  observed shares), the same distribution as resampling the prompts, in O(samples) memory.
+  """
+  w = wins(scores_a, scores_b)
+  n = len(w)
+  shares = [np.mean(w == 1.0), np.mean(w == 0.5), np.mean(w == 0.0)]
+  counts = np.random.default_rng(seed).multinomial(n, shares, size=samples)
+  rates = (counts[:, 0] + 0.5 * counts[:, 1]) / n
+  lo, hi = np.quantile(rates, [(1 - level) / 2, (1 + level) / 2])
+  return float(lo), float(hi)
+
+
+def mean_and_se(scores) -> tuple[float, float]:
+  """Mean and its standard error std(ddof=1) / sqrt(n) (0 for one score)."""
+  x = np.asarray(scores, np.float64)
+  return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def compare(scores_a, scores_b) -> dict:
+  """One row of the table: mean ± SE of A and of B, B's win rate and its 95 % bootstrap interval."""
+  (mean_a, se_a), (mean_b, se_b) = mean_and_se(scores_a), mean_and_se(scores_b)
+  return {"n": len(scores_a), "mean_a": mean_a, "se_a": se_a, "mean_b": mean_b, "se_b": se_b,
+          "win_rate_b": win_rate(scores_a, scores_b),
+          "win_rate_b_ci95": list(bootstrap_interval(scores_a, scores_b))}
+
+
+def summarize(scores: dict[str, dict[str, np.ndarray]], categories: list[str] | None) -> dict:
+  """{reward kind: compare(...) of all prompts, with "categories": {name: compare(...)} if there are any}."""
+  summary = {}
+  for kind, s in scores.items():
+    summary[kind] = compare(s["a"], s["b"])
+    if categories is not None:
+      cats = np.asarray(categories)
+      summary[kind]["categories"] = {c: compare(s["a"][cats == c], s["b"][cats == c])
+                                     for c in dict.fromkeys(categories)}
+  return summary
 
 
 def sample(model: str, prompts: list[str], args: argparse.Namespace) -> np.ndarray:
@@ -49,23 +100,30 @@ def sample(model: str, prompts: list[str], args: argparse.Namespace) -> np.ndarr
   return images
 
 
-def score(reward: RewardModel, clip: RewardModel, prompts: list[str], images: np.ndarray) -> dict[str, np.ndarray]:
-  out = reward(prompts, images)
-  return {"reward": out["score"], "clip_score": (out if clip is reward else clip(prompts, images))["clip_score"]}
+def _row(label: str, r: dict) -> str:
+  lo, hi = r["win_rate_b_ci95"]
+  return (f"| {label} | {r['n']} | {r['mean_a']:.4f} ± {r['se_a']:.4f} | {r['mean_b']:.4f} ± {r['se_b']:.4f} | "
+          f"{r['win_rate_b']:.3f} [{lo:.3f}, {hi:.3f}] |")
 
 
 def markdown(results: dict) -> str:
   s, summary = results["settings"], results["summary"]
+  cell = lambda text: str(text).replace("|", "\\|")  # a literal | would end the table cell
   lines = [f"# A: `{s['model_a']}` vs B: `{s['model_b']}`", "",
-           f"{len(results['per_prompt'])} prompts; seed {s['seed']}, {s['steps']} {s['sampler']} steps, "
-           f"guidance {s['guidance']}, {s['height']}x{s['width']} px; reward `{s['reward']}`, CLIP `{s['clip']}`.",
-           "", "| metric | mean A | mean B | B win rate (ties ½) |", "|---|---|---|---|"]
-  lines += [f"| {METRICS[m]} | {v['mean_a']:.4f} | {v['mean_b']:.4f} | {v['win_rate_b']:.4f} |"
-            for m, v in summary.items()]
-  lines += ["", "| # | prompt | reward A | reward B | CLIP A | CLIP B |", "|---|---|---|---|---|---|"]
-  cell = lambda text: text.replace("|", "\\|")  # a literal | would end the table cell
-  lines += [f"| {i} | {cell(r['prompt'])} | {r['reward_a']:.4f} | {r['reward_b']:.4f} | "
-            f"{r['clip_score_a']:.4f} | {r['clip_score_b']:.4f} |" for i, r in enumerate(results["per_prompt"])]
+           (f"{len(results['per_prompt'])} prompts from `{s['prompts']}`; seed {s['seed']}, {s['steps']} "
+            f"{s['sampler']} steps, guidance {s['guidance']}, {s['height']}x{s['width']} px. Mean ± standard error; "
+            f"win rate of B over A (ties ½) with its 95 % bootstrap interval ({BOOTSTRAP_SAMPLES} resamples of "
+            "the prompts)."), "", "| reward | prompts | A | B | B win rate [95 % CI] |", "|---|---|---|---|---|"]
+  lines += [_row(f"{kind} (`{cell(s['rewards'][kind])}`)", r) for kind, r in summary.items()]
+  if any("categories" in r for r in summary.values()):
+    lines += ["", "## Per category", "", "| reward / category | prompts | A | B | B win rate [95 % CI] |",
+              "|---|---|---|---|---|"]
+    lines += [_row(f"{kind} / {cell(c)}", rc) for kind, r in summary.items() for c, rc in r["categories"].items()]
+  kinds = list(summary)
+  lines += ["", "| # | prompt | " + " | ".join(f"{k} A | {k} B" for k in kinds) + " |",
+            "|---|---|" + "---|---|" * len(kinds)]
+  lines += [f"| {i} | {cell(r['prompt'])} | " + " | ".join(f"{r[f'{k}_a']:.4f} | {r[f'{k}_b']:.4f}" for k in kinds)
+            + " |" for i, r in enumerate(results["per_prompt"])]
   return "\n".join(lines) + "\n"
 
 
@@ -73,32 +131,35 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
   p = argparse_flags.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model-a", "--model_a", dest="model_a", required=True, help="baseline model folder")
   p.add_argument("--model-b", "--model_b", dest="model_b", required=True, help="compared (e.g. aligned) model")
-  p.add_argument("--reward", required=True, help="CLIPModel folder of the preference reward (PickScore, HPS)")
-  p.add_argument("--clip", help="CLIPModel folder for the CLIP score (default: --reward)")
-  p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+  p.add_argument("--rewards", required=True, type=scoring.rewards_flag,
+                 help="KIND=PATH[,KIND=PATH...], e.g. pickscore=DIR,hps=FILE,aesthetic=FILE,clip=DIR")
+  p.add_argument("--prompts", required=True, help=f"prompt set: {FORMATS}")
   p.add_argument("--out", required=True, help="output folder")
   generate.add_sampling_flags(p)
   return p.parse_args(argv[1:])
 
 
 def main(args: argparse.Namespace) -> None:
-  prompts = generate.read_prompts(args.prompts)
+  prompt_set = read_prompt_set(args.prompts)
+  prompts = prompt_set.prompts
   out = Path(args.out)
   images = {}
   for name in ("a", "b"):  # one pipeline in memory at a time
     images[name] = sample(getattr(args, f"model_{name}"), prompts, args)
     generate.save_images(images[name], out / name)
-  reward = load_reward_model(args.reward)
-  clip = reward if args.clip is None else load_reward_model(args.clip)
-  scores = {name: score(reward, clip, prompts, images[name]) for name in images}
+  scores = {}
+  for kind, path in args.rewards.items():  # one reward model in memory at a time
+    reward = rewards.load_reward(kind, path)
+    scores[kind] = {name: scoring.score(reward, prompts, images[name]) for name in images}
+    del reward
 
-  settings = {k: getattr(args, k) for k in ("model_a", "model_b", "reward", "seed", "steps", "guidance",
+  settings = {k: getattr(args, k) for k in ("model_a", "model_b", "rewards", "prompts", "seed", "steps", "guidance",
                                             "negative_prompt", "sampler")}
-  settings |= {"clip": args.clip or args.reward, "height": int(images["a"].shape[1]),
-               "width": int(images["a"].shape[2])}
-  summary = {m: {"mean_a": float(scores["a"][m].mean()), "mean_b": float(scores["b"][m].mean()),
-                 "win_rate_b": win_rate(scores["a"][m], scores["b"][m])} for m in METRICS}
-  per_prompt = [{"prompt": p, **{f"{m}_{n}": float(scores[n][m][i]) for m in METRICS for n in ("a", "b")}}
+  settings |= {"height": int(images["a"].shape[1]), "width": int(images["a"].shape[2]),
+               "bootstrap_samples": BOOTSTRAP_SAMPLES, "bootstrap_seed": BOOTSTRAP_SEED}
+  summary = summarize(scores, prompt_set.categories)
+  per_prompt = [{"prompt": p, **({} if prompt_set.categories is None else {"category": prompt_set.categories[i]}),
+                 **{f"{k}_{n}": float(scores[k][n][i]) for k in scores for n in ("a", "b")}}
                 for i, p in enumerate(prompts)]
   results = {"settings": settings, "summary": summary, "per_prompt": per_prompt}
   (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -106,8 +167,10 @@ def main(args: argparse.Namespace) -> None:
   rows = min(len(prompts), GRID_ROWS)
   pairs = np.stack([images["a"][:rows], images["b"][:rows]], axis=1).reshape(2 * rows, *images["a"].shape[1:])
   Image.fromarray(sampling.make_grid(pairs, cols=2)).save(out / "side_by_side.png")
-  logging.info("B win rate %.4f (reward), mean reward A %.4f, B %.4f; wrote %s", summary["reward"]["win_rate_b"],
-               summary["reward"]["mean_a"], summary["reward"]["mean_b"], out)
+  for kind, r in summary.items():
+    logging.info("%s: A %.4f ± %.4f, B %.4f ± %.4f, B win rate %.3f [%.3f, %.3f]", kind, r["mean_a"], r["se_a"],
+                 r["mean_b"], r["se_b"], r["win_rate_b"], *r["win_rate_b_ci95"])
+  logging.info("wrote %s", out)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,30 @@ def make_clip_tokenizer(folder, **kwargs):
   return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77, **kwargs)
 
 
+def make_clip_reward_dir(path, seed=0):
+  """A tiny random transformers CLIPModel folder (tokenizer, preprocessor_config.json) at `path`, as the
+  `pickscore` and `clip` rewards load it; returns the torch model."""
+  import torch
+  from transformers import CLIPConfig, CLIPModel
+  from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+  tokenizer = make_clip_tokenizer(path)
+  tokenizer.save_pretrained(path)
+  ids = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+             pad_token_id=tokenizer.pad_token_id)
+  config = CLIPConfig(
+      text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, **ids),
+      vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=3,
+                         image_size=32, patch_size=8, hidden_act="gelu"),
+      projection_dim=12, logit_scale_init_value=3.0)
+  torch.manual_seed(seed)
+  model = perturb_(CLIPModel(config), seed).eval()
+  model.save_pretrained(path)
+  # Resize to a 40 px shorter side, then centre crop 32: both steps move pixels.
+  CLIPImageProcessorPil(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32},
+                        image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25]).save_pretrained(path)
+  return model
+
+
 def make_clip_text_model(config, *, projection=False, seed=0):
   import torch
   from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
