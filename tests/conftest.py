@@ -229,3 +229,26 @@ def demo_run(tmp_path_factory, demo_assets, trainer_env):
   workdir = tmp_path_factory.mktemp("demo_run")
   proc = run_trainer(trainer_env(), workdir, demo_assets)
   return workdir, proc
+
+
+def make_tiny_clip_folder(path, *, vision_act="gelu", seed=0):
+  """A tiny random transformers CLIPModel folder with its tokenizer and a CLIPImageProcessor config that
+  resizes to a 40 px shorter side and centre-crops 32; returns the torch model."""
+  import torch
+  from transformers import CLIPConfig, CLIPModel
+  from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+  tokenizer = make_clip_tokenizer(path)
+  tokenizer.save_pretrained(path)
+  ids = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+             pad_token_id=tokenizer.pad_token_id)
+  config = CLIPConfig(
+      text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, **ids),
+      vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=3,
+                         image_size=32, patch_size=8, hidden_act=vision_act),
+      projection_dim=12, logit_scale_init_value=3.0)
+  torch.manual_seed(seed)
+  model = perturb_(CLIPModel(config), seed).eval()
+  model.save_pretrained(path)
+  CLIPImageProcessorPil(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32},
+                        image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25]).save_pretrained(path)
+  return model

@@ -1,0 +1,184 @@
+"""Reward models (mapo_jax.rewards) against their reference implementations on tiny random models:
+HPS v2 against open_clip with hpsv2's transform, the LAION aesthetic predictor against a torch copy of its
+head on a transformers CLIPModel, sharded scoring against one device, and checkpoints of the wrong kind."""
+import json
+import re
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_tiny_clip_folder, perturb_
+from mapo_jax import rewards
+from mapo_jax.models import open_clip as oc
+from mapo_jax.models.image_transforms import OPENAI_MEAN, OPENAI_STD
+from torchvision_compat import import_open_clip
+
+PROMPTS = ["a cat", "The RED dog!", "two  dogs &amp; a cat, 3 birds", "café au lait", "", "a dog on a red mat"]
+TINY_OPEN_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 24, "head_width": 8,
+                                                  "patch_size": 8},
+                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 2}}
+
+
+def random_images(n, h, w, seed=0):
+  """Smooth random images (noise upsampled), so the resize filters see image-like content."""
+  rng = np.random.default_rng(seed)
+  small = rng.integers(0, 256, (n, 6, 6, 3), dtype=np.uint8)
+  return np.stack([np.asarray(Image.fromarray(s).resize((w, h), Image.BILINEAR)) for s in small])
+
+
+# Sizes chosen so the centre crop's offset is fractional (torchvision rounds it) and one is upsampled.
+SIZES = [(36, 47), (50, 33), (25, 20)]
+
+
+def torchvision_transform(size, mean, std, *, tensor_first):
+  """hpsv2's val transform (ToTensor, then Resize the tensor) or OpenAI CLIP's (Resize the PIL image first)."""
+  from torchvision import transforms as T
+  resize = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
+  steps = [T.ToTensor(), *resize] if tensor_first else [*resize, T.ToTensor()]
+  return T.Compose([*steps, T.Normalize(mean, std)])
+
+
+# --- HPS v2 -------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hps(tmp_path_factory):
+  """A tiny open_clip CLIP saved as HPS releases it ({"state_dict": ...}, torch.save) with its config."""
+  open_clip = import_open_clip()
+  from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+  torch.manual_seed(0)
+  cfg = TINY_OPEN_CLIP
+  model = perturb_(CLIP(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), CLIPTextCfg(**cfg["text_cfg"]))).eval()
+  folder = tmp_path_factory.mktemp("hps")
+  torch.save({"state_dict": model.state_dict()}, folder / "HPS_tiny.pt")
+  (folder / rewards.HPS_CONFIG_FILE).write_text(json.dumps({"model_cfg": cfg}))
+  return folder / "HPS_tiny.pt", model, open_clip
+
+
+def hps_reference(model, open_clip, prompts, images):
+  """hpsv2's `score`: the diagonal of normalised image features @ normalised text features."""
+  transform = torchvision_transform(32, OPENAI_MEAN, OPENAI_STD, tensor_first=True)
+  pixels = torch.stack([transform(Image.fromarray(i)) for i in images])
+  with torch.no_grad():
+    image = model.encode_image(pixels, normalize=True)
+    text = model.encode_text(open_clip.tokenize(prompts), normalize=True)
+  return (image * text).sum(-1).numpy()
+
+
+def test_open_clip_tokens_match(hps):
+  _, _, open_clip = hps
+  long = " ".join(["a very long prompt about a red cat"] * 15)  # > 77 tokens: truncation keeps an EOT
+  prompts = [*PROMPTS, long, "Tabs\tand\nnewlines", "1234567 numbers, (brackets) [x] don't"]
+  tokenizer = oc.load_tokenizer(hps[0].parent)  # no tokenizer files there: open_clip's own BPE file
+  np.testing.assert_array_equal(oc.tokenize(tokenizer, prompts), open_clip.tokenize(prompts).numpy())
+
+
+def test_hps_matches_open_clip(hps):
+  path, model, open_clip = hps
+  scorer = rewards.load_reward("hps", path, batch_size=8)
+  for k, (h, w) in enumerate(SIZES):
+    images = random_images(len(PROMPTS), h, w, seed=k)
+    ref = hps_reference(model, open_clip, PROMPTS, images)
+    # Cosines (|s| <= 1) in float32 through a 2-layer model; the float resizes (PIL's and torch's) agree
+    # to ~1e-5 per pixel, which the towers carry through at about that size.
+    np.testing.assert_allclose(scorer(PROMPTS, images), ref, rtol=0, atol=1e-4)
+    assert np.ptp(ref) > 0.1  # the scores differ, so matching them means something
+
+
+def test_hps_safetensors_copy(hps, tmp_path):
+  from safetensors.numpy import save_file
+  path, model, _ = hps
+  save_file({k: v.numpy() for k, v in model.state_dict().items()}, tmp_path / "hps.safetensors")
+  shutil.copy(path.parent / rewards.HPS_CONFIG_FILE, tmp_path)
+  images = random_images(len(PROMPTS), 36, 47)
+  ours = rewards.load_reward("hps", tmp_path / "hps.safetensors")(PROMPTS, images)
+  np.testing.assert_array_equal(ours, rewards.load_reward("hps", path)(PROMPTS, images))
+
+
+def test_sharded_scores_equal_single_device(hps):
+  assert jax.device_count() == 8
+  path = hps[0]
+  images = random_images(11, 36, 47)  # 11 items: two batches of 8, the second padded
+  prompts = [PROMPTS[i % len(PROMPTS)] for i in range(11)]
+  sharded = rewards.load_reward("hps", path, batch_size=5)  # rounded up to 8, one item per device
+  assert sharded.batch_size == 8 and sharded.mesh.size == 8
+  one = rewards.load_reward("hps", path, batch_size=8, mesh=rewards.data_mesh(jax.devices()[:1]))
+  # Each item is computed alone on its device in both cases; only XLA's choice of kernels can differ.
+  np.testing.assert_allclose(sharded(prompts, images), one(prompts, images), rtol=0, atol=1e-6)
+
+
+# --- LAION aesthetic predictor -------------------------------------------------------------------------
+
+class AestheticMLP(torch.nn.Module):
+  """improved-aesthetic-predictor's `MLP` (its `layers` Sequential; the Lightning training parts left out)."""
+
+  def __init__(self, input_size):
+    super().__init__()
+    self.layers = torch.nn.Sequential(
+        torch.nn.Linear(input_size, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+
+  def forward(self, x):
+    return self.layers(x)
+
+
+@pytest.fixture(scope="module")
+def aesthetic(tmp_path_factory):
+  """A tiny CLIPModel folder (quick_gelu vision tower, as ViT-L/14's) holding the head file."""
+  folder = tmp_path_factory.mktemp("aesthetic")
+  clip = make_tiny_clip_folder(folder, vision_act="quick_gelu")
+  torch.manual_seed(1)
+  head = perturb_(AestheticMLP(clip.config.projection_dim), seed=1, scale=0.3).eval()
+  torch.save(head.state_dict(), folder / "sac+logos+ava1-l14-linearMSE.pth")
+  return folder, clip, head
+
+
+def aesthetic_reference(clip, head, images, folder):
+  """The predictor's script: OpenAI CLIP preprocess, encode_image, NumPy L2 normalisation, the MLP."""
+  processor = json.loads((folder / "preprocessor_config.json").read_text())
+  transform = torchvision_transform(32, processor["image_mean"], processor["image_std"], tensor_first=False)
+  pixels = torch.stack([transform(Image.fromarray(i)) for i in images])
+  with torch.no_grad():
+    e = clip.get_image_features(pixel_values=pixels).pooler_output.numpy()
+    e = e / np.linalg.norm(e, 2, axis=-1, keepdims=True)
+    return head(torch.from_numpy(e)).numpy()[:, 0]
+
+
+def test_aesthetic_matches_torch(aesthetic):
+  folder, clip, head = aesthetic
+  by_file = rewards.load_reward("aesthetic", folder / "sac+logos+ava1-l14-linearMSE.pth")
+  by_folder = rewards.load_reward("aesthetic", folder)
+  for k, (h, w) in enumerate(SIZES):
+    images = random_images(len(PROMPTS), h, w, seed=k)
+    ref = aesthetic_reference(clip, head, images, folder)
+    ours = by_file(PROMPTS, images)
+    # float32 CLIP embedding (~1e-6 relative) through the head, whose gain is about ptp / 2.
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(by_folder(PROMPTS, images), ours)
+    assert np.ptp(ref) > 0.01
+
+
+# --- Checkpoints of the wrong kind ---------------------------------------------------------------------
+
+def test_wrong_kind_of_checkpoint_is_named(hps, aesthetic, tmp_path):
+  hps_file, (clip_folder, _, _) = hps[0], aesthetic
+  head_file = clip_folder / "sac+logos+ava1-l14-linearMSE.pth"
+  with pytest.raises(ValueError, match=re.escape(f"hps: {clip_folder} is not a file")):
+    rewards.load_reward("hps", clip_folder)  # a CLIP / PickScore folder
+  with pytest.raises(ValueError, match=re.escape(f"{hps_file} is not a LAION aesthetic-predictor head")):
+    rewards.load_reward("aesthetic", hps_file)
+  with pytest.raises(ValueError, match=re.escape(f"{head_file} is not an open_clip CLIP state dict")):
+    rewards.load_reward("hps", head_file)
+  with pytest.raises(ValueError, match=re.escape(f"pickscore: {hps_file} is not a folder")):
+    rewards.load_reward("pickscore", hps_file)
+  # An HPS file without its tiny config is read as ViT-H-14: every mis-shaped key is listed, with the file.
+  shutil.copy(hps_file, tmp_path / "hps.pt")
+  with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'hps.pt'} does not match")) as error:
+    rewards.load_reward("hps", tmp_path / "hps.pt")
+  assert "visual.conv1.weight: checkpoint (24, 192), model (1280, 588)" in str(error.value)
+  (tmp_path / "old.pt").write_bytes(b"\x80\x02not a zip")
+  with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'old.pt'} is not a PyTorch zip checkpoint")):
+    rewards.load_reward("hps", tmp_path / "old.pt")
