@@ -15,7 +15,9 @@ from conftest import make_tiny_clip_folder, perturb_
 from mapo_jax import rewards
 from mapo_jax.models import open_clip as oc
 from mapo_jax.models.image_transforms import OPENAI_MEAN, OPENAI_STD
-from torchvision_compat import import_open_clip
+from torchvision_compat import ensure_torchvision, import_open_clip
+
+ensure_torchvision()  # before transformers' CLIP models, which import it
 
 PROMPTS = ["a cat", "The RED dog!", "two  dogs &amp; a cat, 3 birds", "café au lait", "", "a dog on a red mat"]
 TINY_OPEN_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 24, "head_width": 8,
@@ -82,9 +84,9 @@ def test_hps_matches_open_clip(hps):
   for k, (h, w) in enumerate(SIZES):
     images = random_images(len(PROMPTS), h, w, seed=k)
     ref = hps_reference(model, open_clip, PROMPTS, images)
-    # Cosines (|s| <= 1) in float32 through a 2-layer model; the float resizes (PIL's and torch's) agree
-    # to ~1e-5 per pixel, which the towers carry through at about that size.
-    np.testing.assert_allclose(scorer(PROMPTS, images), ref, rtol=0, atol=1e-4)
+    # Cosines (|s| <= 1) in float32 through two layers per tower (measured: <= 4e-7); the float resizes
+    # (PIL's and torch's) agree to ~1e-6 per pixel on these smooth images.
+    np.testing.assert_allclose(scorer(PROMPTS, images), ref, rtol=0, atol=1e-5)
     assert np.ptp(ref) > 0.1  # the scores differ, so matching them means something
 
 
@@ -155,10 +157,26 @@ def test_aesthetic_matches_torch(aesthetic):
     images = random_images(len(PROMPTS), h, w, seed=k)
     ref = aesthetic_reference(clip, head, images, folder)
     ours = by_file(PROMPTS, images)
-    # float32 CLIP embedding (~1e-6 relative) through the head, whose gain is about ptp / 2.
+    # Scores span ~7 units: the unit embedding's float32 error (~1e-6) times the head's gain (~10), plus
+    # the head's own float32 sums (measured: <= 2e-5).
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4)
     np.testing.assert_array_equal(by_folder(PROMPTS, images), ours)
     assert np.ptp(ref) > 0.01
+
+
+# --- PickScore and CLIP score through load_reward -------------------------------------------------------
+
+def test_pickscore_and_clip_score_match_transformers(tmp_path):
+  from test_evaluate import reference_scores
+  model = make_tiny_clip_folder(tmp_path)
+  images = random_images(len(PROMPTS), 36, 47)
+  ref = reference_scores((tmp_path, model), PROMPTS, images)
+  # logit_scale.exp() = e³ ≈ 20 times a float32 cosine; the CLIP score is 100 · cosine.
+  np.testing.assert_allclose(rewards.load_reward("pickscore", tmp_path)(PROMPTS, images), ref["score"],
+                             rtol=0, atol=1e-4)
+  np.testing.assert_allclose(rewards.load_reward("clip", tmp_path)(PROMPTS, images),
+                             100 * np.maximum(ref["cosine"], 0), rtol=0, atol=1e-4)
+  assert np.ptp(ref["score"]) > 1
 
 
 # --- Checkpoints of the wrong kind ---------------------------------------------------------------------
