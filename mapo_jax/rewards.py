@@ -177,11 +177,48 @@ def _load_aesthetic(path, **options) -> Scorer:
                 lambda images: clip_eval_transform(images, size, mean=mean, std=std, resize_uint8=True), **options)
 
 
+def _image_reward(model, inputs, pixels):
+  ids, mask = inputs
+  return model(ids, mask, pixels)
+
+
+IMAGE_REWARD_FILE = "ImageReward.pt"
+
+
+def _load_image_reward(path, **options) -> Scorer:
+  """ImageReward: the checkpoint file (ImageReward.pt, or a .safetensors copy), or the folder holding
+  ImageReward.pt; beside it med_config.json and bert-base-uncased's vocab.txt."""
+  from transformers import BertTokenizer
+  from mapo_jax.models import image_reward
+  from mapo_jax.models.image_transforms import clip_eval_transform
+  path = Path(path)
+  file = path / IMAGE_REWARD_FILE if path.is_dir() else path
+  if not file.is_file():
+    raise ValueError(f"imagereward: {path} is neither the checkpoint file nor a folder holding {IMAGE_REWARD_FILE}")
+  folder = file.parent
+  med_config = image_reward.read_med_config(folder)
+  model = image_reward.load_image_reward(file, med_config)
+  if not (folder / "vocab.txt").is_file():
+    raise FileNotFoundError(f"{folder} has no vocab.txt (ImageReward's tokenizer is bert-base-uncased's)")
+  tokenizer = BertTokenizer(str(folder / "vocab.txt"))
+
+  def tokenize(prompts):
+    out = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=image_reward.MAX_LENGTH,
+                    return_tensors="np")
+    return out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)
+
+  size = model.cfg.image_size
+  # ImageReward's _transform: OpenAI CLIP's preprocess (resize the PIL image, then ToTensor).
+  return Scorer("imagereward", model, _image_reward,
+                lambda images: clip_eval_transform(images, size, resize_uint8=True), tokenize, **options)
+
+
 LOADERS: dict[str, Callable[..., Scorer]] = {
     "pickscore": functools.partial(_load_clip_folder, "pickscore"),
     "clip": functools.partial(_load_clip_folder, "clip"),
     "hps": _load_hps,
     "aesthetic": _load_aesthetic,
+    "imagereward": _load_image_reward,
 }
 
 
