@@ -164,6 +164,88 @@ def test_aesthetic_matches_torch(aesthetic):
     assert np.ptp(ref) > 0.01
 
 
+# --- ImageReward ---------------------------------------------------------------------------------------------
+
+BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz", "cat", "dog", "red", "the",
+              "on", "##s", "!", ",", ".", "&"]
+# transformers' BLIP port → ImageReward's key names (BLIP's vit.py / med.py, under ImageReward's `blip.`).
+BLIP_VISION_KEYS = [(r"^embeddings\.class_embedding$", "cls_token"), (r"^embeddings\.position_embedding$", "pos_embed"),
+                    (r"^embeddings\.patch_embedding\.", "patch_embed.proj."), (r"^encoder\.layers\.", "blocks."),
+                    (r"\.layer_norm(\d)\.", r".norm\1."), (r"\.self_attn\.projection\.", ".attn.proj."),
+                    (r"\.self_attn\.qkv\.", ".attn.qkv."), (r"^post_layernorm\.", "norm.")]
+
+
+def image_reward_state_dict(vision, text, head):
+  """transformers' BlipVisionModel / BlipTextModel and the head, keyed as ImageReward's state dict."""
+  out = {}
+  for key, value in vision.state_dict().items():
+    for pattern, repl in BLIP_VISION_KEYS:
+      key = re.sub(pattern, repl, key)
+    out[f"blip.visual_encoder.{key}"] = value
+  out.update((f"blip.text_encoder.{k}", v) for k, v in text.state_dict().items())
+  out.update((f"mlp.{k}", v) for k, v in head.state_dict().items())
+  return out
+
+
+@pytest.fixture(scope="module")
+def image_reward(tmp_path_factory):
+  """A tiny ImageReward folder: ImageReward.pt (ImageReward's keys), med_config.json, a BERT vocab.txt. The
+  reference towers are transformers' BLIP classes, ports of BLIP's vit.py and med.py; the same loader
+  matched ImageReward 1.5's own modules (docs/rewards.md)."""
+  from transformers import BlipTextConfig, BlipVisionConfig
+  from transformers.models.blip.modeling_blip import BlipVisionModel
+  from transformers.models.blip.modeling_blip_text import BlipTextModel
+  folder = tmp_path_factory.mktemp("image_reward")
+  (folder / "vocab.txt").write_text("\n".join(BERT_WORDS) + "\n")
+  med = dict(architectures=["BertModel"], hidden_act="gelu", hidden_size=32, intermediate_size=64, layer_norm_eps=1e-12,
+             max_position_embeddings=40, model_type="bert", num_attention_heads=2, num_hidden_layers=2, pad_token_id=0,
+             vocab_size=len(BERT_WORDS) + 2, encoder_width=128, add_cross_attention=True)
+  (folder / "med_config.json").write_text(json.dumps(med))
+  torch.manual_seed(0)
+  vision = perturb_(BlipVisionModel(BlipVisionConfig(
+      hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+      layer_norm_eps=1e-6, hidden_act="gelu"))).eval()
+  text = perturb_(BlipTextModel(BlipTextConfig(
+      vocab_size=med["vocab_size"], hidden_size=32, encoder_hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=2, max_position_embeddings=40, layer_norm_eps=1e-12, bos_token_id=None, sep_token_id=3,
+      is_decoder=True),  # builds the cross-attention; the forward runs as an encoder (is_decoder=False)
+      add_pooling_layer=False), seed=1).eval()
+  head = perturb_(AestheticMLP(32), seed=2, scale=0.1).eval()  # ImageReward's MLP has the predictor's layout
+  torch.save(image_reward_state_dict(vision, text, head), folder / "ImageReward.pt")
+  return folder, vision, text, head
+
+
+def image_reward_reference(folder, vision, text, head, prompts, images):
+  """ImageReward.score_gard: the [CLS] state of the text encoder cross-attending to all image tokens, through
+  the MLP, standardised with ImageReward's mean and std; OpenAI CLIP's preprocess; 35 BERT tokens."""
+  from transformers import BertTokenizer
+  from mapo_jax.models.image_reward import SCORE_MEAN, SCORE_STD
+  transform = torchvision_transform(32, OPENAI_MEAN, OPENAI_STD, tensor_first=False)
+  pixels = torch.stack([transform(Image.fromarray(i)) for i in images])
+  tokens = BertTokenizer(str(folder / "vocab.txt"))(prompts, padding="max_length", truncation=True, max_length=35,
+                                                     return_tensors="pt")
+  with torch.no_grad():
+    image = vision(pixel_values=pixels).last_hidden_state
+    h = text(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, encoder_hidden_states=image,
+             encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long), is_decoder=False).last_hidden_state
+    return ((head(h[:, 0]) - SCORE_MEAN) / SCORE_STD).numpy()[:, 0]
+
+
+def test_image_reward_matches_blip(image_reward):
+  folder = image_reward[0]
+  prompts = [*PROMPTS[:4], "dogs. dogs. dogs. " * 10, ""]  # one prompt longer than 35 tokens
+  by_folder = rewards.load_reward("imagereward", folder)
+  by_file = rewards.load_reward("imagereward", folder / "ImageReward.pt")
+  for k, (h, w) in enumerate(SIZES):
+    images = random_images(len(prompts), h, w, seed=k)
+    ref = image_reward_reference(*image_reward, prompts, images)
+    ours = by_folder(prompts, images)
+    # Scores span ~5 units: float32 through two ViT blocks and two BERT layers, then the head (measured: <= 3e-6).
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(by_file(prompts, images), ours)
+    assert np.ptp(ref) > 0.1
+
+
 # --- PickScore and CLIP score through load_reward -------------------------------------------------------
 
 def test_pickscore_and_clip_score_match_transformers(tmp_path):
