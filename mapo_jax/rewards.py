@@ -11,6 +11,8 @@ Kinds and what PATH is (docs/rewards.md has the formulas and sources):
              copy): cos(image, text), no logit scale
   aesthetic  the LAION aesthetic predictor head file (sac+logos+ava1-l14-linearMSE.pth) inside a transformers
              CLIP ViT-L/14 folder (openai/clip-vit-large-patch14), or that folder: MLP(normalised image embedding)
+  imagereward  ImageReward.pt (or a .safetensors copy) with med_config.json and bert-base-uncased's vocab.txt
+             beside it, or their folder: (MLP(BLIP text-image [CLS] state) - mean) / std
 
 Each scorer holds its parameters replicated over a mesh (default: all devices on one `data` axis) and runs
 one jitted program per batch, the batch sharded over every mesh axis; batches are padded to `batch_size`
@@ -196,8 +198,7 @@ def _load_image_reward(path, **options) -> Scorer:
   if not file.is_file():
     raise ValueError(f"imagereward: {path} is neither the checkpoint file nor a folder holding {IMAGE_REWARD_FILE}")
   folder = file.parent
-  med_config = image_reward.read_med_config(folder)
-  model = image_reward.load_image_reward(file, med_config)
+  model = image_reward.load_image_reward(file)
   if not (folder / "vocab.txt").is_file():
     raise FileNotFoundError(f"{folder} has no vocab.txt (ImageReward's tokenizer is bert-base-uncased's)")
   tokenizer = BertTokenizer(str(folder / "vocab.txt"))

@@ -240,8 +240,8 @@ def test_image_reward_matches_blip(image_reward):
     images = random_images(len(prompts), h, w, seed=k)
     ref = image_reward_reference(*image_reward, prompts, images)
     ours = by_folder(prompts, images)
-    # Scores span ~5 units: float32 through two ViT blocks and two BERT layers, then the head (measured: <= 3e-6).
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4)
+    # Scores of size ~0.3: float32 through two ViT blocks and two BERT layers, then the head (measured: <= 3e-6).
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-5)
     np.testing.assert_array_equal(by_file(prompts, images), ours)
     assert np.ptp(ref) > 0.1
 
@@ -263,7 +263,7 @@ def test_pickscore_and_clip_score_match_transformers(tmp_path):
 
 # --- Checkpoints of the wrong kind ---------------------------------------------------------------------
 
-def test_wrong_kind_of_checkpoint_is_named(hps, aesthetic, tmp_path):
+def test_wrong_kind_of_checkpoint_is_named(hps, aesthetic, image_reward, tmp_path):
   hps_file, (clip_folder, _, _) = hps[0], aesthetic
   head_file = clip_folder / "sac+logos+ava1-l14-linearMSE.pth"
   with pytest.raises(ValueError, match=re.escape(f"hps: {clip_folder} is not a file")):
@@ -279,6 +279,11 @@ def test_wrong_kind_of_checkpoint_is_named(hps, aesthetic, tmp_path):
   with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'hps.pt'} does not match")) as error:
     rewards.load_reward("hps", tmp_path / "hps.pt")
   assert "visual.conv1.weight: checkpoint (24, 192), model (1280, 588)" in str(error.value)
+  ir_file = image_reward[0] / "ImageReward.pt"
+  with pytest.raises(ValueError, match=re.escape(f"{hps_file} is not an ImageReward checkpoint")):
+    rewards.load_reward("imagereward", hps_file)
+  with pytest.raises(ValueError, match=re.escape(f"{ir_file} is not an open_clip CLIP state dict")):
+    rewards.load_reward("hps", ir_file)
   (tmp_path / "old.pt").write_bytes(b"\x80\x02not a zip")
   with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'old.pt'} is not a PyTorch zip checkpoint")):
     rewards.load_reward("hps", tmp_path / "old.pt")

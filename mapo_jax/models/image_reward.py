@@ -293,11 +293,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   return dict(state)
 
 
-def load_image_reward(path: str | os.PathLike, med_config: Mapping[str, Any], dtype=jnp.float32, *,
-                      param_dtype=jnp.float32) -> ImageReward:
-  """ImageReward from its state-dict file `path` (ImageReward.pt or a .safetensors copy) and med_config.json."""
+def load_image_reward(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=jnp.float32) -> ImageReward:
+  """ImageReward from its state-dict file `path` (ImageReward.pt or a .safetensors copy) and the
+  med_config.json beside it."""
+  path = Path(path)
   state = read_state_dict(path)
-  cfg = ImageRewardConfig.from_checkpoint(state, med_config, str(path))
+  if "blip.visual_encoder.cls_token" not in state or "mlp.layers.0.weight" not in state:
+    raise ValueError(f"{path} is not an ImageReward checkpoint (no blip.visual_encoder.cls_token / "
+                     f"mlp.layers.0.weight); its first keys: {sorted(state)[:5]}")
+  cfg = ImageRewardConfig.from_checkpoint(state, read_med_config(path.parent), str(path))
   options = Options(dtype=dtype, param_dtype=param_dtype)
   model = nnx.eval_shape(lambda: ImageReward(cfg, options=options, rngs=nnx.Rngs(0)))
   convert.load_state_dict(model, {_BARE.get(k, k): v for k, v in state.items()}, source=str(path),
