@@ -23,7 +23,7 @@ def ensure_torchvision():
   _LIBRARY = torch.library.Library("torchvision", "DEF")
   _LIBRARY.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
   _LIBRARY.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-  import torchvision  # noqa: F401, F811
+  import torchvision  # noqa: F401
 
 
 def import_open_clip():

@@ -19,11 +19,9 @@ Forward (open_clip `CLIP.encode_image` / `encode_text`):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gzip
 import html
 import importlib.util
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
