@@ -90,6 +90,22 @@ def test_hps_matches_open_clip(hps):
     assert np.ptp(ref) > 0.1  # the scores differ, so matching them means something
 
 
+def test_vit_h_14_parameters_match_open_clip(hps):
+  """Full size, shapes only: ViT-H-14 (HPS's architecture) has open_clip's 686 tensors and 986M parameters."""
+  from flax import nnx
+  from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+  from mapo_jax.convert import torch_key
+  open_clip = hps[2]
+  cfg = open_clip.get_model_config("ViT-H-14")
+  assert cfg == oc.VIT_H_14
+  with torch.device("meta"):  # no memory
+    ref = CLIP(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), CLIPTextCfg(**cfg["text_cfg"]))
+  want = {oc._rename(k): v.numel() for k, v in ref.state_dict().items()}
+  model = nnx.eval_shape(lambda: oc.OpenCLIP(oc.VIT_H_14, rngs=nnx.Rngs(0)))
+  ours = {torch_key(p): v.size for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
+  assert ours == want and len(ours) == 686 and sum(ours.values()) == 986_109_441
+
+
 def test_hps_safetensors_copy(hps, tmp_path):
   from safetensors.numpy import save_file
   path, model, _ = hps
