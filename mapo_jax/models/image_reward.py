@@ -265,9 +265,10 @@ class ImageReward(nnx.Module):
     return (self.mlp(h) - SCORE_MEAN) / SCORE_STD
 
 
-# Keys of ImageReward's state dict that the score does not use: BLIP's contrastive projections and the
-# position_ids buffer. ImageReward itself loads with strict=False.
-_UNUSED = r"blip\.(vision_proj|text_proj)\..*|blip\.text_encoder\.embeddings\.position_ids"
+# Keys the score does not use: BLIP's contrastive projections (blip.vision_proj / text_proj), anything else
+# outside the two towers and the head, and the position_ids buffer. ImageReward itself loads with
+# strict=False; inside the towers and the head we stay strict.
+_UNUSED = r"(?!blip\.visual_encoder\.|blip\.text_encoder\.|mlp\.).*|blip\.text_encoder\.embeddings\.position_ids"
 _BARE = {"blip.visual_encoder.cls_token": "blip.visual_encoder.cls_token.weight",
          "blip.visual_encoder.pos_embed": "blip.visual_encoder.pos_embed.weight",
          "blip.visual_encoder.patch_embed.proj.weight": "blip.visual_encoder.patch_embed.weight",
