@@ -16,7 +16,8 @@ Kinds and what PATH is (docs/rewards.md has the formulas and sources):
 
 Each scorer holds its parameters replicated over a mesh (default: all devices on one `data` axis) and runs
 one jitted program per batch, the batch sharded over every mesh axis; batches are padded to `batch_size`
-rounded up to a multiple of the device count, so one compile serves every call. Command lines name rewards
+rounded up to a multiple of the device count, so one compile serves every call. With several processes
+(multi-host), every process calls the scorer with the same prompts and images and gets all the scores. Command lines name rewards
 as `kind=PATH` items separated by commas (`parse_rewards`).
 """
 from __future__ import annotations
@@ -65,9 +66,17 @@ def _aesthetic(model, ids, pixels):
   return model(pixels)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
 def _scores(graphdef, score_fn, state, ids, pixels):
   return score_fn(nnx.merge(graphdef, state), ids, pixels).astype(jnp.float32)
+
+
+def _place(tree, sharding: NamedSharding):
+  """Host arrays (the same on every process) as global arrays with `sharding`; each process hands over only
+  its own devices' blocks, so this works on one host and on many."""
+  def put(x):
+    x = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(put, tree)
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -85,9 +94,12 @@ class Scorer:
     self.kind, self.score_fn, self.preprocess, self.tokenize = kind, score_fn, preprocess, tokenize
     self.mesh = data_mesh() if mesh is None else mesh
     self.batch_size = -(-batch_size // self.mesh.size) * self.mesh.size
-    self._graphdef, state = nnx.split(model)
-    self._state = jax.device_put(state, NamedSharding(self.mesh, P()))
+    graphdef, state = nnx.split(model)
+    replicated = NamedSharding(self.mesh, P())
+    self._state = _place(state, replicated)
     self._batch = NamedSharding(self.mesh, P(self.mesh.axis_names))
+    # Scores come back replicated, so every process can read all of them.
+    self._run = jax.jit(functools.partial(_scores, graphdef, score_fn), out_shardings=replicated)
 
   def __call__(self, prompts: Sequence[str], images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
@@ -99,10 +111,9 @@ class Scorer:
     parts = []
     for start in range(0, n, self.batch_size):
       idx = [min(i, n - 1) for i in range(start, start + self.batch_size)]  # the last item repeated as padding
-      ids = None if self.tokenize is None else jax.device_put(self.tokenize([prompts[i] for i in idx]), self._batch)
-      pixels = jax.device_put(self.preprocess(images[idx]), self._batch)
-      out = _scores(self._graphdef, self.score_fn, self._state, ids, pixels)
-      parts.append(np.asarray(jax.device_get(out))[:min(self.batch_size, n - start)])
+      ids = None if self.tokenize is None else _place(self.tokenize([prompts[i] for i in idx]), self._batch)
+      out = self._run(self._state, ids, _place(self.preprocess(images[idx]), self._batch))
+      parts.append(np.asarray(out.addressable_data(0))[:min(self.batch_size, n - start)])
     return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
 
 

@@ -128,6 +128,43 @@ def test_sharded_scores_equal_single_device(hps):
   np.testing.assert_allclose(sharded(prompts, images), one(prompts, images), rtol=0, atol=1e-6)
 
 
+SCORE_IN_PROCESS = """
+import json, sys
+import jax
+import numpy as np
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+port, rank, checkpoint, folder = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+jax.distributed.initialize(f"localhost:{port}", 2, rank)
+from mapo_jax import rewards
+scorer = rewards.load_reward("hps", checkpoint, batch_size=4)
+scores = scorer(json.load(open(f"{folder}/prompts.json")), np.load(f"{folder}/images.npy"))
+np.save(f"{folder}/scores_{rank}.npy", scores)
+"""
+
+
+def test_two_processes_score_as_one(hps, trainer_env, tmp_path):
+  """Multi-host on CPU: two processes x 2 devices each get every score, equal to one process's."""
+  import subprocess
+  import sys
+  from test_multihost import free_port
+  from conftest import REPO
+  path = hps[0]
+  prompts = [PROMPTS[i % len(PROMPTS)] for i in range(6)]  # 6 items: batches of 4, the second padded
+  images = random_images(6, 36, 47)
+  (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+  np.save(tmp_path / "images.npy", images)
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, "-c", SCORE_IN_PROCESS, str(port), str(rank), str(path), str(tmp_path)],
+                            env=trainer_env(devices=2), cwd=REPO, stderr=subprocess.PIPE, text=True)
+           for rank in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-4000:]
+  want = rewards.load_reward("hps", path)(prompts, images)
+  for rank in range(2):
+    np.testing.assert_allclose(np.load(tmp_path / f"scores_{rank}.npy"), want, rtol=0, atol=1e-6)
+
+
 # --- LAION aesthetic predictor -------------------------------------------------------------------------
 
 class AestheticMLP(torch.nn.Module):
