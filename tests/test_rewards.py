@@ -70,12 +70,22 @@ def hps_reference(model, open_clip, prompts, images):
   return (image * text).sum(-1).numpy()
 
 
-def test_open_clip_tokens_match(hps):
+def test_open_clip_tokens_match(hps, tmp_path):
   _, _, open_clip = hps
   long = " ".join(["a very long prompt about a red cat"] * 15)  # > 77 tokens: truncation keeps an EOT
   prompts = [*PROMPTS, long, "Tabs\tand\nnewlines", "1234567 numbers, (brackets) [x] don't"]
   tokenizer = oc.load_tokenizer(hps[0].parent)  # no tokenizer files there: open_clip's own BPE file
-  np.testing.assert_array_equal(oc.tokenize(tokenizer, prompts), open_clip.tokenize(prompts).numpy())
+  want = open_clip.tokenize(prompts).numpy()
+  np.testing.assert_array_equal(oc.tokenize(tokenizer, prompts), want)
+  # The same vocabulary as transformers files beside a checkpoint: tokenizer.json, or vocab.json + merges.txt.
+  saved, files = tmp_path / "saved", tmp_path / "files"
+  tokenizer.save_pretrained(saved)
+  files.mkdir()
+  (files / "vocab.json").write_text(json.dumps(tokenizer.get_vocab()))
+  merges = json.loads((saved / "tokenizer.json").read_text())["model"]["merges"]
+  (files / "merges.txt").write_text("#version: 0.2\n" + "\n".join(m if isinstance(m, str) else " ".join(m) for m in merges) + "\n")
+  for folder in (saved, files):
+    np.testing.assert_array_equal(oc.tokenize(oc.load_tokenizer(folder), prompts), want)
 
 
 def test_hps_matches_open_clip(hps):

@@ -318,13 +318,13 @@ def tokenizer_from_bpe(bpe_path: str | os.PathLike):
 
 
 def load_tokenizer(folder: str | os.PathLike):
-  """The CLIP tokenizer for an open_clip checkpoint in `folder`: transformers tokenizer files there
-  (vocab.json + merges.txt, e.g. copied from laion/CLIP-ViT-H-14-laion2B-s32B-b79K), else open_clip's
-  BPE file (see `_bpe_file`)."""
+  """The CLIP tokenizer for an open_clip checkpoint in `folder`: a transformers CLIP tokenizer saved there
+  (tokenizer.json, or vocab.json + merges.txt, e.g. copied from laion/CLIP-ViT-H-14-laion2B-s32B-b79K),
+  else open_clip's BPE file (see `_bpe_file`)."""
   from transformers import CLIPTokenizer
   folder = Path(folder)
-  if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-    return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
+  if (folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+    return CLIPTokenizer.from_pretrained(str(folder))
   bpe = _bpe_file(folder)
   if bpe is None:
     raise FileNotFoundError(f"no CLIP tokenizer for the checkpoint in {folder}: put vocab.json + merges.txt "
