@@ -121,9 +121,9 @@ def make_clip_tokenizer(folder, **kwargs):
   return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77, **kwargs)
 
 
-def make_clip_reward_dir(path, seed=0):
+def make_clip_reward_dir(path, *, vision_act="gelu", seed=0):
   """A tiny random transformers CLIPModel folder (tokenizer, preprocessor_config.json) at `path`, as the
-  `pickscore` and `clip` rewards load it; returns the torch model."""
+  `pickscore`, `clip` and `aesthetic` rewards load it; returns the torch model."""
   import torch
   from transformers import CLIPConfig, CLIPModel
   from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -134,7 +134,7 @@ def make_clip_reward_dir(path, seed=0):
   config = CLIPConfig(
       text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, **ids),
       vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=3,
-                         image_size=32, patch_size=8, hidden_act="gelu"),
+                         image_size=32, patch_size=8, hidden_act=vision_act),
       projection_dim=12, logit_scale_init_value=3.0)
   torch.manual_seed(seed)
   model = perturb_(CLIPModel(config), seed).eval()

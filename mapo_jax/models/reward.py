@@ -176,7 +176,7 @@ def _fix_layout(key: str, value: np.ndarray, want: tuple) -> np.ndarray:
   if key == "vision_model.embeddings.patch_embedding.weight":  # (D, C, p, p) → (D, p·p·C), patch order (p, p, C)
     return value.transpose(0, 2, 3, 1).reshape(value.shape[0], -1)
   if key == "vision_model.embeddings.class_embedding.weight":  # (D,) → (1, D)
-    return value.reshape(want)
+    return value.reshape(1, -1)  # a wrong D is left to the shape check
   return value
 
 
