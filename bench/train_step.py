@@ -2,7 +2,7 @@
 
   python bench/train_step.py --config tiny --res 64 --batch 2 --steps 3                 # CPU, seconds
   python bench/train_step.py --config sdxl --res 1024 --batch 8 --dtype bfloat16 \\
-      --torch-reference ../shared/bench/torch_reference.py                              # one GPU
+      --torch-reference PATH/torch_reference.py                                        # one GPU
 
 Prints one JSON line per implementation (and a ratio line): impl, config, objective, res, pairs_per_step,
 step_s (median), pairs_per_s, model_tflops_per_s (fwd+bwd = 3x forward FLOPs per latent, counted by
