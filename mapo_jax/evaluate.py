@@ -4,6 +4,7 @@
         --prompts prompts.txt --out OUT [--clip CLIP_DIR] [--seed 0] [--steps 50] [--guidance 5]
         [--height H --width W] [--negative-prompt TEXT] [--sampler euler|ddim] [--batch-size 8]
 
+--lora-b FILE: a LoRA file (diffusers or kohya) applied to model B's UNet, so B = A + LoRA needs no export.
 --model-a / --model-b: as `mapo_jax.generate --model` (a diffusers pipeline folder, or a workdir with
 export/). Both sample every prompt from the same noise (image i from (--seed, i)), so the images differ
 by the model only. --reward: a transformers CLIPModel folder (safetensors weights, tokenizer files and
@@ -27,7 +28,6 @@ from absl.flags import argparse_flags
 from PIL import Image
 
 from mapo_jax import generate, sampling
-from mapo_jax.pipelines import load_pipeline
 from mapo_jax.models.reward import RewardModel, load_reward_model
 
 METRICS = {"reward": "reward", "clip_score": "CLIP score"}
@@ -40,8 +40,8 @@ def win_rate(scores_a, scores_b) -> float:
   return float(np.mean((b > a) + 0.5 * (b == a)))
 
 
-def sample(model: str, prompts: list[str], args: argparse.Namespace) -> np.ndarray:
-  pipe = load_pipeline(generate.resolve_pipeline(model))
+def sample(model: str, prompts: list[str], args: argparse.Namespace, lora: str | None = None) -> np.ndarray:
+  pipe = generate.load_model(model, lora)
   negatives = None if args.negative_prompt is None else [args.negative_prompt] * len(prompts)
   images, _ = sampling.generate_images(
       pipe, prompts, negative_prompts=negatives, steps=args.steps, guidance=args.guidance, seed=args.seed,
@@ -73,6 +73,7 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
   p = argparse_flags.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model-a", "--model_a", dest="model_a", required=True, help="baseline model folder")
   p.add_argument("--model-b", "--model_b", dest="model_b", required=True, help="compared (e.g. aligned) model")
+  p.add_argument("--lora-b", "--lora_b", dest="lora_b", help="LoRA file applied to model B (e.g. B = A + LoRA)")
   p.add_argument("--reward", required=True, help="CLIPModel folder of the preference reward (PickScore, HPS)")
   p.add_argument("--clip", help="CLIPModel folder for the CLIP score (default: --reward)")
   p.add_argument("--prompts", required=True, help="text file, one prompt per line")
@@ -86,13 +87,13 @@ def main(args: argparse.Namespace) -> None:
   out = Path(args.out)
   images = {}
   for name in ("a", "b"):  # one pipeline in memory at a time
-    images[name] = sample(getattr(args, f"model_{name}"), prompts, args)
+    images[name] = sample(getattr(args, f"model_{name}"), prompts, args, args.lora_b if name == "b" else None)
     generate.save_images(images[name], out / name)
   reward = load_reward_model(args.reward)
   clip = reward if args.clip is None else load_reward_model(args.clip)
   scores = {name: score(reward, clip, prompts, images[name]) for name in images}
 
-  settings = {k: getattr(args, k) for k in ("model_a", "model_b", "reward", "seed", "steps", "guidance",
+  settings = {k: getattr(args, k) for k in ("model_a", "model_b", "lora_b", "reward", "seed", "steps", "guidance",
                                             "negative_prompt", "sampler")}
   settings |= {"clip": args.clip or args.reward, "height": int(images["a"].shape[1]),
                "width": int(images["a"].shape[2])}

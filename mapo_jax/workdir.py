@@ -27,7 +27,8 @@ from mapo_jax import config as config_lib
 
 # Config keys that define what a run trains: changing one on resume trains a different thing.
 DEFINING_KEYS = ("objective", "pipeline", "reference", "vae", "resolution", "data.mode", "data.cache_dir",
-                 "data.source", "data.eval_pairs")  # eval_pairs: which pairs are trained on
+                 "data.source", "data.eval_pairs",  # eval_pairs: which pairs are trained on
+                 "lora.rank", "lora.targets")  # the shapes of what trains
 
 
 class WorkdirBusyError(RuntimeError):

@@ -40,7 +40,10 @@ def _param(rngs: nnx.Rngs, init, shape, param_dtype, axes) -> nnx.Param:
 
 
 class Linear(nnx.Module):
-  """y = x @ kernel + bias, kernel (in, out). `axes` names the (in, out) logical axes."""
+  """y = x @ kernel + bias, kernel (in, out). `axes` names the (in, out) logical axes.
+
+  `lora`: an optional low-rank adapter (mapo_jax/lora.py) whose output is added; None unless attached.
+  """
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
                axes: tuple[str, str] = ("embed", "mlp"), dtype: Dtype = jnp.float32,
@@ -50,11 +53,14 @@ class Linear(nnx.Module):
     self.bias = (_param(rngs, jax.nn.initializers.zeros, (out_features,), param_dtype, axes[1:])
                  if use_bias else None)
     self.dtype = dtype
+    self.lora = None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
+    if self.lora is not None:
+      y = y + self.lora(x.astype(self.dtype))
     return y
 
 
