@@ -204,9 +204,9 @@ def _metadata_scales(path: Path, metadata: Mapping[str, str] | None) -> tuple[fl
   return (None if alpha is None else float(alpha)), dict(config.get(DIFFUSERS_PREFIX + "alpha_pattern") or {})
 
 
-def read(path: str | os.PathLike, module_names: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """A diffusers or kohya LoRA file as {module name: (A (in, r), B' (r, out))} with each module's scale
-  folded into B', so that the update is x A B'. `module_names` are the model's linear layers (kohya names
+def read(path: str | os.PathLike, module_names: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
+  """A diffusers or kohya LoRA file as {module name: (A (in, r), B' (r, out), A's key in the file)} with each
+  module's scale folded into B', so that the update is x A B'. `module_names` are the model's linear layers (kohya names
   replace "." with "_", which only the model's own names can undo). Every key is checked: anything we would
   otherwise ignore (text-encoder adapters, convolution adapters, unknown modules) is an error naming it."""
   path = Path(path)
@@ -253,7 +253,7 @@ def read(path: str | os.PathLike, module_names: Iterable[str]) -> dict[str, tupl
     else:
       alpha = next((float(v) for k, v in alpha_pattern.items() if module == k or module.endswith("." + k)),
                    meta_alpha if meta_alpha is not None else float(rank))
-    out[module] = (np.asarray(a, np.float32).T, np.asarray(b, np.float32).T * (alpha / rank))
+    out[module] = (np.asarray(a, np.float32).T, np.asarray(b, np.float32).T * (alpha / rank), f"{key}.{down}.weight")
   return out
 
 
@@ -274,15 +274,15 @@ def load_into(model: nnx.Module, path: str | os.PathLike, *, scale: float = 1.0)
                           + "; ".join(s for s in (f"modules without adapters in the file: {missing[:5]}" if missing else "",
                                                   f"modules the targets do not select: {extra[:5]}" if extra else "") if s)
                           + f" ({len(missing)} missing, {len(extra)} extra)")
-  for name, (a, b) in weights.items():
+  for name, (a, b, key) in weights.items():
     fan_in, fan_out = layers[name].kernel.shape
     if a.shape[0] != fan_in or b.shape[1] != fan_out:
-      raise LoRAFileError(f"{path}: adapter of {name} maps {a.shape[0]} -> {b.shape[1]} features, the layer "
-                          f"{fan_in} -> {fan_out}")
+      raise LoRAFileError(f"{path}: key {key!r}: the adapter maps {a.shape[0]} -> {b.shape[1]} features, layer "
+                          f"{name} {fan_in} -> {fan_out} (a LoRA for another architecture?)")
     if existing:
       lora = existing[name]
       if a.shape[1] != lora.rank:
-        raise LoRAFileError(f"{path}: adapter of {name} has rank {a.shape[1]}, config.lora.rank is {lora.rank}")
+        raise LoRAFileError(f"{path}: key {key!r} has rank {a.shape[1]}, config.lora.rank is {lora.rank}")
       dtype = lora.a.get_value().dtype
       lora.a.set_value(jnp.asarray(a, dtype))
       lora.b.set_value(jnp.asarray(b / lora.scale, dtype))

@@ -152,8 +152,8 @@ def test_file_whose_rank_or_targets_do_not_fit(peft_lora, micro_sdxl_pipeline_di
   path, _ = peft_lora
   cfg = config_lib.base_config().lora
   cfg.rank, cfg.init_from = RANK * 2, str(path)
-  with pytest.raises(lora.LoRAFileError, match=r"pytorch_lora_weights.safetensors: adapter of .*to_q has rank 4, "
-                     r"config.lora.rank is 8"):
+  with pytest.raises(lora.LoRAFileError, match=r"pytorch_lora_weights.safetensors: key 'unet.down_blocks.1.attentions"
+                     r".0.transformer_blocks.0.attn1.to_k.lora_A.weight' has rank 4, config.lora.rank is 8"):
     lora.from_config(load_unet(micro_sdxl_pipeline_dir / "unet"), cfg, seed=0)
   cfg.rank, cfg.targets = RANK, ("to_q", "to_k")
   with pytest.raises(lora.LoRAFileError, match=r"does not fit config.lora.targets: modules the targets do not "
@@ -209,6 +209,7 @@ def lora_config(objective, *, mesh=(1, 1, 1), accum=1, lr=1e-3, eps=1e-8):
   config.objective, config.global_batch_size, config.accum_steps, config.mesh = objective, 8, accum, mesh
   config.optim.lr, config.optim.eps = lr, eps
   config.lora.rank, config.lora.alpha = RANK, float(RANK)
+  config.remat = "none"  # the same numbers, compiled faster
   return config
 
 
@@ -234,43 +235,43 @@ def test_only_adapters_train_and_the_base_is_frozen_in_bf16():
   assert trainable < 0.05 * sum(x.size for x in jax.tree.leaves(built.frozen.policy))
 
 
-def test_dpo_starts_at_log2_and_the_reference_is_the_base():
-  built, mesh = lora_build(lora_config("dpo", lr=1e-3))
-  batch = global_batch(make_batch(), mesh)
-  state, metrics = built.train_step(built.state, batch, built.frozen)
-  # B = 0 at step 0: the policy is the base exactly, so every inside term is exactly 0 and the loss log 2.
-  assert float(metrics["loss"]) == pytest.approx(math.log(2), abs=1e-7)
-  for _ in range(2):
-    state, metrics = built.train_step(state, batch, built.frozen)
-  assert float(metrics["loss"]) != pytest.approx(math.log(2), abs=1e-4)  # the adapters moved the policy
-  # The reference errors of the step (adapters switched off) are those of a separately built base.
-  key = jax.random.fold_in(jax.random.key(0), 2)  # step 2's key
-  draws = draw_noise(key, batch, SCHEDULE.num_train_timesteps)
-  graphdef, params = initial_unet()
-  base = nnx.merge(graphdef, jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params))
-  ref_w, ref_l = jax.jit(lambda m: per_sample_errors(sd.denoise, m, batch, draws, SCHEDULE, LATENTS, True))(base)
-  assert float(metrics["ref_mse_w"]) == pytest.approx(float(jnp.mean(ref_w)), rel=2 ** -20)
-  assert float(metrics["ref_mse_l"]) == pytest.approx(float(jnp.mean(ref_l)), rel=2 ** -20)
+LR = {"mapo": 1e-2, "sft": 1e-2, "dpo": 1e-3, "rpo": 1e-3}  # the same program (persistent-cache hits) per objective
 
 
 @pytest.mark.parametrize("objective", ["mapo", "dpo", "rpo", "sft"])
 def test_training_lowers_the_objective_on_a_fixed_batch(objective):
-  built, mesh = lora_build(lora_config(objective, lr=1e-2 if objective in ("mapo", "sft") else 1e-3))
+  built, mesh = lora_build(lora_config(objective, lr=LR[objective]))
   batch = global_batch(make_batch(), mesh)
+  evaluate = lambda params: float(built.eval_step(params, batch, built.frozen)["loss"])
+  before = evaluate(built.state.params)
   state, losses = built.state, []
   for _ in range(15):
     state, metrics = built.train_step(state, batch, built.frozen)
     losses.append(float(metrics["loss"]))
-  evaluate = lambda params: float(built.eval_step(params, batch, built.frozen)["loss"])
   assert all(np.isfinite(losses)) and int(state.skipped) == 0
-  assert evaluate(state.params) < evaluate(built.state.params) - 1e-4
+  assert evaluate(state.params) < before - 1e-4
+  if objective == "dpo":
+    # B = 0 at step 0: the policy is the base exactly, so every inside term is 0 and the loss log 2, up to the
+    # float32 rounding of the per-sample errors in two differently fused programs (policy under autodiff,
+    # reference not), which β = 5000 amplifies: test_train_step's bound.
+    assert losses[0] == pytest.approx(math.log(2), abs=loss_bound("dpo", first_step_errors((1, 1, 1))))
+  if objective in ("dpo", "rpo"):
+    # The reference errors of the last step (adapters switched off; the adapters have moved the policy away)
+    # are those of a separately built base model on the same draws.
+    assert abs(losses[-1] - losses[0]) > 1e-3
+    draws = draw_noise(jax.random.fold_in(jax.random.key(0), 14), batch, SCHEDULE.num_train_timesteps)
+    graphdef, params = initial_unet()
+    base = nnx.merge(graphdef, jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params))
+    ref_w, ref_l = jax.jit(lambda m: per_sample_errors(sd.denoise, m, batch, draws, SCHEDULE, LATENTS, True))(base)
+    assert float(metrics["ref_mse_w"]) == pytest.approx(float(jnp.mean(ref_w)), rel=2 ** -20)
+    assert float(metrics["ref_mse_l"]) == pytest.approx(float(jnp.mean(ref_l)), rel=2 ** -20)
 
 
 def test_sharded_and_accumulated_steps_equal_one_device():
   ref_built, ref_mesh = lora_build(lora_config("mapo", eps=1e-3))
   ref_state, ref_metrics = ref_built.train_step(ref_built.state, global_batch(make_batch(), ref_mesh), ref_built.frozen)
   bound = loss_bound("mapo", first_step_errors((1, 1, 1)))
-  for mesh_shape, accum in [((2, 2, 2), 1), ((2, 1, 1), 2)]:
+  for mesh_shape, accum in [((2, 2, 2), 2)]:  # one compile: sharded over all three axes and accumulated
     built, mesh = lora_build(lora_config("mapo", mesh=mesh_shape, accum=accum, eps=1e-3))
     state, metrics = built.train_step(built.state, global_batch(make_batch(), mesh), built.frozen)
     assert abs(float(metrics["loss"]) - float(ref_metrics["loss"])) <= bound + 1e-6, (mesh_shape, accum)
@@ -279,7 +280,7 @@ def test_sharded_and_accumulated_steps_equal_one_device():
 
 
 def test_non_finite_loss_skips_the_update():
-  built, mesh = lora_build(lora_config("dpo"))
+  built, mesh = lora_build(lora_config("dpo", lr=LR["dpo"]))
   before = jax.tree.map(np.asarray, built.state.params)
   batch = make_batch()
   batch["moments_w"][0, 0, 0, 0] = np.nan
@@ -290,7 +291,7 @@ def test_non_finite_loss_skips_the_update():
 
 
 def test_checkpoint_holds_only_adapters_and_resume_is_bit_identical(tmp_path):
-  built, mesh = lora_build(lora_config("dpo"))
+  built, mesh = lora_build(lora_config("dpo", lr=LR["dpo"]))
   batch = global_batch(make_batch(), mesh)
   state = built.state
   for _ in range(2):
