@@ -35,7 +35,7 @@ Every value (tests/test_config.py checks this table against the resolved config)
 | lora.base_dtype | "bfloat16" | the script casts the frozen UNet to the mixed-precision dtype (fp16) |
 
 Where ours deviates, and why:
-- A drawn as PEFT's default (kaiming-uniform) instead of `init_lora_weights="gaussian"` (A ~ N(0, 1/r));
+- A drawn as PEFT's default (kaiming-uniform) instead of `init_lora_weights="gaussian"` (A ~ N(0, std 1/r));
   B = 0 either way, so step 0 is the base model exactly.
 - float32 AdamW instead of 8-bit AdamW; bf16 base and compute instead of fp16 (no loss scaling on TPU).
 """

@@ -26,7 +26,7 @@ Every value (tests/test_config.py checks this table against the resolved config)
 | lora.base_dtype | "bfloat16" | train_with_lora.py casts the frozen UNet to the mixed-precision dtype (fp16) |
 
 Where ours deviates, and why: as configs/sdxl_mapo.py, and A drawn as PEFT's default (kaiming-uniform)
-instead of `init_lora_weights="gaussian"`; B = 0 either way, so step 0 is the base model exactly.
+instead of `init_lora_weights="gaussian"` (A ~ N(0, std 1/r)); B = 0 either way, so step 0 is the base model exactly.
 """
 from mapo_jax.config import SDXL_FP16_FIX_VAE, base_config
 
