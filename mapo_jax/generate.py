@@ -43,6 +43,9 @@ def resolve_pipeline(path: str | os.PathLike) -> Path:
   for folder in (path, path / "export"):
     if (folder / "model_index.json").is_file():
       return folder
+  if (path / "export" / lora_lib.DIFFUSERS_FILE).is_file():
+    raise FileNotFoundError(f"{path} is a LoRA run: its export is {path / 'export' / lora_lib.DIFFUSERS_FILE}; sample "
+                            "it with --model BASE_PIPELINE --lora that file")
   raise FileNotFoundError(
       f"{path} is not a diffusers pipeline folder (no model_index.json), nor a training workdir with an exported "
       f"pipeline in {path / 'export'}. To sample a training workdir or checkpoint, export it first with "

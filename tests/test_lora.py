@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import jit_call, rel_l2
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 from test_train_step import LATENTS, SCHEDULE, first_step_errors, global_batch, initial_unet, loss_bound, make_batch
 from test_unet import random_inputs, torch_forward
 
@@ -278,6 +279,14 @@ def test_sharded_and_accumulated_steps_equal_one_device():
     assert abs(float(metrics["loss"]) - float(ref_metrics["loss"])) <= bound + 1e-6, (mesh_shape, accum)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
       assert rel_l2(a, b) <= 1e-4 + bound, (mesh_shape, accum)
+    # Adapters are sharded by their layer's rules: A on its input axis, B on its output axis.
+    attn = state.params["down_blocks"][1]["attentions"][0]["transformer_blocks"][0]["attn2"]
+    assert attn["to_k"]["lora"]["a"].sharding.spec == P("fsdp", None)  # (kv_embed, rank)
+    assert attn["to_k"]["lora"]["b"].sharding.spec == P(None, "tensor")  # (rank, heads)
+    mu = state.opt_state[1][0].mu["down_blocks"][1]["attentions"][0]["transformer_blocks"][0]["attn2"]
+    assert mu["to_k"]["lora"]["b"].sharding == attn["to_k"]["lora"]["b"].sharding
+    policy = built.frozen.policy["down_blocks"][1]["attentions"][0]["transformer_blocks"][0]["attn2"]
+    assert policy["to_k"]["kernel"].sharding.spec == P("fsdp", "tensor")  # the frozen base: the same rules
 
 
 def test_non_finite_loss_skips_the_update():
