@@ -328,3 +328,65 @@ def test_checkpoint_holds_only_adapters_and_resume_is_bit_identical(tmp_path):
     restored, _ = built.train_step(restored, batch, built.frozen)
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# --- the trainer, export and generate end to end -----------------------------------------------------------
+
+def test_trainer_exports_adapters_and_the_export_cli_writes_kohya_and_fused(demo_assets, trainer_env, tmp_path):
+  from conftest import run_trainer
+  from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+  from mapo_jax import export
+  workdir = tmp_path / "run"
+  run_trainer(trainer_env(), workdir, demo_assets, "--config.objective=dpo", "--config.lora.rank=4",
+              "--config.lora.alpha=2.0", "--config.steps=4", "--config.sample_every=0", "--config.log_every=2",
+              "--config.checkpoint_every=4", "--config.optim.lr=1e-2")
+  assert sorted(p.name for p in (workdir / "export").iterdir()) == [lora.DIFFUSERS_FILE]
+  base = demo_assets / "pipeline"
+  for args in (["--format", "kohya"], ["--fuse"]):
+    export.main(export.parse_flags(["export", "--checkpoint", str(workdir), "--base", str(base),
+                                    "--out", str(tmp_path / args[0][2:]), *args]))
+  # The trainer's diffusers file, the CLI's kohya file and the fused UNet: one model three ways.
+  cfg = json.loads((base / "unet" / "config.json").read_text())
+  x, t, ctx, extra = random_inputs(cfg, 0, size=8)
+  pipe = StableDiffusionXLPipeline.from_pretrained(base)
+  plain = torch_forward(pipe.unet, x, t, ctx, extra)
+  pipe.load_lora_weights(str(workdir / "export"), weight_name=lora.DIFFUSERS_FILE)
+  trained = torch_forward(pipe.unet, x, t, ctx, extra)
+  assert rel_l2(trained, plain) > 1e-3  # the 4 steps moved the adapters
+  pipe.unload_lora_weights()
+  pipe.load_lora_weights(str(tmp_path / "format"), weight_name=lora.KOHYA_FILE)
+  assert rel_l2(torch_forward(pipe.unet, x, t, ctx, extra), trained) <= RTOL
+  fused = UNet2DConditionModel.from_pretrained(tmp_path / "fuse" / "unet")
+  assert rel_l2(torch_forward(fused, x, t, ctx, extra), trained) <= RTOL
+  # generate --lora samples what the fused pipeline samples (same noise; float32 rounding of W + s·A·B apart).
+  latents = {}
+  for name, args in (("lora", ["--model", str(base), "--lora", str(tmp_path / "format" / lora.KOHYA_FILE)]),
+                     ("fused", ["--model", str(tmp_path / "fuse")])):
+    generate.main(generate.parse_flags(["generate", *args, "--prompt", "a red circle", "--out", str(tmp_path / name),
+                                        "--steps", "2", "--output-latents", str(tmp_path / f"{name}.npy")]))
+    latents[name] = np.load(tmp_path / f"{name}.npy")
+  assert json.loads((tmp_path / "lora" / "metadata.json").read_text())["lora_scale"] == 1.0
+  assert rel_l2(latents["lora"], latents["fused"]) <= RTOL
+
+
+@needs_libtpu
+def test_lora_dpo_step_compiles_for_a_tpu_slice():
+  """The LoRA step (frozen bf16 base, adapters-off reference) compiles for a TPU slice ahead of time: no
+  reference parameters, and optimizer state for the adapters alone."""
+  import importlib.util
+  from conftest import REPO
+  from mapo_jax import aot
+  spec = importlib.util.spec_from_file_location("demo_config", f"{REPO}/configs/demo.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.objective, config.resolution, config.lora.rank = "dpo", 256, RANK
+  report = aot.run(config, "v5e:2x2", "micro")
+  assert report.fits and report.error is None, report.error
+  abstract = sd.abstract_denoiser(MICRO_SDXL_UNET)
+  lora.add_adapters(abstract, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS, seed=0)
+  # mesh (1, 4, 1): every A is (in, r) with `in` sharded 4 ways, every B (r, out) whole; float32.
+  adapters = sum(a.a.size // 4 + a.b.size for a in lora.adapted(abstract).values()) * 4
+  assert report.params_bytes == expected_shard_bytes(MICRO_SDXL_UNET, dict(data=1, fsdp=4, tensor=1), 2) + adapters
+  assert report.reference_bytes == 0
+  assert 2 * adapters <= report.opt_state_bytes < 2 * adapters + 1024  # Adam's two moments, plus counters
