@@ -139,7 +139,8 @@ def main(args: argparse.Namespace) -> None:
   if is_lora and not args.fuse:
     out = export_lora(model, args.out, args.format or "diffusers")
   else:
-    out = export_denoiser(lora.fuse(model), args.base, args.out, dtype=args.dtype, denoiser_only=args.unet_only)
+    model = lora.fuse(model) if is_lora else model
+    out = export_denoiser(model, args.base, args.out, dtype=args.dtype, denoiser_only=args.unet_only)
   logging.info("exported step %d of %s to %s", step, args.checkpoint, out)
   print(f"exported step {step} to {out}")
 

@@ -25,7 +25,6 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -298,8 +297,3 @@ def from_config(model: nnx.Module, lora_config, seed: int, dtype=np.float32) -> 
   if lora_config.init_from and not any(_abstract(l) for l in linear_layers(model).values()):
     load_into(model, lora_config.init_from)
   return names
-
-
-def split_trainable(model: nnx.Module) -> Any:
-  """The nnx filter of what trains: the adapters when there are any, else every parameter."""
-  return LoRAParam if adapted(model) else nnx.Param
