@@ -13,6 +13,7 @@ from conftest import jit_call, rel_l2
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 from test_aot import expected_shard_bytes, needs_libtpu
+from test_evaluate import reward_dir  # noqa: F401  (a fixture: the reward model evaluate needs)
 from test_train_step import LATENTS, SCHEDULE, first_step_errors, global_batch, initial_unet, loss_bound, make_batch
 from test_unet import random_inputs, torch_forward
 
@@ -332,7 +333,8 @@ def test_checkpoint_holds_only_adapters_and_resume_is_bit_identical(tmp_path):
 
 # --- the trainer, export and generate end to end -----------------------------------------------------------
 
-def test_trainer_exports_adapters_and_the_export_cli_writes_kohya_and_fused(demo_assets, trainer_env, tmp_path):
+def test_trainer_exports_adapters_and_the_export_cli_writes_kohya_and_fused(demo_assets, trainer_env, reward_dir,
+                                                                            tmp_path):
   from conftest import run_trainer
   from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
   from mapo_jax import export
@@ -367,6 +369,17 @@ def test_trainer_exports_adapters_and_the_export_cli_writes_kohya_and_fused(demo
     latents[name] = np.load(tmp_path / f"{name}.npy")
   assert json.loads((tmp_path / "lora" / "metadata.json").read_text())["lora_scale"] == 1.0
   assert rel_l2(latents["lora"], latents["fused"]) <= RTOL
+  # evaluate --lora-b: model B is the base with the LoRA, sampled as generate --lora samples it.
+  from PIL import Image
+  from mapo_jax import evaluate
+  (tmp_path / "prompts.txt").write_text("a red circle\n")
+  evaluate.main(evaluate.parse_flags([
+      "evaluate", "--model-a", str(base), "--model-b", str(base), "--lora-b", str(tmp_path / "format" / lora.KOHYA_FILE),
+      "--reward", str(reward_dir[0]), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "eval"),
+      "--steps", "2"]))
+  png = lambda path: np.asarray(Image.open(path))
+  np.testing.assert_array_equal(png(tmp_path / "eval" / "b" / "0000.png"), png(tmp_path / "lora" / "0000.png"))
+  assert not np.array_equal(png(tmp_path / "eval" / "a" / "0000.png"), png(tmp_path / "eval" / "b" / "0000.png"))
 
 
 @needs_libtpu
