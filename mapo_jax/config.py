@@ -93,7 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
   # LoRA (mapo_jax/lora.py, docs/lora.md): rank 0 = full fine-tune. rank > 0 trains only adapters on the
   # linear layers `targets` select (PEFT target_modules rule), scaled by alpha / rank; the base stays frozen in
   # `base_dtype`, and DPO/RPO's reference is the base with the adapters switched off (no second UNet).
-  # init_from: a diffusers or kohya LoRA file to start from (same targets and rank).
+  # init_from: a diffusers or kohya LoRA file to start from (same targets and rank). alpha 8 is PEFT's
+  # LoraConfig default; dropout other than 0 is not implemented (refused).
   config.lora = ml_collections.ConfigDict(dict(
       rank=0, alpha=8.0, targets=("to_q", "to_k", "to_v", "to_out.0"), dropout=0.0, init_from="",
       base_dtype="bfloat16"))

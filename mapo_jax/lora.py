@@ -88,14 +88,14 @@ def match_targets(model: nnx.Module, targets: Sequence[str]) -> list[str]:
   for target in targets:
     if not hits(target, linears):
       others = hits(target, names)
-      kind = f"only non-linear modules ({type(nnx_get(model, others[0])).__name__} {others[0]})" if others else "no module"
+      kind = f"only non-linear modules ({type(_module_at(model, others[0])).__name__} {others[0]})" if others else "no module"
       raise ValueError(f"config.lora.targets: {target!r} matches {kind}; LoRA adapts linear layers "
                        f"(e.g. {', '.join(DEFAULT_TARGETS)}, ff.net.0.proj, ff.net.2, proj_in, proj_out with "
                        "use_linear_projection)")
   return [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
 
 
-def nnx_get(model: nnx.Module, name: str):
+def _module_at(model: nnx.Module, name: str):
   for part in name.split("."):
     model = model[int(part)] if part.isdigit() else getattr(model, part)
   return model
