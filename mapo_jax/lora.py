@@ -1,6 +1,6 @@
 """LoRA: low-rank adapters on the denoiser's linear layers, and the LoRA files diffusers and kohya's tools read.
 
-An adapted `Linear` computes y = x W + b + s · (x A) B with A (in, r), B (r, out) and s = alpha / r
+An adapted `Linear` (or 1x1 `Conv2d`, per pixel) computes y = x W + b + s · (x A) B with A (in, r), B (r, out), s = alpha / r
 (LoRA, Hu et al. 2021, arXiv 2106.09685, eq. 3; PEFT's `scaling = lora_alpha / r`). A is drawn as PEFT's
 default (`init_lora_weights=True`: kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))) and
 B is zero, so a fresh adapter leaves the model's output exactly as it was. A and B are `LoRAParam`s, their
@@ -17,13 +17,14 @@ File formats (docs/lora.md):
              write s·B as lora_B and read metadata alphas when present.
   kohya      `lora_unet_<module with "." → "_">.lora_down.weight` (r, in), `.lora_up.weight` (out, r) and
              `.alpha` (a scalar): the scale is alpha / r per module.
+  Adapters of 1x1 convolutions hold A and B as (r, in, 1, 1) and (out, r, 1, 1) in both formats.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -33,7 +34,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from mapo_jax.models.layers import Linear
+from mapo_jax.models.layers import Conv2d, Linear
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections (official MaPO LoRA)
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights gives
@@ -55,10 +56,11 @@ class LoRAParam(nnx.Variable):
 class LoRA(nnx.Module):
   """The low-rank update s · (x A) B of one linear layer; `x` arrives in the layer's compute dtype."""
 
-  def __init__(self, a, b, scale: float, axes: tuple[str, str]):
+  def __init__(self, a, b, scale: float, axes: tuple[str, str], conv: bool = False):
     self.a = LoRAParam(a, axes=(axes[0], None))  # the rank axis is small: replicated
     self.b = LoRAParam(b, axes=(None, axes[1]))
     self.scale = float(scale)
+    self.conv = conv  # on a 1x1 convolution: files hold A and B as (r, in, 1, 1) and (out, r, 1, 1)
 
   @property
   def rank(self) -> int:
@@ -69,9 +71,16 @@ class LoRA(nnx.Module):
     return jnp.dot(h, self.b[...].astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
 
 
-def linear_layers(model: nnx.Module) -> dict[str, Linear]:
-  """Every Linear of `model` by its diffusers module name."""
-  return {".".join(map(str, path)): module for path, module in nnx.iter_graph(model) if isinstance(module, Linear)}
+def _fits(module) -> bool:
+  """Linear layers, and 1x1 stride-1 convolutions (a linear map per pixel: SD 1.x's proj_in / proj_out)."""
+  if isinstance(module, Conv2d):
+    return module.kernel.shape[:2] == (1, 1) and module.stride == 1 and module.padding == 0
+  return isinstance(module, Linear)
+
+
+def linear_layers(model: nnx.Module) -> dict[str, Linear | Conv2d]:
+  """Every layer of `model` an adapter fits (`_fits`), by its diffusers module name."""
+  return {".".join(map(str, path)): module for path, module in nnx.iter_graph(model) if _fits(module)}
 
 
 def adapted(model: nnx.Module) -> dict[str, LoRA]:
@@ -80,8 +89,8 @@ def adapted(model: nnx.Module) -> dict[str, LoRA]:
 
 
 def match_targets(model: nnx.Module, targets: Sequence[str]) -> list[str]:
-  """The Linear modules `targets` select (PEFT's rule: the name equals a target or ends in "." + target).
-  A target that selects nothing, or only modules that are not linear layers, is an error."""
+  """The layers (`linear_layers`) `targets` select (PEFT's rule: the name equals a target or ends in "." +
+  target). A target that selects nothing, or only modules an adapter does not fit, is an error."""
   linears = linear_layers(model)
   names = [".".join(map(str, p)) for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module) and p]
   hits = lambda target, pool: [n for n in pool if n == target or n.endswith("." + target)]
@@ -89,9 +98,8 @@ def match_targets(model: nnx.Module, targets: Sequence[str]) -> list[str]:
     if not hits(target, linears):
       others = hits(target, names)
       kind = f"only non-linear modules ({type(_module_at(model, others[0])).__name__} {others[0]})" if others else "no module"
-      raise ValueError(f"config.lora.targets: {target!r} matches {kind}; LoRA adapts linear layers "
-                       f"(e.g. {', '.join(DEFAULT_TARGETS)}, ff.net.0.proj, ff.net.2, proj_in, proj_out with "
-                       "use_linear_projection)")
+      raise ValueError(f"config.lora.targets: {target!r} matches {kind}; LoRA adapts linear layers and 1x1 "
+                       f"convolutions (e.g. {', '.join(DEFAULT_TARGETS)}, ff.net.0.proj, ff.net.2, proj_in, proj_out)")
   return [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
 
 
@@ -101,20 +109,26 @@ def _module_at(model: nnx.Module, name: str):
   return model
 
 
-def _axes(layer: Linear) -> tuple[str, str]:
-  return tuple(layer.kernel.get_metadata().get("axes") or (None, None))
+def _axes(layer) -> tuple[str, str]:
+  """The logical axes of the layer's (in, out) features: A and B are sharded like them."""
+  return tuple((layer.kernel.get_metadata().get("axes") or (None,) * layer.kernel.ndim)[-2:])
 
 
-def _abstract(layer: Linear) -> bool:
+def _features(layer) -> tuple[int, int]:
+  return tuple(layer.kernel.shape[-2:])
+
+
+def _abstract(layer) -> bool:
   return isinstance(layer.kernel.get_value(), jax.ShapeDtypeStruct)
 
 
-def attach(layer: Linear, a: np.ndarray, b: np.ndarray, scale: float, dtype=np.float32) -> None:
+def attach(layer, a: np.ndarray, b: np.ndarray, scale: float, dtype=np.float32) -> None:
   """Gives `layer` the adapter (A, B, scale); ShapeDtypeStructs when the layer is abstract (aot)."""
   a, b = np.asarray(a, dtype), np.asarray(b, dtype)
   if _abstract(layer):
     a, b = jax.ShapeDtypeStruct(a.shape, a.dtype), jax.ShapeDtypeStruct(b.shape, b.dtype)
-  layer.lora = nnx.data(LoRA(a, b, scale, _axes(layer)))  # data: Linear declares it as a static None
+  # nnx.data: the layer declared `lora` as a static None
+  layer.lora = nnx.data(LoRA(a, b, scale, _axes(layer), conv=isinstance(layer, Conv2d)))
 
 
 def add_adapters(model: nnx.Module, *, rank: int, alpha: float, targets: Sequence[str], seed: int,
@@ -127,7 +141,7 @@ def add_adapters(model: nnx.Module, *, rank: int, alpha: float, targets: Sequenc
   rng = np.random.default_rng(seed)
   layers = linear_layers(model)
   for name in names:
-    fan_in, fan_out = layers[name].kernel.shape
+    fan_in, fan_out = _features(layers[name])
     bound = 1.0 / np.sqrt(fan_in)
     a = rng.uniform(-bound, bound, (fan_in, rank)) if not _abstract(layers[name]) else np.zeros((fan_in, rank))
     attach(layers[name], a, np.zeros((rank, fan_out)), alpha / rank, dtype)
@@ -142,7 +156,7 @@ def fuse(model: nnx.Module) -> nnx.Module:
       lora = layer.lora
       kernel = np.asarray(jax.device_get(layer.kernel.get_value()))
       delta = lora.scale * (np.asarray(jax.device_get(lora.a.get_value()), np.float32)
-                            @ np.asarray(jax.device_get(lora.b.get_value()), np.float32))
+                            @ np.asarray(jax.device_get(lora.b.get_value()), np.float32)).reshape(kernel.shape)
       layer.kernel.set_value(jnp.asarray((kernel.astype(np.float32) + delta).astype(kernel.dtype)))
       layer.lora = None
   return model
@@ -155,13 +169,18 @@ def _host(lora: LoRA) -> tuple[np.ndarray, np.ndarray]:
           np.asarray(jax.device_get(lora.b.get_value()), np.float32))
 
 
+def _torch_layout(weight: np.ndarray, conv: bool) -> np.ndarray:
+  """(out, in) as a torch Linear weight, or (out, in, 1, 1) as a 1x1 Conv2d weight."""
+  return np.ascontiguousarray(weight[:, :, None, None] if conv else weight)
+
+
 def diffusers_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
   """PEFT/diffusers keys; the scale is folded into lora_B, so every reader (alpha = r by default) agrees."""
   out = {}
   for name, lora in adapted(model).items():
     a, b = _host(lora)
-    out[f"{DIFFUSERS_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.T)
-    out[f"{DIFFUSERS_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray((b * lora.scale).T)
+    out[f"{DIFFUSERS_PREFIX}{name}.lora_A.weight"] = _torch_layout(a.T, lora.conv)
+    out[f"{DIFFUSERS_PREFIX}{name}.lora_B.weight"] = _torch_layout((b * lora.scale).T, lora.conv)
   return out
 
 
@@ -171,8 +190,8 @@ def kohya_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
   for name, lora in adapted(model).items():
     a, b = _host(lora)
     key = KOHYA_PREFIX + name.replace(".", "_")
-    out[f"{key}.lora_down.weight"] = np.ascontiguousarray(a.T)
-    out[f"{key}.lora_up.weight"] = np.ascontiguousarray(b.T)
+    out[f"{key}.lora_down.weight"] = _torch_layout(a.T, lora.conv)
+    out[f"{key}.lora_up.weight"] = _torch_layout(b.T, lora.conv)
     out[f"{key}.alpha"] = np.asarray(lora.scale * lora.rank, np.float32)
   return out
 
@@ -203,11 +222,12 @@ def _metadata_scales(path: Path, metadata: Mapping[str, str] | None) -> tuple[fl
   return (None if alpha is None else float(alpha)), dict(config.get(DIFFUSERS_PREFIX + "alpha_pattern") or {})
 
 
-def read(path: str | os.PathLike, module_names: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
+def read(path: str | os.PathLike, layers: Mapping[str, Linear | Conv2d]) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
   """A diffusers or kohya LoRA file as {module name: (A (in, r), B' (r, out), A's key in the file)} with each
-  module's scale folded into B', so that the update is x A B'. `module_names` are the model's linear layers (kohya names
-  replace "." with "_", which only the model's own names can undo). Every key is checked: anything we would
-  otherwise ignore (text-encoder adapters, convolution adapters, unknown modules) is an error naming it."""
+  module's scale folded into B', so that the update is x A B'. `layers` are the model's `linear_layers` (kohya
+  names replace "." with "_", which only the model's own names can undo). Every key is checked: anything we
+  would otherwise ignore (text-encoder adapters, adapters of other convolutions, unknown modules) is an error
+  naming it."""
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"LoRA file {path} does not exist")
@@ -216,7 +236,7 @@ def read(path: str | os.PathLike, module_names: Iterable[str]) -> dict[str, tupl
     metadata = f.metadata()
   if not tensors:
     raise LoRAFileError(f"{path} holds no tensors")
-  names = set(module_names)
+  names = set(layers)
   kohya = any(k.startswith(KOHYA_PREFIX) for k in tensors)
   if kohya:
     by_kohya = {KOHYA_PREFIX + n.replace(".", "_"): n for n in names}
@@ -232,7 +252,7 @@ def read(path: str | os.PathLike, module_names: Iterable[str]) -> dict[str, tupl
       raise LoRAFileError(f"{path}: key {key!r} is {what}")
     module = by_kohya.get(m.group(1)) if kohya else m.group(1)
     if module not in names:
-      raise LoRAFileError(f"{path}: key {key!r} names module {m.group(1)!r}, which is not a linear layer of this "
+      raise LoRAFileError(f"{path}: key {key!r} names module {m.group(1)!r}, which is not a linear layer (or 1x1 convolution) of this "
                           "model (a LoRA for another architecture?)")
     parts.setdefault(module, {})[m.group(2).split(".")[0]] = value
   meta_alpha, alpha_pattern = (None, {}) if kohya else _metadata_scales(path, metadata)
@@ -242,8 +262,11 @@ def read(path: str | os.PathLike, module_names: Iterable[str]) -> dict[str, tupl
     if down not in p or up not in p:
       raise LoRAFileError(f"{path}: {key} has {sorted(p)} but needs both {down} and {up}")
     a, b = p[down], p[up]
+    if isinstance(layers[module], Conv2d) and a.ndim == b.ndim == 4 and a.shape[2:] == b.shape[2:] == (1, 1):
+      a, b = a[:, :, 0, 0], b[:, :, 0, 0]  # a 1x1 convolution's adapter: the same linear map per pixel
     if a.ndim != 2 or b.ndim != 2:
-      raise LoRAFileError(f"{path}: {key}.{down}.weight has shape {a.shape}: convolution adapters are not supported")
+      raise LoRAFileError(f"{path}: {key}.{down}.weight has shape {a.shape}: only adapters of linear layers and "
+                          "1x1 convolutions are supported")
     if a.shape[0] != b.shape[1]:
       raise LoRAFileError(f"{path}: {key}: {down} {a.shape} and {up} {b.shape} disagree on the rank")
     rank = a.shape[0]
@@ -274,7 +297,7 @@ def load_into(model: nnx.Module, path: str | os.PathLike, *, scale: float = 1.0)
                                                   f"modules the targets do not select: {extra[:5]}" if extra else "") if s)
                           + f" ({len(missing)} missing, {len(extra)} extra)")
   for name, (a, b, key) in weights.items():
-    fan_in, fan_out = layers[name].kernel.shape
+    fan_in, fan_out = _features(layers[name])
     if a.shape[0] != fan_in or b.shape[1] != fan_out:
       raise LoRAFileError(f"{path}: key {key!r}: the adapter maps {a.shape[0]} -> {b.shape[1]} features, layer "
                           f"{name} {fan_in} -> {fan_out} (a LoRA for another architecture?)")

@@ -140,6 +140,30 @@ def test_peft_lora_loads_as_init_from_and_in_generate(peft_lora, micro_sdxl_pipe
   assert rel_l2(mine, theirs) <= RTOL
 
 
+@pytest.mark.parametrize("fmt", lora.FORMATS)
+def test_sd15_conv_projections_load_in_diffusers(fmt, tmp_path):
+  """SD 1.x's proj_in / proj_out are 1x1 convolutions: their adapters are (r, in, 1, 1) / (out, r, 1, 1) tensors."""
+  from conftest import make_diffusers_unet
+  from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+  from safetensors.torch import load_file
+  torch_unet = make_diffusers_unet(TINY_SD15_UNET, tmp_path / "unet")
+  ours = load_unet(tmp_path / "unet")
+  names = lora.add_adapters(ours, rank=RANK, alpha=ALPHA, targets=("to_q", "proj_in", "proj_out"), seed=0)
+  assert "down_blocks.0.attentions.0.proj_in" in names
+  randomize_b(ours)
+  tensors = load_file(lora.save(ours, tmp_path, fmt))
+  alphas = None
+  if fmt == "kohya":  # as load_lora_weights converts a kohya file
+    tensors, alphas = _convert_non_diffusers_lora_to_diffusers(tensors)
+  torch_unet.load_lora_adapter(tensors, prefix="unet", network_alphas=alphas)
+  x, t, ctx, extra = random_inputs(TINY_SD15_UNET, 0, size=8)
+  assert rel_l2(jit_call(ours, x, t, ctx, **extra), torch_forward(torch_unet, x, t, ctx, extra)) <= RTOL
+  # And back: the file read into a fresh model gives the same adapters.
+  fresh = load_unet(tmp_path / "unet")
+  lora.load_into(fresh, tmp_path / {"diffusers": lora.DIFFUSERS_FILE, "kohya": lora.KOHYA_FILE}[fmt])
+  assert rel_l2(jit_call(fresh, x, t, ctx, **extra), jit_call(ours, x, t, ctx, **extra)) <= 1e-6
+
+
 def test_fuse_equals_base_plus_lora(micro_sdxl_pipeline_dir):
   ours = our_lora_unet(micro_sdxl_pipeline_dir)
   x, t, ctx, extra = random_inputs(MICRO_SDXL_UNET, 0, size=8)

@@ -77,6 +77,7 @@ class Conv2d(nnx.Module):
     self.stride = stride
     self.padding = kernel_size // 2 if padding is None else padding
     self.dtype = dtype
+    self.lora = None  # 1x1 convolutions only (SD 1.x's proj_in / proj_out): a per-pixel linear map
 
   def __call__(self, x: jax.Array) -> jax.Array:
     p = self.padding
@@ -84,7 +85,10 @@ class Conv2d(nnx.Module):
         x.astype(self.dtype), self.kernel[...].astype(self.dtype),
         window_strides=(self.stride, self.stride), padding=((p, p), (p, p)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y + self.bias[...].astype(self.dtype)
+    y = y + self.bias[...].astype(self.dtype)
+    if self.lora is not None:
+      y = y + self.lora(x.astype(self.dtype))
+    return y
 
 
 class GroupNorm(nnx.Module):
