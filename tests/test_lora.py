@@ -194,7 +194,7 @@ def test_kohya_file_for_another_architecture(micro_sdxl_pipeline_dir, tmp_path):
   lora.add_adapters(sd15, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS, seed=0)
   path = lora.save(sd15, tmp_path, "kohya")  # SD 1.x: attention in down_blocks.0, which the SDXL layout lacks
   with pytest.raises(lora.LoRAFileError, match=r"lora_kohya.safetensors: key 'lora_unet_down_blocks_0_attentions_0_"
-                     r"transformer_blocks_0_attn1_to_k.alpha' names module .* not a linear layer of this model"):
+                     r"transformer_blocks_0_attn1_to_k.alpha' names module .* not a linear layer \(or 1x1 convolution\) of this model"):
     generate.load_model(micro_sdxl_pipeline_dir, lora=path)
 
 
