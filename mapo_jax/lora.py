@@ -1,9 +1,9 @@
 """LoRA: low-rank adapters on the denoiser's linear layers, and the LoRA files diffusers and kohya's tools read.
 
-An adapted `Linear` (or 1x1 `Conv2d`, per pixel) computes y = x W + b + s · (x A) B with A (in, r), B (r, out), s = alpha / r
-(LoRA, Hu et al. 2021, arXiv 2106.09685, eq. 3; PEFT's `scaling = lora_alpha / r`). A is drawn as PEFT's
-default (`init_lora_weights=True`: kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))) and
-B is zero, so a fresh adapter leaves the model's output exactly as it was. A and B are `LoRAParam`s, their
+An adapted `Linear` (or 1x1 `Conv2d`, per pixel) computes y = x W + b + s · (x A) B with A (in, r),
+B (r, out) and s = alpha / r (LoRA, Hu et al. 2021, arXiv 2106.09685, eq. 3; PEFT's
+`scaling = lora_alpha / r`). A is drawn as PEFT's default (`init_lora_weights=True`: kaiming-uniform with
+a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))) and B is zero, so a fresh adapter leaves the model's output exactly as it was. A and B are `LoRAParam`s, their
 own variable type: the train state takes `trainable=LoRAParam` and everything else stays frozen.
 
 Modules are named by their path in the model joined with dots, which is the diffusers module name
@@ -97,7 +97,8 @@ def match_targets(model: nnx.Module, targets: Sequence[str]) -> list[str]:
   for target in targets:
     if not hits(target, linears):
       others = hits(target, names)
-      kind = f"only non-linear modules ({type(_module_at(model, others[0])).__name__} {others[0]})" if others else "no module"
+      kind = (f"only other modules ({type(_module_at(model, others[0])).__name__} {others[0]})" if others
+              else "no module")
       raise ValueError(f"config.lora.targets: {target!r} matches {kind}; LoRA adapts linear layers and 1x1 "
                        f"convolutions (e.g. {', '.join(DEFAULT_TARGETS)}, ff.net.0.proj, ff.net.2, proj_in, proj_out)")
   return [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
@@ -222,7 +223,8 @@ def _metadata_scales(path: Path, metadata: Mapping[str, str] | None) -> tuple[fl
   return (None if alpha is None else float(alpha)), dict(config.get(DIFFUSERS_PREFIX + "alpha_pattern") or {})
 
 
-def read(path: str | os.PathLike, layers: Mapping[str, Linear | Conv2d]) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
+def read(path: str | os.PathLike, layers: Mapping[str, Linear | Conv2d]
+         ) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
   """A diffusers or kohya LoRA file as {module name: (A (in, r), B' (r, out), A's key in the file)} with each
   module's scale folded into B', so that the update is x A B'. `layers` are the model's `linear_layers` (kohya
   names replace "." with "_", which only the model's own names can undo). Every key is checked: anything we
@@ -240,7 +242,8 @@ def read(path: str | os.PathLike, layers: Mapping[str, Linear | Conv2d]) -> dict
   kohya = any(k.startswith(KOHYA_PREFIX) for k in tensors)
   if kohya:
     by_kohya = {KOHYA_PREFIX + n.replace(".", "_"): n for n in names}
-    pattern, down, up = re.compile(r"(lora_unet_\w+)\.(lora_down\.weight|lora_up\.weight|alpha)"), "lora_down", "lora_up"
+    pattern = re.compile(r"(lora_unet_\w+)\.(lora_down\.weight|lora_up\.weight|alpha)")
+    down, up = "lora_down", "lora_up"
   else:
     pattern, down, up = re.compile(r"unet\.([\w.]+?)\.(lora_A\.weight|lora_B\.weight)"), "lora_A", "lora_B"
   parts: dict[str, dict[str, np.ndarray]] = {}
@@ -252,8 +255,8 @@ def read(path: str | os.PathLike, layers: Mapping[str, Linear | Conv2d]) -> dict
       raise LoRAFileError(f"{path}: key {key!r} is {what}")
     module = by_kohya.get(m.group(1)) if kohya else m.group(1)
     if module not in names:
-      raise LoRAFileError(f"{path}: key {key!r} names module {m.group(1)!r}, which is not a linear layer (or 1x1 convolution) of this "
-                          "model (a LoRA for another architecture?)")
+      raise LoRAFileError(f"{path}: key {key!r} names module {m.group(1)!r}, which is not a linear layer (or 1x1 "
+                          "convolution) of this model (a LoRA for another architecture?)")
     parts.setdefault(module, {})[m.group(2).split(".")[0]] = value
   meta_alpha, alpha_pattern = (None, {}) if kohya else _metadata_scales(path, metadata)
   out = {}
@@ -292,10 +295,10 @@ def load_into(model: nnx.Module, path: str | os.PathLike, *, scale: float = 1.0)
   if existing:
     missing, extra = sorted(set(existing) - set(weights)), sorted(set(weights) - set(existing))
     if missing or extra:
-      raise LoRAFileError(f"{path} does not fit config.lora.targets: "
-                          + "; ".join(s for s in (f"modules without adapters in the file: {missing[:5]}" if missing else "",
-                                                  f"modules the targets do not select: {extra[:5]}" if extra else "") if s)
-                          + f" ({len(missing)} missing, {len(extra)} extra)")
+      parts = ([f"modules without adapters in the file: {missing[:5]}"] if missing else []) + (
+          [f"modules the targets do not select: {extra[:5]}"] if extra else [])
+      raise LoRAFileError(f"{path} does not fit config.lora.targets: {'; '.join(parts)} ({len(missing)} missing, "
+                          f"{len(extra)} extra)")
   for name, (a, b, key) in weights.items():
     fan_in, fan_out = _features(layers[name])
     if a.shape[0] != fan_in or b.shape[1] != fan_out:

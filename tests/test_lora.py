@@ -194,7 +194,8 @@ def test_kohya_file_for_another_architecture(micro_sdxl_pipeline_dir, tmp_path):
   lora.add_adapters(sd15, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS, seed=0)
   path = lora.save(sd15, tmp_path, "kohya")  # SD 1.x: attention in down_blocks.0, which the SDXL layout lacks
   with pytest.raises(lora.LoRAFileError, match=r"lora_kohya.safetensors: key 'lora_unet_down_blocks_0_attentions_0_"
-                     r"transformer_blocks_0_attn1_to_k.alpha' names module .* not a linear layer \(or 1x1 convolution\) of this model"):
+                     r"transformer_blocks_0_attn1_to_k.alpha' names module .* not a linear layer \(or 1x1 "
+                     r"convolution\) of this model"):
     generate.load_model(micro_sdxl_pipeline_dir, lora=path)
 
 
@@ -226,7 +227,7 @@ def test_config_errors(key, value, message):
 
 
 def test_targets_must_select_linear_layers():
-  with pytest.raises(ValueError, match=r"config.lora.targets: 'conv1' matches only non-linear modules \(Conv2d"):
+  with pytest.raises(ValueError, match=r"config.lora.targets: 'conv1' matches only other modules \(Conv2d"):
     lora.add_adapters(init_unet(MICRO_SDXL_UNET, seed=0), rank=4, alpha=4.0, targets=("conv1",), seed=0)
 
 
@@ -357,8 +358,8 @@ def test_checkpoint_holds_only_adapters_and_resume_is_bit_identical(tmp_path):
 
 # --- the trainer, export and generate end to end -----------------------------------------------------------
 
-def test_trainer_exports_adapters_and_the_export_cli_writes_kohya_and_fused(demo_assets, trainer_env, reward_dir,
-                                                                            tmp_path):
+def test_trainer_exports_adapters_and_the_export_cli_writes_kohya_and_fused(
+    demo_assets, trainer_env, reward_dir, tmp_path):  # noqa: F811 (reward_dir: the imported fixture)
   from conftest import run_trainer
   from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
   from mapo_jax import export
@@ -398,7 +399,8 @@ def test_trainer_exports_adapters_and_the_export_cli_writes_kohya_and_fused(demo
   from mapo_jax import evaluate
   (tmp_path / "prompts.txt").write_text("a red circle\n")
   evaluate.main(evaluate.parse_flags([
-      "evaluate", "--model-a", str(base), "--model-b", str(base), "--lora-b", str(tmp_path / "format" / lora.KOHYA_FILE),
+      "evaluate", "--model-a", str(base), "--model-b", str(base),
+      "--lora-b", str(tmp_path / "format" / lora.KOHYA_FILE),
       "--reward", str(reward_dir[0]), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "eval"),
       "--steps", "2"]))
   png = lambda path: np.asarray(Image.open(path))
