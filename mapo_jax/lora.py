@@ -3,8 +3,9 @@
 An adapted `Linear` (or 1x1 `Conv2d`, per pixel) computes y = x W + b + s · (x A) B with A (in, r),
 B (r, out) and s = alpha / r (LoRA, Hu et al. 2021, arXiv 2106.09685, eq. 3; PEFT's
 `scaling = lora_alpha / r`). A is drawn as PEFT's default (`init_lora_weights=True`: kaiming-uniform with
-a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))) and B is zero, so a fresh adapter leaves the model's output exactly as it was. A and B are `LoRAParam`s, their
-own variable type: the train state takes `trainable=LoRAParam` and everything else stays frozen.
+a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))) and B is zero, so a fresh adapter leaves the model's output
+exactly as it was. A and B are `LoRAParam`s, their own variable type: the train state takes
+`trainable=LoRAParam` and everything else stays frozen.
 
 Modules are named by their path in the model joined with dots, which is the diffusers module name
 (`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0`). `targets` select modules as PEFT's
