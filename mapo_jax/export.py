@@ -38,6 +38,8 @@ def export_denoiser(model: nnx.Module, base: str | os.PathLike, out: str | os.Pa
                     dtype: str = "fp32", denoiser_only: bool = False) -> Path:
   """Writes `model` (weights cast to `dtype`) with the base pipeline's other components to `out`; with
   `denoiser_only`, a bare model folder (for SD: a UNet folder)."""
+  if lora.adapted(model):  # the denoiser's weights alone would silently drop them
+    raise ValueError("the model has LoRA adapters: merge them first (lora.fuse) or write them with export_lora")
   base, out = Path(base), Path(out)
   family = pipelines.family(base)
   remove_stale_temporaries(out.parent)
