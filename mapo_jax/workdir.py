@@ -88,7 +88,10 @@ def check_resume_config(workdir: Path, config: dict[str, Any], *, allow_change: 
   if previous is None:
     return
   path, old = previous
-  old, new = config_lib.flatten(old), config_lib.flatten(config)
+  # A key the previous run did not record (an older version) ran with its default: new keys default to the
+  # behaviour before them (config.lora.rank 0 = a full fine-tune).
+  defaults = config_lib.flatten(json.loads(config_lib.base_config().to_json()))
+  old, new = {**defaults, **config_lib.flatten(old)}, config_lib.flatten(config)
   changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
   defining = [k for k in changed if k in DEFINING_KEYS]
   describe = lambda k: f"config.{k}: {old.get(k)!r} -> {new.get(k)!r}"

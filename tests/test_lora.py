@@ -226,6 +226,19 @@ def test_config_errors(key, value, message):
     config_lib.validate(config)
 
 
+def test_resume_refuses_a_changed_rank_but_not_a_run_from_before_lora(tmp_path):
+  from mapo_jax import workdir as workdir_lib
+  config = config_lib.base_config()
+  config.pipeline, config.data.cache_dir = "/p", "/c"
+  before_lora = json.loads(config.to_json())
+  del before_lora["lora"]  # what a run of an older version recorded
+  workdir_lib.record_config(tmp_path, json.dumps(before_lora), 0)
+  workdir_lib.check_resume_config(tmp_path, json.loads(config.to_json()), allow_change=False)  # rank 0: the same
+  config.lora.rank = 8
+  with pytest.raises(workdir_lib.ConfigChangedError, match=r"config.lora.rank: 0 -> 8"):
+    workdir_lib.check_resume_config(tmp_path, json.loads(config.to_json()), allow_change=False)
+
+
 def test_targets_must_select_linear_layers():
   with pytest.raises(ValueError, match=r"config.lora.targets: 'conv1' matches only other modules \(Conv2d"):
     lora.add_adapters(init_unet(MICRO_SDXL_UNET, seed=0), rank=4, alpha=4.0, targets=("conv1",), seed=0)
