@@ -275,8 +275,8 @@ def run(config, topology: str, model_name: str | None = None, *, config_file: st
   import jax.numpy as jnp
 
   from mapo_jax import config as config_lib
-  from mapo_jax import objectives, sharding, tpu
-  from mapo_jax.build import build, model_options
+  from mapo_jax import sharding, tpu
+  from mapo_jax.build import build, denoiser_param_dtype, model_options, needs_reference_model
 
   check_config(config)
   slc = tpu.parse(topology)
@@ -286,9 +286,9 @@ def run(config, topology: str, model_name: str | None = None, *, config_file: st
   mesh = sharding.make_mesh(config.mesh, devices)
   options = model_options(config, mesh)
   family = model.family
-  abstract = family.abstract_denoiser(model.denoiser_config, param_dtype=jnp.dtype(config.param_dtype), **options)
+  abstract = family.abstract_denoiser(model.denoiser_config, param_dtype=denoiser_param_dtype(config), **options)
   reference = None
-  if objectives.get_objective(config.objective).needs_reference:
+  if needs_reference_model(config):
     reference = family.abstract_denoiser(model.denoiser_config, param_dtype=jnp.dtype(config.ref_param_dtype),
                                          **options)
   empty_prompt = None

@@ -14,7 +14,7 @@ import numpy as np
 import ml_collections
 from flax import nnx
 
-from mapo_jax import objectives, optim, sharding
+from mapo_jax import lora, objectives, optim, sharding
 from mapo_jax.models.attention import default_implementation, mesh_platform
 from mapo_jax.train_step import (Frozen, StepConfig, create_sharded_state, jit_eval_step, jit_train_step, make_eval_step,
                                  make_train_step)
@@ -25,6 +25,16 @@ def model_options(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   the mesh's devices (the target: a TPU slice compiled for on a CPU host gets the TPU kernel)."""
   return dict(dtype=jnp.dtype(config.dtype), remat=config.remat,
               attention=config.attention or default_implementation(mesh_platform(mesh)))
+
+
+def denoiser_param_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+  """The trained denoiser's parameter dtype: float32 master weights, or for LoRA the frozen base's dtype."""
+  return jnp.dtype(config.lora.base_dtype if config.lora.rank else config.param_dtype)
+
+
+def needs_reference_model(config: ml_collections.ConfigDict) -> bool:
+  """Whether a second, frozen denoiser is loaded: DPO/RPO, unless LoRA (the base without adapters is the reference)."""
+  return objectives.get_objective(config.objective).needs_reference and not config.lora.rank
 
 
 @dataclasses.dataclass
@@ -47,7 +57,8 @@ def step_config(config: ml_collections.ConfigDict, family: ModuleType, latents, 
     fixed = tuple(float(v) for v in family.time_ids(config.resolution, config.resolution, 1)[0])
   return StepConfig(objective=config.objective, hparams=hparams, latents=latents, accum_steps=config.accum_steps,
                     empty_prompt_prob=float(config.data.empty_prompt_prob),
-                    label_noise_prob=float(config.data.label_noise_prob), fixed_time_ids=fixed)
+                    label_noise_prob=float(config.data.label_noise_prob), fixed_time_ids=fixed,
+                    adapters_off_reference=bool(config.lora.rank))
 
 
 def build(config: ml_collections.ConfigDict, family: ModuleType, model: nnx.Module, reference: nnx.Module | None,
@@ -55,13 +66,18 @@ def build(config: ml_collections.ConfigDict, family: ModuleType, model: nnx.Modu
   """The train state of `model` (and the reference's parameters) on `mesh`, and the jitted step of
   `config.objective`. Models may be abstract (nnx.eval_shape): everything is then ShapeDtypeStructs.
   `empty_prompt`: the empty prompt's conditioning rows (needed when config.data.empty_prompt_prob > 0),
-  arrays or ShapeDtypeStructs; placed replicated."""
-  objective = objectives.get_objective(config.objective)
+  arrays or ShapeDtypeStructs; placed replicated.
+  With config.lora.rank > 0 the adapters are attached to `model` here (config.lora) and only they train;
+  `reference` is then None (see `needs_reference_model`)."""
   tx = optim.make_optimizer(config.optim)
+  trainable = nnx.Param
+  if config.lora.rank:
+    lora.from_config(model, config.lora, config.seed, dtype=jnp.dtype(config.param_dtype))
+    trainable = lora.LoRAParam
   graphdef, state, state_shardings, frozen_params, frozen_shardings = create_sharded_state(
-      model, tx, mesh, config.seed)
+      model, tx, mesh, config.seed, trainable=trainable)
   ref_graphdef = ref_params = ref_shardings = None
-  if objective.needs_reference:
+  if needs_reference_model(config):
     ref_graphdef = nnx.graphdef(reference)
     ref_params, ref_shardings = sharding.place(reference, mesh)
   cfg = step_config(config, family, latents, schedule.num_train_timesteps)

@@ -90,6 +90,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.dtype = "bfloat16"
   config.param_dtype = "float32"
   config.ref_param_dtype = "bfloat16"
+  # LoRA (mapo_jax/lora.py, docs/lora.md): rank 0 = full fine-tune. rank > 0 trains only adapters on the
+  # linear layers `targets` select (PEFT target_modules rule), scaled by alpha / rank; the base stays frozen in
+  # `base_dtype`, and DPO/RPO's reference is the base with the adapters switched off (no second UNet).
+  # init_from: a diffusers or kohya LoRA file to start from (same targets and rank). alpha 8 is PEFT's
+  # LoraConfig default; dropout other than 0 is not implemented (refused).
+  config.lora = ml_collections.ConfigDict(dict(
+      rank=0, alpha=8.0, targets=("to_q", "to_k", "to_v", "to_out.0"), dropout=0.0, init_from="",
+      base_dtype="bfloat16"))
   config.attention = ""  # "" = the backend's default (cudnn on GPU, pallas on TPU, einsum on CPU)
   config.remat = "full"  # rematerialisation policy of each UNet block (models/unet.py REMAT_POLICIES)
   config.seed = 0
@@ -252,7 +260,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   choice("data.mode", DATA_MODES)
   choice("data.rpo_embedding", objectives.RPO_EMBEDDINGS)
   choice("data.time_ids", TIME_IDS)
-  for key in ("dtype", "param_dtype", "ref_param_dtype"):
+  for key in ("dtype", "param_dtype", "ref_param_dtype", "lora.base_dtype"):
     choice(key, DTYPES)
   choice("attention", ("",) + IMPLEMENTATIONS)
   choice("remat", tuple(REMAT_POLICIES))
@@ -274,6 +282,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("optim.lr", "optim.eps", "mapo.beta", "mapo.snr", "dpo.beta", "rpo.beta", "rpo.tau"):
     if not given[key] > 0:
       raise ConfigError(key, f"{given[key]!r} must be > 0")
+  validate_lora(given)
   if not 0 <= given["max_skipped_fraction"] <= 1:
     raise ConfigError("max_skipped_fraction", f"{given['max_skipped_fraction']!r} must be in [0, 1]")
   if not given["max_param_norm_ratio"] > 1:
@@ -299,6 +308,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("data.cache_dir", "data.mode='cached' needs the folder written by mapo_jax.encode")
   if given["data.mode"] == "onthefly" and not given["data.source"]:
     raise ConfigError("data.source", "data.mode='onthefly' needs a parquet file/folder or a .jsonl file")
+
+
+def validate_lora(given: dict[str, Any]) -> None:
+  """config.lora.*: rank >= 0, alpha > 0, targets non-empty, dropout in [0, 1), init_from an existing file."""
+  if not given["lora.rank"] >= 0:
+    raise ConfigError("lora.rank", f"{given['lora.rank']!r} must be >= 0 (0 = full fine-tune)")
+  if not given["lora.alpha"] > 0:
+    raise ConfigError("lora.alpha", f"{given['lora.alpha']!r} must be > 0 (the adapters' scale is alpha / rank)")
+  if not given["lora.targets"] or not all(isinstance(t, str) and t for t in given["lora.targets"]):
+    raise ConfigError("lora.targets", f"{given['lora.targets']!r} must be module names, e.g. to_q, to_out.0")
+  if given["lora.dropout"] != 0:  # the official MaPO and diffusers DPO LoRA recipes use none
+    raise ConfigError("lora.dropout", f"{given['lora.dropout']!r}: adapter dropout is not implemented yet; use 0.0")
+  if given["lora.init_from"]:
+    if not given["lora.rank"]:
+      raise ConfigError("lora.init_from", "needs lora.rank > 0 (the rank of the file's adapters)")
+    if not Path(given["lora.init_from"]).is_file():
+      raise ConfigError("lora.init_from", f"{given['lora.init_from']!r} is not a file (a .safetensors LoRA)")
 
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:

@@ -1,9 +1,10 @@
 """Compare two models on a prompt set with reward models: the papers' table of mean scores and win rates.
 
-    python -m mapo_jax.evaluate --model-a BASE --model-b TUNED --rewards pickscore=DIR,hps=FILE,aesthetic=FILE,clip=DIR
-        --prompts FILE --out OUT [--seed 0] [--steps 50] [--guidance 5] [--height H --width W]
+    python -m mapo_jax.evaluate --model-a BASE --model-b TUNED [--lora-b F]
+        --rewards pickscore=DIR,hps=FILE,aesthetic=FILE,clip=DIR --prompts FILE --out OUT [--seed 0] [--steps 50] [--guidance 5] [--height H --width W]
         [--negative-prompt TEXT] [--sampler euler|ddim] [--batch-size 8]
 
+--lora-b FILE: a LoRA file (diffusers or kohya) applied to model B's UNet, so B = A + LoRA needs no export.
 --model-a / --model-b: as `mapo_jax.generate --model` (a diffusers pipeline folder, or a workdir with
 export/). Both sample every prompt from the same noise (image i from (--seed, i)), so the images differ by
 the model only and the comparison is paired. --rewards: KIND=PATH items (`mapo_jax.rewards.load_reward`).
@@ -29,7 +30,6 @@ from absl.flags import argparse_flags
 from PIL import Image
 
 from mapo_jax import generate, rewards, sampling, scoring
-from mapo_jax.pipelines import load_pipeline
 from mapo_jax.prompts import FORMATS, read_prompt_set
 
 GRID_ROWS = 16
@@ -91,8 +91,8 @@ def summarize(scores: dict[str, dict[str, np.ndarray]], categories: list[str] | 
   return summary
 
 
-def sample(model: str, prompts: list[str], args: argparse.Namespace) -> np.ndarray:
-  pipe = load_pipeline(generate.resolve_pipeline(model))
+def sample(model: str, prompts: list[str], args: argparse.Namespace, lora: str | None = None) -> np.ndarray:
+  pipe = generate.load_model(model, lora)
   negatives = None if args.negative_prompt is None else [args.negative_prompt] * len(prompts)
   images, _ = sampling.generate_images(
       pipe, prompts, negative_prompts=negatives, steps=args.steps, guidance=args.guidance, seed=args.seed,
@@ -131,6 +131,7 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
   p = argparse_flags.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model-a", "--model_a", dest="model_a", required=True, help="baseline model folder")
   p.add_argument("--model-b", "--model_b", dest="model_b", required=True, help="compared (e.g. aligned) model")
+  p.add_argument("--lora-b", "--lora_b", dest="lora_b", help="LoRA file applied to model B (e.g. B = A + LoRA)")
   p.add_argument("--rewards", required=True, type=scoring.rewards_flag,
                  help="KIND=PATH[,KIND=PATH...], e.g. pickscore=DIR,hps=FILE,aesthetic=FILE,clip=DIR")
   p.add_argument("--prompts", required=True, help=f"prompt set: {FORMATS}")
@@ -145,7 +146,7 @@ def main(args: argparse.Namespace) -> None:
   out = Path(args.out)
   images = {}
   for name in ("a", "b"):  # one pipeline in memory at a time
-    images[name] = sample(getattr(args, f"model_{name}"), prompts, args)
+    images[name] = sample(getattr(args, f"model_{name}"), prompts, args, args.lora_b if name == "b" else None)
     generate.save_images(images[name], out / name)
   scores = {}
   for kind, path in args.rewards.items():  # one reward model in memory at a time
@@ -153,7 +154,8 @@ def main(args: argparse.Namespace) -> None:
     scores[kind] = {name: scoring.score(reward, prompts, images[name]) for name in images}
     del reward
 
-  settings = {k: getattr(args, k) for k in ("model_a", "model_b", "rewards", "prompts", "seed", "steps", "guidance",
+  settings = {k: getattr(args, k) for k in ("model_a", "model_b", "lora_b", "rewards", "prompts", "seed", "steps",
+                                            "guidance",
                                             "negative_prompt", "sampler")}
   settings |= {"height": int(images["a"].shape[1]), "width": int(images["a"].shape[2]),
                "bootstrap_samples": BOOTSTRAP_SAMPLES, "bootstrap_seed": BOOTSTRAP_SEED}

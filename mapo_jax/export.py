@@ -1,7 +1,7 @@
-"""Export trained UNet parameters as a diffusers pipeline folder.
+"""Export trained UNet parameters as a diffusers pipeline folder, or a LoRA run's adapters as a LoRA file.
 
     python -m mapo_jax.export --checkpoint WORKDIR [--step N] --base BASE_PIPELINE --out OUT \
-        [--dtype fp32|fp16|bf16] [--unet-only]
+        [--dtype fp32|fp16|bf16] [--unet-only] [--format diffusers|kohya] [--fuse]
 
 Reads only the parameters of checkpoint N (default: the latest) from WORKDIR/checkpoints and writes
 OUT/unet/ with them plus a copy of every other component of BASE_PIPELINE (VAE, text towers,
@@ -9,6 +9,12 @@ tokenizers, scheduler, model_index.json), so `StableDiffusionXLPipeline.from_pre
 `StableDiffusionPipeline` for SD 1.x) loads it. With --unet-only, OUT is a bare UNet folder
 (`UNet2DConditionModel.from_pretrained(OUT)`). The folder is written under a temporary name and
 renamed at the end, replacing an older OUT. The trainer writes WORKDIR/export/ the same way.
+
+A LoRA run (config.lora.rank > 0, read from WORKDIR's recorded config) exports its adapters:
+OUT/pytorch_lora_weights.safetensors in the diffusers format (`pipe.load_lora_weights(OUT)`), or with
+`--format kohya` OUT/lora_kohya.safetensors (`lora_unet_*` keys with alphas, for ComfyUI/A1111-style tools);
+`--fuse` instead writes the full pipeline with the adapters merged into the UNet (W + alpha/r · A B).
+See docs/lora.md.
 """
 from __future__ import annotations
 
@@ -22,16 +28,18 @@ from absl import app, logging
 from absl.flags import argparse_flags
 from flax import nnx
 
-from mapo_jax import pipelines
+from mapo_jax import lora, pipelines
 from mapo_jax.checkpoint import CHECKPOINTS, Checkpointer, abstract_like
 from mapo_jax.convert.files import EXPORT_DTYPES
-from mapo_jax.workdir import remove_stale_temporaries
+from mapo_jax.workdir import previous_config, remove_stale_temporaries
 
 
 def export_denoiser(model: nnx.Module, base: str | os.PathLike, out: str | os.PathLike, *,
                     dtype: str = "fp32", denoiser_only: bool = False) -> Path:
   """Writes `model` (weights cast to `dtype`) with the base pipeline's other components to `out`; with
   `denoiser_only`, a bare model folder (for SD: a UNet folder)."""
+  if lora.adapted(model):  # the denoiser's weights alone would silently drop them
+    raise ValueError("the model has LoRA adapters: merge them first (lora.fuse) or write them with export_lora")
   base, out = Path(base), Path(out)
   family = pipelines.family(base)
   remove_stale_temporaries(out.parent)
@@ -51,10 +59,40 @@ def export_denoiser(model: nnx.Module, base: str | os.PathLike, out: str | os.Pa
   return out
 
 
-def load_checkpoint_denoiser(workdir: str | os.PathLike, base: str | os.PathLike, step: int | None = None):
-  """The base pipeline's denoiser architecture with the parameters of checkpoint `step` (default: latest)."""
-  model = pipelines.family(base).abstract_denoiser(base)
-  graphdef, abstract = nnx.split(model, nnx.Param)
+def export_lora(model: nnx.Module, out: str | os.PathLike, fmt: str = "diffusers") -> Path:
+  """Writes `model`'s adapters (its base may be abstract) as OUT/<lora file> (`lora.save`), OUT written under a
+  temporary name and renamed, replacing an older OUT."""
+  out = Path(out)
+  remove_stale_temporaries(out.parent)
+  tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  name = lora.save(model, tmp, fmt).name
+  shutil.rmtree(out, ignore_errors=True)
+  os.replace(tmp, out)
+  return out / name
+
+
+def run_lora_config(workdir: str | os.PathLike) -> dict:
+  """The LoRA settings of the run in `workdir` (its recorded config; rank 0 = a full fine-tune)."""
+  recorded = previous_config(Path(workdir))
+  return dict((recorded[1].get("lora") if recorded else None) or {"rank": 0})
+
+
+def load_checkpoint_denoiser(workdir: str | os.PathLike, base: str | os.PathLike, step: int | None = None, *,
+                             base_weights: bool = True):
+  """The base pipeline's denoiser architecture with the parameters of checkpoint `step` (default: latest).
+
+  A LoRA run's checkpoint holds only adapters: they are attached to the base denoiser, whose weights are
+  read from `base` (or, with `base_weights=False`, left abstract: enough to write the adapters)."""
+  family = pipelines.family(base)
+  model = family.abstract_denoiser(base)
+  settings = run_lora_config(workdir)
+  trainable = nnx.Param
+  if settings["rank"]:
+    lora.add_adapters(model, rank=settings["rank"], alpha=settings["alpha"], targets=tuple(settings["targets"]),
+                      seed=0)
+    trainable = lora.LoRAParam
+  graphdef, abstract, rest = nnx.split(model, trainable, ...)
   if not (Path(workdir) / CHECKPOINTS).is_dir():
     raise FileNotFoundError(f"{workdir} holds no {CHECKPOINTS}/ folder (is it a training workdir?)")
   checkpointer = Checkpointer(Path(workdir) / CHECKPOINTS)
@@ -67,7 +105,14 @@ def load_checkpoint_denoiser(workdir: str | os.PathLike, base: str | os.PathLike
   params = checkpointer.restore_params(step, abstract_like(pure, jax.tree.map(lambda _: device, pure)))
   checkpointer.close()
   nnx.replace_by_pure_dict(abstract, params)
-  return nnx.merge(graphdef, abstract), step
+  model = nnx.merge(graphdef, abstract, rest)
+  if settings["rank"] and base_weights:
+    real = family.load_denoiser(base)
+    layers = lora.linear_layers(real)
+    for name, adapter in lora.adapted(model).items():
+      lora.attach(layers[name], adapter.a.get_value(), adapter.b.get_value(), adapter.scale)
+    model = real
+  return model, step
 
 
 def parse_flags(argv: list[str]) -> argparse.Namespace:
@@ -79,12 +124,25 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
   p.add_argument("--dtype", default="fp32", choices=EXPORT_DTYPES, help="UNet weight dtype")
   p.add_argument("--unet-only", action="store_true", help="write a bare UNet folder, no other components")
+  p.add_argument("--format", choices=lora.FORMATS, default=None,
+                 help="LoRA runs: the LoRA file's format (default diffusers: pytorch_lora_weights.safetensors)")
+  p.add_argument("--fuse", action="store_true", help="LoRA runs: write the full pipeline with the adapters merged")
   return p.parse_args(argv[1:])
 
 
 def main(args: argparse.Namespace) -> None:
-  model, step = load_checkpoint_denoiser(args.checkpoint, args.base, args.step)
-  out = export_denoiser(model, args.base, args.out, dtype=args.dtype, denoiser_only=args.unet_only)
+  is_lora = bool(run_lora_config(args.checkpoint)["rank"])
+  if not is_lora and (args.format or args.fuse):
+    raise app.UsageError(f"--format/--fuse: the run in {args.checkpoint} is a full fine-tune (no LoRA adapters)")
+  if args.fuse and args.format:
+    raise app.UsageError("--fuse writes a pipeline folder; --format is for LoRA files: give one of them")
+  model, step = load_checkpoint_denoiser(args.checkpoint, args.base, args.step,
+                                         base_weights=not is_lora or args.fuse)
+  if is_lora and not args.fuse:
+    out = export_lora(model, args.out, args.format or "diffusers")
+  else:
+    model = lora.fuse(model) if is_lora else model
+    out = export_denoiser(model, args.base, args.out, dtype=args.dtype, denoiser_only=args.unet_only)
   logging.info("exported step %d of %s to %s", step, args.checkpoint, out)
   print(f"exported step {step} to {out}")
 

@@ -4,10 +4,13 @@
     python -m mapo_jax.generate --model DIR --prompts prompts.txt --out OUT [--steps 50] [--guidance 5]
         [--seed 0] [--height 1024 --width 1024] [--negative-prompt TEXT] [--sampler euler|ddim]
         [--init-latents noise.npy] [--output-latents latents.npy] [--batch-size 8]
+        [--lora FILE [--lora-scale S]]
 
 --model: a diffusers pipeline folder (model_index.json; SDXL or SD 1.x/2.x), or a training workdir whose
 export/ holds one. A workdir without export/ is refused: export it first with `python -m mapo_jax.export`.
 --prompts: a text file, one prompt per line (blank lines skipped).
+--lora: a LoRA file for the UNet, diffusers (pytorch_lora_weights.safetensors, what export writes) or kohya
+(`lora_unet_*`) format, applied with weight --lora-scale (default 1: as trained); see docs/lora.md.
 Writes OUT/0000.png, OUT/0001.png, ... (one per prompt, in order), OUT/grid.png and OUT/metadata.json
 (the settings, and the prompt of each file). Without --init-latents, image i starts from noise drawn
 from (--seed, i), whatever the batching. --init-latents: (N, H/8, W/8, 4) float32 NHWC unit-variance
@@ -29,6 +32,7 @@ from absl import app, logging
 from absl.flags import argparse_flags
 from PIL import Image
 
+from mapo_jax import lora as lora_lib
 from mapo_jax import sampling
 from mapo_jax.pipelines import load_pipeline
 
@@ -39,10 +43,22 @@ def resolve_pipeline(path: str | os.PathLike) -> Path:
   for folder in (path, path / "export"):
     if (folder / "model_index.json").is_file():
       return folder
+  if (path / "export" / lora_lib.DIFFUSERS_FILE).is_file():
+    raise FileNotFoundError(f"{path} is a LoRA run: its export is {path / 'export' / lora_lib.DIFFUSERS_FILE}; sample "
+                            "it with --model BASE_PIPELINE --lora that file")
   raise FileNotFoundError(
       f"{path} is not a diffusers pipeline folder (no model_index.json), nor a training workdir with an exported "
       f"pipeline in {path / 'export'}. To sample a training workdir or checkpoint, export it first with "
       "`python -m mapo_jax.export`, which writes the pipeline to WORKDIR/export/.")
+
+
+def load_model(model: str | os.PathLike, lora: str | os.PathLike | None = None, lora_scale: float = 1.0):
+  """The pipeline `model` names (`resolve_pipeline`), with the LoRA file `lora` on its UNet at weight
+  `lora_scale`: the one way generate and evaluate load what they sample."""
+  pipe = load_pipeline(resolve_pipeline(model))
+  if lora is not None:
+    lora_lib.load_into(pipe.unet, lora, scale=lora_scale)
+  return pipe
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
@@ -92,6 +108,9 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
   prompts.add_argument("--prompt", help="one prompt")
   prompts.add_argument("--prompts", help="text file, one prompt per line")
   p.add_argument("--out", required=True, help="output folder")
+  p.add_argument("--lora", help="LoRA file (diffusers or kohya format) applied to the UNet")
+  p.add_argument("--lora-scale", "--lora_scale", dest="lora_scale", type=float, default=1.0,
+                 help="the LoRA's weight (1: as trained)")
   add_sampling_flags(p)
   p.add_argument("--init-latents", "--init_latents", dest="init_latents",
                  help=".npy of (N, H/8, W/8, 4) float32 NHWC unit-variance initial noise")
@@ -103,7 +122,7 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> None:
   prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
   model = resolve_pipeline(args.model)
-  pipe = load_pipeline(model)
+  pipe = load_model(model, args.lora, args.lora_scale)
   init = None if args.init_latents is None else np.load(args.init_latents)
   negatives = None if args.negative_prompt is None else [args.negative_prompt] * len(prompts)
   images, latents = sampling.generate_images(
@@ -114,7 +133,7 @@ def main(args: argparse.Namespace) -> None:
   if args.output_latents:
     np.save(args.output_latents, latents)
   settings = {k: getattr(args, k) for k in ("steps", "guidance", "seed", "negative_prompt", "sampler",
-                                            "init_latents")}
+                                            "init_latents", "lora", "lora_scale")}
   metadata = {"model": str(model), **settings, "height": int(images.shape[1]), "width": int(images.shape[2]),
               "images": [{"file": name, "prompt": prompt} for name, prompt in zip(names, prompts)]}
   (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")

@@ -6,7 +6,8 @@
 
 The workdir receives checkpoints/ (Orbax; a run with an existing workdir resumes from its latest
 checkpoint), metrics.jsonl (one JSON object per logged step), tensorboard/, samples/step_NNNNNN.png,
-config.json and, when the run completes, export/ (a diffusers pipeline folder with the trained UNet).
+config.json and, when the run completes, export/ (a diffusers pipeline folder with the trained UNet; for a
+LoRA run, config.lora.rank > 0, export/pytorch_lora_weights.safetensors with the adapters alone).
 SIGTERM or SIGINT writes a checkpoint after the current step and exits with status 0, as does
 --stop-after-step K after step K (the schedule still ends at config.steps, so a later run resumes).
 Multi-host: on GPU clusters pass --coordinator_address, --num_processes and --process_id (or set
@@ -36,15 +37,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from mapo_jax import config as config_lib
-from mapo_jax import convert, demo, objectives, optim, pipelines, sampling, sharding
+from mapo_jax import convert, demo, optim, pipelines, sampling, sharding
 from mapo_jax import workdir as workdir_lib
-from mapo_jax.build import build, compile_step, model_options
+from mapo_jax.build import build, compile_step, denoiser_param_dtype, model_options, needs_reference_model
 from mapo_jax.checkpoint import CHECKPOINTS, CheckpointSaveError, Checkpointer, NoGoodCheckpointError, abstract_like
 from mapo_jax.data import (cached_eval_batch, cached_loader, onthefly_eval_batch, onthefly_loader,
                            open_source, read_manifest)
 from mapo_jax.data.cache import RecordLayout
 from mapo_jax.encode import make_encoder
-from mapo_jax.export import export_denoiser
+from mapo_jax.export import export_denoiser, export_lora
 from mapo_jax.guards import (DivergedError, check_cache_vae, check_exportable, check_skipped,
                              global_norm)
 from mapo_jax.metrics import MetricsWriter
@@ -160,9 +161,9 @@ def main(argv) -> None:
     raise config_lib.ConfigError("resolution", f"{config.resolution} is not a multiple of {multiple} "
                                  f"(the VAE's and the UNet's downsampling of {config.pipeline})")
   options = model_options(config, mesh)
-  model = family.load_denoiser(config.pipeline, param_dtype=jnp.dtype(config.param_dtype), mesh=mesh, **options)
+  model = family.load_denoiser(config.pipeline, param_dtype=denoiser_param_dtype(config), mesh=mesh, **options)
   reference = None
-  if objectives.get_objective(config.objective).needs_reference:
+  if needs_reference_model(config):
     reference = family.load_denoiser(config.reference or config.pipeline, mesh=mesh,
                                      param_dtype=jnp.dtype(config.ref_param_dtype), **options)
   needs_frozen = config.sample_every > 0 or config.data.mode == "onthefly" or config.data.empty_prompt_prob > 0
@@ -310,8 +311,12 @@ def main(argv) -> None:
   params = convert.host_params(state.params)  # one parameter at a time; every process takes part
   if lead:
     if not (workdir / "export").exists() or first_step < config.steps:
-      export_denoiser(nnx.merge(graphdef, params, convert.host_params(frozen.policy)), config.pipeline,
-                      workdir / "export", dtype=config.export_dtype)
+      if config.lora.rank:  # the adapters alone, as diffusers' save_lora_weights writes them
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen.policy)
+        export_lora(nnx.merge(graphdef, params, shapes), workdir / "export")
+      else:
+        export_denoiser(nnx.merge(graphdef, params, convert.host_params(frozen.policy)), config.pipeline,
+                        workdir / "export", dtype=config.export_dtype)
     print(f"done: {config.steps} steps in {workdir}\n  checkpoints  {workdir / CHECKPOINTS}\n"
           f"  export       {workdir / 'export'}\n  samples      {workdir / 'samples'}\n"
           f"  metrics      {workdir / 'metrics.jsonl'} (TensorBoard: {workdir / 'tensorboard'})")

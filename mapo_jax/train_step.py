@@ -39,7 +39,7 @@ EVAL_SEED = 0  # the held-out evaluation's one fixed key: the same noise and tim
 @struct.dataclass
 class TrainState:
   step: jax.Array
-  params: Params  # trainable UNet parameters (pure dict, float32 master copy)
+  params: Params  # trainable UNet parameters (pure dict, float32 master copy): all, or the LoRA adapters
   opt_state: optax.OptState
   rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
   skipped: jax.Array  # updates skipped for a non-finite loss or gradient
@@ -64,6 +64,8 @@ class StepConfig:
   empty_prompt_prob: float = 0.0  # per pair: conditioning -> Frozen.empty_prompt (config.data.empty_prompt_prob)
   label_noise_prob: float = 0.0  # per pair: winner <-> loser (config.data.label_noise_prob)
   fixed_time_ids: tuple[float, ...] | None = None  # every pair's time ids, e.g. (R, R, 0, 0, R, R); None: the batch's
+  # LoRA: the reference (DPO, RPO) is the policy with its adapters switched off, not Frozen.reference.
+  adapters_off_reference: bool = False
 
 
 def init_state(params: Params, tx: optax.GradientTransformation, seed: int) -> TrainState:
@@ -147,13 +149,18 @@ def make_loss_fn(denoise: Callable, graphdef, ref_graphdef, schedule, cfg: StepC
   """`loss_fn(params, frozen, batch, draws) -> (loss, metrics)` for one (micro-)batch."""
   objective = objectives.get_objective(cfg.objective)
 
+  def reference(params, frozen: Frozen):
+    if cfg.adapters_off_reference:  # B = 0 makes every adapter's s·(x A) B exactly 0: the frozen base itself
+      return nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, params), frozen.policy)
+    return nnx.merge(ref_graphdef, frozen.reference)
+
   def loss_fn(params, frozen: Frozen, batch, draws):
     errors = lambda model: per_sample_errors(denoise, model, batch, draws, schedule, cfg.latents,
                                              objective.paired)
     err_w, err_l = errors(nnx.merge(graphdef, params, frozen.policy))
     ref_w = ref_l = None
     if objective.needs_reference:
-      ref_w, ref_l = jax.lax.stop_gradient(errors(nnx.merge(ref_graphdef, frozen.reference)))
+      ref_w, ref_l = jax.lax.stop_gradient(errors(reference(params, frozen)))
     return objectives.objective_loss(cfg.objective, err_w, err_l, ref_err_w=ref_w, ref_err_l=ref_l,
                                      emb=batch.get(EMBEDDING_KEY), **cfg.hparams)
 

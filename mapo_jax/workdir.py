@@ -27,7 +27,8 @@ from mapo_jax import config as config_lib
 
 # Config keys that define what a run trains: changing one on resume trains a different thing.
 DEFINING_KEYS = ("objective", "pipeline", "reference", "vae", "resolution", "data.mode", "data.cache_dir",
-                 "data.source", "data.eval_pairs")  # eval_pairs: which pairs are trained on
+                 "data.source", "data.eval_pairs",  # eval_pairs: which pairs are trained on
+                 "lora.rank", "lora.targets")  # the shapes of what trains
 
 
 class WorkdirBusyError(RuntimeError):
@@ -87,7 +88,10 @@ def check_resume_config(workdir: Path, config: dict[str, Any], *, allow_change: 
   if previous is None:
     return
   path, old = previous
-  old, new = config_lib.flatten(old), config_lib.flatten(config)
+  # A key the previous run did not record (an older version) ran with its default: new keys default to the
+  # behaviour before them (config.lora.rank 0 = a full fine-tune).
+  defaults = config_lib.flatten(json.loads(config_lib.base_config().to_json()))
+  old, new = {**defaults, **config_lib.flatten(old)}, config_lib.flatten(config)
   changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
   defining = [k for k in changed if k in DEFINING_KEYS]
   describe = lambda k: f"config.{k}: {old.get(k)!r} -> {new.get(k)!r}"

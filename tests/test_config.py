@@ -9,7 +9,8 @@ from conftest import REPO
 
 from mapo_jax import config as config_lib
 
-RECIPES = ("sdxl_mapo", "sdxl_dpo", "sdxl_rpo", "sdxl_sft", "sd15_mapo", "sd15_dpo", "demo")
+RECIPES = ("sdxl_mapo", "sdxl_dpo", "sdxl_rpo", "sdxl_sft", "sd15_mapo", "sd15_dpo", "demo", "sdxl_mapo_lora",
+           "sdxl_dpo_lora", "sd15_dpo_lora")
 
 
 def load(name):
@@ -59,6 +60,11 @@ SOURCED = {
                  "optim.lr", "global_batch_size", "dpo.beta", "resolution"},
     "sdxl_mapo": {"optim.name", "optim.lr", "optim.schedule", "optim.clip_norm", "data.empty_prompt_prob",
                   "data.time_ids", "data.label_noise_prob", "vae", "mapo.beta", "global_batch_size", "accum_steps"},
+    "sdxl_mapo_lora": {"lora.rank", "lora.alpha", "lora.targets", "optim.lr", "mapo.beta", "global_batch_size", "vae"},
+    "sdxl_dpo_lora": {"lora.rank", "lora.alpha", "lora.targets", "optim.lr", "optim.schedule", "optim.warmup_steps",
+                      "dpo.beta", "global_batch_size", "accum_steps", "steps", "data.empty_prompt_prob", "vae"},
+    "sd15_dpo_lora": {"lora.rank", "lora.alpha", "lora.targets", "optim.lr", "optim.schedule", "dpo.beta",
+                      "global_batch_size", "steps", "resolution", "vae"},
 }
 
 

@@ -40,7 +40,10 @@ def _param(rngs: nnx.Rngs, init, shape, param_dtype, axes) -> nnx.Param:
 
 
 class Linear(nnx.Module):
-  """y = x @ kernel + bias, kernel (in, out). `axes` names the (in, out) logical axes."""
+  """y = x @ kernel + bias, kernel (in, out). `axes` names the (in, out) logical axes.
+
+  `lora`: an optional low-rank adapter (mapo_jax/lora.py) whose output is added; None unless attached.
+  """
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
                axes: tuple[str, str] = ("embed", "mlp"), dtype: Dtype = jnp.float32,
@@ -50,11 +53,14 @@ class Linear(nnx.Module):
     self.bias = (_param(rngs, jax.nn.initializers.zeros, (out_features,), param_dtype, axes[1:])
                  if use_bias else None)
     self.dtype = dtype
+    self.lora = None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
+    if self.lora is not None:
+      y = y + self.lora(x.astype(self.dtype))
     return y
 
 
@@ -71,6 +77,7 @@ class Conv2d(nnx.Module):
     self.stride = stride
     self.padding = kernel_size // 2 if padding is None else padding
     self.dtype = dtype
+    self.lora = None  # 1x1 convolutions only (SD 1.x's proj_in / proj_out): a per-pixel linear map
 
   def __call__(self, x: jax.Array) -> jax.Array:
     p = self.padding
@@ -78,7 +85,10 @@ class Conv2d(nnx.Module):
         x.astype(self.dtype), self.kernel[...].astype(self.dtype),
         window_strides=(self.stride, self.stride), padding=((p, p), (p, p)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y + self.bias[...].astype(self.dtype)
+    y = y + self.bias[...].astype(self.dtype)
+    if self.lora is not None:
+      y = y + self.lora(x.astype(self.dtype))
+    return y
 
 
 class GroupNorm(nnx.Module):

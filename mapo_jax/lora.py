@@ -1,0 +1,326 @@
+"""LoRA: low-rank adapters on the denoiser's linear layers, and the LoRA files diffusers and kohya's tools read.
+
+An adapted `Linear` (or 1x1 `Conv2d`, per pixel) computes y = x W + b + s · (x A) B with A (in, r),
+B (r, out) and s = alpha / r (LoRA, Hu et al. 2021, arXiv 2106.09685, eq. 3; PEFT's
+`scaling = lora_alpha / r`). A is drawn as PEFT's default (`init_lora_weights=True`: kaiming-uniform with
+a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))) and B is zero, so a fresh adapter leaves the model's output
+exactly as it was. A and B are `LoRAParam`s, their own variable type: the train state takes
+`trainable=LoRAParam` and everything else stays frozen.
+
+Modules are named by their path in the model joined with dots, which is the diffusers module name
+(`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0`). `targets` select modules as PEFT's
+`target_modules` list does: a name matches a target equal to it or ending in "." + target.
+
+File formats (docs/lora.md):
+  diffusers  `unet.<module>.lora_A.weight` (r, in) and `unet.<module>.lora_B.weight` (out, r): PEFT's
+             state dict as diffusers' `save_lora_weights` writes it. It carries no alpha; diffusers then
+             takes alpha = r (scale 1) unless the file's `lora_adapter_metadata` says otherwise, so we
+             write s·B as lora_B and read metadata alphas when present.
+  kohya      `lora_unet_<module with "." → "_">.lora_down.weight` (r, in), `.lora_up.weight` (out, r) and
+             `.alpha` (a scalar): the scale is alpha / r per module.
+  Adapters of 1x1 convolutions hold A and B as (r, in, 1, 1) and (out, r, 1, 1) in both formats.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from mapo_jax.models.layers import Conv2d, Linear
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections (official MaPO LoRA)
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights gives
+KOHYA_FILE = "lora_kohya.safetensors"
+FORMATS = ("diffusers", "kohya")
+DIFFUSERS_PREFIX = "unet."
+KOHYA_PREFIX = "lora_unet_"
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+
+
+class LoRAFileError(ValueError):
+  """A LoRA file that does not fit the model (its keys, ranks or targets), or that we cannot read."""
+
+
+class LoRAParam(nnx.Variable):
+  """An adapter matrix (A or B): the only parameters a LoRA run trains."""
+
+
+class LoRA(nnx.Module):
+  """The low-rank update s · (x A) B of one linear layer; `x` arrives in the layer's compute dtype."""
+
+  def __init__(self, a, b, scale: float, axes: tuple[str, str], conv: bool = False):
+    self.a = LoRAParam(a, axes=(axes[0], None))  # the rank axis is small: replicated
+    self.b = LoRAParam(b, axes=(None, axes[1]))
+    self.scale = float(scale)
+    self.conv = conv  # on a 1x1 convolution: files hold A and B as (r, in, 1, 1) and (out, r, 1, 1)
+
+  @property
+  def rank(self) -> int:
+    return self.a.shape[1]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = jnp.dot(x, self.a[...].astype(x.dtype))
+    return jnp.dot(h, self.b[...].astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
+
+
+def _fits(module) -> bool:
+  """Linear layers, and 1x1 stride-1 convolutions (a linear map per pixel: SD 1.x's proj_in / proj_out)."""
+  if isinstance(module, Conv2d):
+    return module.kernel.shape[:2] == (1, 1) and module.stride == 1 and module.padding == 0
+  return isinstance(module, Linear)
+
+
+def linear_layers(model: nnx.Module) -> dict[str, Linear | Conv2d]:
+  """Every layer of `model` an adapter fits (`_fits`), by its diffusers module name."""
+  return {".".join(map(str, path)): module for path, module in nnx.iter_graph(model) if _fits(module)}
+
+
+def adapted(model: nnx.Module) -> dict[str, LoRA]:
+  """The adapters attached to `model`, by module name."""
+  return {name: m.lora for name, m in linear_layers(model).items() if m.lora is not None}
+
+
+def match_targets(model: nnx.Module, targets: Sequence[str]) -> list[str]:
+  """The layers (`linear_layers`) `targets` select (PEFT's rule: the name equals a target or ends in "." +
+  target). A target that selects nothing, or only modules an adapter does not fit, is an error."""
+  linears = linear_layers(model)
+  names = [".".join(map(str, p)) for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module) and p]
+  hits = lambda target, pool: [n for n in pool if n == target or n.endswith("." + target)]
+  for target in targets:
+    if not hits(target, linears):
+      others = hits(target, names)
+      kind = (f"only other modules ({type(_module_at(model, others[0])).__name__} {others[0]})" if others
+              else "no module")
+      raise ValueError(f"config.lora.targets: {target!r} matches {kind}; LoRA adapts linear layers and 1x1 "
+                       f"convolutions (e.g. {', '.join(DEFAULT_TARGETS)}, ff.net.0.proj, ff.net.2, proj_in, proj_out)")
+  return [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
+
+
+def _module_at(model: nnx.Module, name: str):
+  for part in name.split("."):
+    model = model[int(part)] if part.isdigit() else getattr(model, part)
+  return model
+
+
+def _axes(layer) -> tuple[str, str]:
+  """The logical axes of the layer's (in, out) features: A and B are sharded like them."""
+  return tuple((layer.kernel.get_metadata().get("axes") or (None,) * layer.kernel.ndim)[-2:])
+
+
+def _features(layer) -> tuple[int, int]:
+  return tuple(layer.kernel.shape[-2:])
+
+
+def _abstract(layer) -> bool:
+  return isinstance(layer.kernel.get_value(), jax.ShapeDtypeStruct)
+
+
+def attach(layer, a: np.ndarray, b: np.ndarray, scale: float, dtype=np.float32) -> None:
+  """Gives `layer` the adapter (A, B, scale); ShapeDtypeStructs when the layer is abstract (aot)."""
+  a, b = np.asarray(a, dtype), np.asarray(b, dtype)
+  if _abstract(layer):
+    a, b = jax.ShapeDtypeStruct(a.shape, a.dtype), jax.ShapeDtypeStruct(b.shape, b.dtype)
+  # nnx.data: the layer declared `lora` as a static None
+  layer.lora = nnx.data(LoRA(a, b, scale, _axes(layer), conv=isinstance(layer, Conv2d)))
+
+
+def add_adapters(model: nnx.Module, *, rank: int, alpha: float, targets: Sequence[str], seed: int,
+                 dtype=np.float32) -> list[str]:
+  """Attaches fresh adapters (PEFT's default init: A ~ U(±1/sqrt(in)), B = 0) to the targeted layers, in
+  place; returns their names. Host arrays from one seeded generator, so every process draws the same."""
+  if rank < 1:
+    raise ValueError(f"config.lora.rank: {rank} must be >= 1 to add adapters (0 = full fine-tune)")
+  names = match_targets(model, targets)
+  rng = np.random.default_rng(seed)
+  layers = linear_layers(model)
+  for name in names:
+    fan_in, fan_out = _features(layers[name])
+    bound = 1.0 / np.sqrt(fan_in)
+    a = rng.uniform(-bound, bound, (fan_in, rank)) if not _abstract(layers[name]) else np.zeros((fan_in, rank))
+    attach(layers[name], a, np.zeros((rank, fan_out)), alpha / rank, dtype)
+  return names
+
+
+def fuse(model: nnx.Module) -> nnx.Module:
+  """Merges every adapter into its layer (W ← W + s · A B, in float32, cast back to W's dtype) and detaches
+  it; in place."""
+  for layer in linear_layers(model).values():
+    if layer.lora is not None:
+      lora = layer.lora
+      kernel = np.asarray(jax.device_get(layer.kernel.get_value()))
+      delta = lora.scale * (np.asarray(jax.device_get(lora.a.get_value()), np.float32)
+                            @ np.asarray(jax.device_get(lora.b.get_value()), np.float32)).reshape(kernel.shape)
+      layer.kernel.set_value(jnp.asarray((kernel.astype(np.float32) + delta).astype(kernel.dtype)))
+      layer.lora = None
+  return model
+
+
+# --- files ----------------------------------------------------------------------------------------------
+
+def _host(lora: LoRA) -> tuple[np.ndarray, np.ndarray]:
+  return (np.asarray(jax.device_get(lora.a.get_value()), np.float32),
+          np.asarray(jax.device_get(lora.b.get_value()), np.float32))
+
+
+def _torch_layout(weight: np.ndarray, conv: bool) -> np.ndarray:
+  """(out, in) as a torch Linear weight, or (out, in, 1, 1) as a 1x1 Conv2d weight."""
+  return np.ascontiguousarray(weight[:, :, None, None] if conv else weight)
+
+
+def diffusers_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+  """PEFT/diffusers keys; the scale is folded into lora_B, so every reader (alpha = r by default) agrees."""
+  out = {}
+  for name, lora in adapted(model).items():
+    a, b = _host(lora)
+    out[f"{DIFFUSERS_PREFIX}{name}.lora_A.weight"] = _torch_layout(a.T, lora.conv)
+    out[f"{DIFFUSERS_PREFIX}{name}.lora_B.weight"] = _torch_layout((b * lora.scale).T, lora.conv)
+  return out
+
+
+def kohya_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+  """kohya keys with alpha = s · r per module."""
+  out = {}
+  for name, lora in adapted(model).items():
+    a, b = _host(lora)
+    key = KOHYA_PREFIX + name.replace(".", "_")
+    out[f"{key}.lora_down.weight"] = _torch_layout(a.T, lora.conv)
+    out[f"{key}.lora_up.weight"] = _torch_layout(b.T, lora.conv)
+    out[f"{key}.alpha"] = np.asarray(lora.scale * lora.rank, np.float32)
+  return out
+
+
+def save(model: nnx.Module, out_dir: str | os.PathLike, fmt: str = "diffusers", dtype=np.float32) -> Path:
+  """Writes the model's adapters to OUT_DIR/pytorch_lora_weights.safetensors (diffusers) or
+  OUT_DIR/lora_kohya.safetensors (kohya); returns the file."""
+  if fmt not in FORMATS:
+    raise ValueError(f"LoRA format {fmt!r} is not one of {FORMATS}")
+  tensors = diffusers_state_dict(model) if fmt == "diffusers" else kohya_state_dict(model)
+  if not tensors:
+    raise ValueError("the model has no LoRA adapters to save")
+  path = Path(out_dir) / (DIFFUSERS_FILE if fmt == "diffusers" else KOHYA_FILE)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  save_file({k: v.astype(dtype) for k, v in tensors.items()}, path, metadata={"format": "pt"})
+  return path
+
+
+def _metadata_scales(path: Path, metadata: Mapping[str, str] | None) -> tuple[float | None, dict[str, float]]:
+  """diffusers' `lora_adapter_metadata` (the LoraConfig, keys prefixed "unet."): (lora_alpha, alpha_pattern)."""
+  if not metadata or METADATA_KEY not in metadata:
+    return None, {}
+  try:
+    config = json.loads(metadata[METADATA_KEY])
+  except json.JSONDecodeError as e:
+    raise LoRAFileError(f"{path}: metadata {METADATA_KEY!r} is not JSON: {e}") from None
+  alpha = config.get(DIFFUSERS_PREFIX + "lora_alpha")
+  return (None if alpha is None else float(alpha)), dict(config.get(DIFFUSERS_PREFIX + "alpha_pattern") or {})
+
+
+def read(path: str | os.PathLike, layers: Mapping[str, Linear | Conv2d]
+         ) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
+  """A diffusers or kohya LoRA file as {module name: (A (in, r), B' (r, out), A's key in the file)} with each
+  module's scale folded into B', so that the update is x A B'. `layers` are the model's `linear_layers` (kohya
+  names replace "." with "_", which only the model's own names can undo). Every key is checked: anything we
+  would otherwise ignore (text-encoder adapters, adapters of other convolutions, unknown modules) is an error
+  naming it."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"LoRA file {path} does not exist")
+  with safe_open(path, framework="numpy") as f:
+    tensors = {k: f.get_tensor(k) for k in f.keys()}
+    metadata = f.metadata()
+  if not tensors:
+    raise LoRAFileError(f"{path} holds no tensors")
+  names = set(layers)
+  kohya = any(k.startswith(KOHYA_PREFIX) for k in tensors)
+  if kohya:
+    by_kohya = {KOHYA_PREFIX + n.replace(".", "_"): n for n in names}
+    pattern = re.compile(r"(lora_unet_\w+)\.(lora_down\.weight|lora_up\.weight|alpha)")
+    down, up = "lora_down", "lora_up"
+  else:
+    pattern, down, up = re.compile(r"unet\.([\w.]+?)\.(lora_A\.weight|lora_B\.weight)"), "lora_A", "lora_B"
+  parts: dict[str, dict[str, np.ndarray]] = {}
+  for key, value in tensors.items():
+    m = pattern.fullmatch(key)
+    if m is None:
+      what = ("a text-encoder adapter (not supported: only the UNet's)" if re.match(r"(lora_te|text_encoder)", key)
+              else f"not a {'kohya' if kohya else 'diffusers'} UNet LoRA key")
+      raise LoRAFileError(f"{path}: key {key!r} is {what}")
+    module = by_kohya.get(m.group(1)) if kohya else m.group(1)
+    if module not in names:
+      raise LoRAFileError(f"{path}: key {key!r} names module {m.group(1)!r}, which is not a linear layer (or 1x1 "
+                          "convolution) of this model (a LoRA for another architecture?)")
+    parts.setdefault(module, {})[m.group(2).split(".")[0]] = value
+  meta_alpha, alpha_pattern = (None, {}) if kohya else _metadata_scales(path, metadata)
+  out = {}
+  for module, p in sorted(parts.items()):
+    key = (KOHYA_PREFIX + module.replace(".", "_")) if kohya else DIFFUSERS_PREFIX + module
+    if down not in p or up not in p:
+      raise LoRAFileError(f"{path}: {key} has {sorted(p)} but needs both {down} and {up}")
+    a, b = p[down], p[up]
+    if isinstance(layers[module], Conv2d) and a.ndim == b.ndim == 4 and a.shape[2:] == b.shape[2:] == (1, 1):
+      a, b = a[:, :, 0, 0], b[:, :, 0, 0]  # a 1x1 convolution's adapter: the same linear map per pixel
+    if a.ndim != 2 or b.ndim != 2:
+      raise LoRAFileError(f"{path}: {key}.{down}.weight has shape {a.shape}: only adapters of linear layers and "
+                          "1x1 convolutions are supported")
+    if a.shape[0] != b.shape[1]:
+      raise LoRAFileError(f"{path}: {key}: {down} {a.shape} and {up} {b.shape} disagree on the rank")
+    rank = a.shape[0]
+    if kohya:
+      alpha = float(np.asarray(p["alpha"], np.float32)) if "alpha" in p else float(rank)
+    else:
+      alpha = next((float(v) for k, v in alpha_pattern.items() if module == k or module.endswith("." + k)),
+                   meta_alpha if meta_alpha is not None else float(rank))
+    out[module] = (np.asarray(a, np.float32).T, np.asarray(b, np.float32).T * (alpha / rank), f"{key}.{down}.weight")
+  return out
+
+
+def load_into(model: nnx.Module, path: str | os.PathLike, *, scale: float = 1.0) -> list[str]:
+  """Puts the LoRA file at `path` into `model`, in place; returns the adapted module names.
+
+  A model with adapters (a LoRA run's `init_from`) takes the file's values into them: the file must adapt
+  exactly the same modules at the same rank, and B = B' / s with the model's own scale. A model without
+  adapters (generate, evaluate) gets the file's adapters with scale `scale` (the file's own scale folded
+  into B'): `scale` = 1 applies the LoRA as trained."""
+  layers = linear_layers(model)
+  weights = read(path, layers)
+  existing = adapted(model)
+  if existing:
+    missing, extra = sorted(set(existing) - set(weights)), sorted(set(weights) - set(existing))
+    if missing or extra:
+      parts = ([f"modules without adapters in the file: {missing[:5]}"] if missing else []) + (
+          [f"modules the targets do not select: {extra[:5]}"] if extra else [])
+      raise LoRAFileError(f"{path} does not fit config.lora.targets: {'; '.join(parts)} ({len(missing)} missing, "
+                          f"{len(extra)} extra)")
+  for name, (a, b, key) in weights.items():
+    fan_in, fan_out = _features(layers[name])
+    if a.shape[0] != fan_in or b.shape[1] != fan_out:
+      raise LoRAFileError(f"{path}: key {key!r}: the adapter maps {a.shape[0]} -> {b.shape[1]} features, layer "
+                          f"{name} {fan_in} -> {fan_out} (a LoRA for another architecture?)")
+    if existing:
+      lora = existing[name]
+      if a.shape[1] != lora.rank:
+        raise LoRAFileError(f"{path}: key {key!r} has rank {a.shape[1]}, config.lora.rank is {lora.rank}")
+      dtype = lora.a.get_value().dtype
+      lora.a.set_value(jnp.asarray(a, dtype))
+      lora.b.set_value(jnp.asarray(b / lora.scale, dtype))
+    else:
+      attach(layers[name], a, b, scale)
+  return sorted(weights)
+
+
+def from_config(model: nnx.Module, lora_config, seed: int, dtype=np.float32) -> list[str]:
+  """A LoRA run's adapters on `model` (config.lora: rank, alpha, targets, init_from), in place."""
+  names = add_adapters(model, rank=lora_config.rank, alpha=lora_config.alpha, targets=tuple(lora_config.targets),
+                       seed=seed, dtype=dtype)
+  if lora_config.init_from and not any(_abstract(l) for l in linear_layers(model).values()):
+    load_into(model, lora_config.init_from)
+  return names
