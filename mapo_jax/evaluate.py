@@ -1,8 +1,8 @@
 """Compare two models on a prompt set with reward models: the papers' table of mean scores and win rates.
 
     python -m mapo_jax.evaluate --model-a BASE --model-b TUNED [--lora-b F]
-        --rewards pickscore=DIR,hps=FILE,aesthetic=FILE,clip=DIR --prompts FILE --out OUT [--seed 0] [--steps 50] [--guidance 5] [--height H --width W]
-        [--negative-prompt TEXT] [--sampler euler|ddim] [--batch-size 8]
+        --rewards pickscore=DIR,hps=FILE,aesthetic=FILE,clip=DIR --prompts FILE --out OUT
+        [--seed 0] [--steps 50] [--guidance 5] [--height H --width W] [--negative-prompt TEXT] [--sampler euler|ddim] [--batch-size 8]
 
 --lora-b FILE: a LoRA file (diffusers or kohya) applied to model B's UNet, so B = A + LoRA needs no export.
 --model-a / --model-b: as `mapo_jax.generate --model` (a diffusers pipeline folder, or a workdir with

@@ -414,7 +414,8 @@ def test_trainer_exports_adapters_and_the_export_cli_writes_kohya_and_fused(
   evaluate.main(evaluate.parse_flags([
       "evaluate", "--model-a", str(base), "--model-b", str(base),
       "--lora-b", str(tmp_path / "format" / lora.KOHYA_FILE),
-      "--rewards", f"pickscore={reward_dir[0]}", "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "eval"),
+      "--rewards", f"pickscore={reward_dir[0]}", "--prompts", str(tmp_path / "prompts.txt"),
+      "--out", str(tmp_path / "eval"),
       "--steps", "2"]))
   png = lambda path: np.asarray(Image.open(path))
   np.testing.assert_array_equal(png(tmp_path / "eval" / "b" / "0000.png"), png(tmp_path / "lora" / "0000.png"))
