@@ -47,7 +47,11 @@ def step_config(config: ml_collections.ConfigDict, family: ModuleType, latents, 
     fixed = tuple(float(v) for v in family.time_ids(config.resolution, config.resolution, 1)[0])
   return StepConfig(objective=config.objective, hparams=hparams, latents=latents, accum_steps=config.accum_steps,
                     empty_prompt_prob=float(config.data.empty_prompt_prob),
-                    label_noise_prob=float(config.data.label_noise_prob), fixed_time_ids=fixed)
+                    label_noise_prob=float(config.data.label_noise_prob), fixed_time_ids=fixed,
+                    min_snr_gamma=float(config.min_snr_gamma), safeguard=config.objective_safeguard,
+                    safeguard_hparams=tuple(dict(config[config.objective_safeguard]).items())
+                    if config.objective_safeguard else (),
+                    ema_decay=float(config.ema_decay) if config.ema_decay >= 0 else None)
 
 
 def build(config: ml_collections.ConfigDict, family: ModuleType, model: nnx.Module, reference: nnx.Module | None,
@@ -59,7 +63,7 @@ def build(config: ml_collections.ConfigDict, family: ModuleType, model: nnx.Modu
   objective = objectives.get_objective(config.objective)
   tx = optim.make_optimizer(config.optim)
   graphdef, state, state_shardings, frozen_params, frozen_shardings = create_sharded_state(
-      model, tx, mesh, config.seed)
+      model, tx, mesh, config.seed, ema=config.ema_decay >= 0)
   ref_graphdef = ref_params = ref_shardings = None
   if objective.needs_reference:
     ref_graphdef = nnx.graphdef(reference)

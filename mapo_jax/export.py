@@ -1,9 +1,10 @@
 """Export trained UNet parameters as a diffusers pipeline folder.
 
     python -m mapo_jax.export --checkpoint WORKDIR [--step N] --base BASE_PIPELINE --out OUT \
-        [--dtype fp32|fp16|bf16] [--unet-only]
+        [--dtype fp32|fp16|bf16] [--unet-only] [--ema]
 
-Reads only the parameters of checkpoint N (default: the latest) from WORKDIR/checkpoints and writes
+Reads only the parameters of checkpoint N (default: the latest) from WORKDIR/checkpoints (with --ema
+their exponential moving average instead, for runs with config.ema_decay >= 0) and writes
 OUT/unet/ with them plus a copy of every other component of BASE_PIPELINE (VAE, text towers,
 tokenizers, scheduler, model_index.json), so `StableDiffusionXLPipeline.from_pretrained(OUT)` (or
 `StableDiffusionPipeline` for SD 1.x) loads it. With --unet-only, OUT is a bare UNet folder
@@ -23,7 +24,7 @@ from absl.flags import argparse_flags
 from flax import nnx
 
 from mapo_jax import pipelines
-from mapo_jax.checkpoint import CHECKPOINTS, Checkpointer, abstract_like
+from mapo_jax.checkpoint import CHECKPOINTS, EMA, Checkpointer, abstract_like
 from mapo_jax.convert.files import EXPORT_DTYPES
 from mapo_jax.workdir import remove_stale_temporaries
 
@@ -51,8 +52,10 @@ def export_denoiser(model: nnx.Module, base: str | os.PathLike, out: str | os.Pa
   return out
 
 
-def load_checkpoint_denoiser(workdir: str | os.PathLike, base: str | os.PathLike, step: int | None = None):
-  """The base pipeline's denoiser architecture with the parameters of checkpoint `step` (default: latest)."""
+def load_checkpoint_denoiser(workdir: str | os.PathLike, base: str | os.PathLike, step: int | None = None,
+                             ema: bool = False):
+  """The base pipeline's denoiser architecture with the parameters of checkpoint `step` (default: latest);
+  with `ema`, the parameters' moving average."""
   model = pipelines.family(base).abstract_denoiser(base)
   graphdef, abstract = nnx.split(model, nnx.Param)
   if not (Path(workdir) / CHECKPOINTS).is_dir():
@@ -64,7 +67,8 @@ def load_checkpoint_denoiser(workdir: str | os.PathLike, base: str | os.PathLike
                             f" (have {checkpointer.all_steps()})")
   pure = nnx.to_pure_dict(abstract)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  params = checkpointer.restore_params(step, abstract_like(pure, jax.tree.map(lambda _: device, pure)))
+  params = checkpointer.restore_params(step, abstract_like(pure, jax.tree.map(lambda _: device, pure)),
+                                       item=EMA if ema else "params")
   checkpointer.close()
   nnx.replace_by_pure_dict(abstract, params)
   return nnx.merge(graphdef, abstract), step
@@ -79,11 +83,12 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
   p.add_argument("--dtype", default="fp32", choices=EXPORT_DTYPES, help="UNet weight dtype")
   p.add_argument("--unet-only", action="store_true", help="write a bare UNet folder, no other components")
+  p.add_argument("--ema", action="store_true", help="export the parameters' moving average (config.ema_decay)")
   return p.parse_args(argv[1:])
 
 
 def main(args: argparse.Namespace) -> None:
-  model, step = load_checkpoint_denoiser(args.checkpoint, args.base, args.step)
+  model, step = load_checkpoint_denoiser(args.checkpoint, args.base, args.step, ema=args.ema)
   out = export_denoiser(model, args.base, args.out, dtype=args.dtype, denoiser_only=args.unet_only)
   logging.info("exported step %d of %s to %s", step, args.checkpoint, out)
   print(f"exported step {step} to {out}")
