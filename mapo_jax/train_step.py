@@ -13,6 +13,14 @@ with accum_steps = k > 1 it is not the same as one step on the whole global batc
 Before the noise, the step may fix the time ids, swap captions for the empty prompt and swap winners with
 losers (`prepare_batch`, `augment_batch`): per pair, for the whole global batch, from a key folded from
 the step's key, so a resumed run takes the same choices.
+
+The objective sees per-sample statistics (`per_sample_statistics`: errors, the reference's errors and
+deviations, the winner-loser residual product), optionally min-SNR-weighted (`min_snr_weights`), with the
+loser's gradient optionally scaled by the SDPO safeguard. An unpaired batch (`moments`, `label`: KTO)
+is denoised one sample per row; a pair batch feeds KTO as two samples per pair (`pairs_as_unpaired`).
+Objectives that take a statistic of the whole micro-batch (RPO's matrix, KTO's z0, DSPO's sdxl switch,
+the safeguard's lambda) see one micro-batch under accumulation, as their sources do. With an EMA
+(`StepConfig.ema_decay`) the state carries `ema`, updated after every step.
 """
 from __future__ import annotations
 
