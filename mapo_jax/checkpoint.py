@@ -97,6 +97,10 @@ class Checkpointer:
     all fail."""
     failed = []
     while (step := self.latest_step()) is not None:
+      if abstract_state.ema is not None and not (self.directory / str(step) / EMA).is_dir():
+        # A run that turned an EMA on: not damage, so the checkpoint is not moved aside.
+        raise ValueError(f"checkpoint {step} in {self.directory} holds no EMA, but this run keeps one "
+                         "(config.ema_decay >= 0): resume with config.ema_decay=-1, or use a new workdir")
       try:
         return self.restore(step, abstract_state, data_iterator)
       except Exception as e:  # any read or decode error of a damaged checkpoint

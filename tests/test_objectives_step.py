@@ -308,3 +308,15 @@ def test_a_checkpoint_without_ema_says_so(tmp_path):
   with pytest.raises(FileNotFoundError, match="no 'ema' item.*ema_decay"):
     checkpointer.restore_params(0, abstract_like(state.params, state_sh.params), item="ema")
   checkpointer.close()
+
+
+def test_turning_ema_on_at_resume_is_refused_without_moving_the_checkpoint(tmp_path):
+  _, _, state, state_sh, _, _, _ = setup("dmpo")
+  checkpointer = Checkpointer(tmp_path, keep=1)
+  checkpointer.save(0, state)
+  checkpointer.wait()
+  _, _, with_ema, with_ema_sh, _, _, _ = setup("dmpo", ema_decay=0.5)
+  with pytest.raises(ValueError, match="holds no EMA.*ema_decay=-1"):
+    checkpointer.restore_latest(abstract_like(with_ema, with_ema_sh))
+  assert checkpointer.all_steps() == [0]
+  checkpointer.close()
