@@ -197,18 +197,21 @@ def per_sample_statistics(pred, target, ref_pred, keys, weights=None) -> dict[st
   dev_k = (pred - ref_pred)^2 and res_dev_k = (pred - target)(pred - ref_pred); for a pair,
   res_wl = (pred_w - target_w)(pred_l - target_l). `weights` (per pair, e.g. min-SNR) multiply every one."""
   mean = lambda x: jnp.mean(x, axis=tuple(range(1, x.ndim)))
-  split = lambda x: jnp.split(x, len(keys))
-  res = split(pred - target)
   out = {}
-  for k, r in zip(keys, res):
-    out["err" + _SUFFIX[k]] = mean(jnp.square(r))
+
+  def add(name, per_sample):  # reduced over the whole stack, then split by branch
+    out.update({name + _SUFFIX[k]: v for k, v in zip(keys, jnp.split(per_sample, len(keys)))})
+
+  res = pred - target
+  add("err", mean(jnp.square(res)))
   if ref_pred is not None:
-    for k, r, q, d in zip(keys, res, split(ref_pred - target), split(pred - ref_pred)):
-      out["ref_err" + _SUFFIX[k]] = mean(jnp.square(q))
-      out["dev" + _SUFFIX[k]] = mean(jnp.square(d))
-      out["res_dev" + _SUFFIX[k]] = mean(r * d)
+    dev = pred - ref_pred
+    add("ref_err", mean(jnp.square(ref_pred - target)))
+    add("dev", mean(jnp.square(dev)))
+    add("res_dev", mean(res * dev))
   if len(keys) == 2:
-    out["res_wl"] = mean(res[0] * res[1])
+    res_w, res_l = jnp.split(res, 2)
+    out["res_wl"] = mean(res_w * res_l)
   if weights is not None:
     out = {k: v * weights for k, v in out.items()}
   return out
