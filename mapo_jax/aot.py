@@ -158,6 +158,10 @@ def compile_report(built, mesh, slc, config, model: Model, attention: str, globa
   from mapo_jax.build import compile_step
   batch = model.family.abstract_batch(model.denoiser_config, config.resolution, global_batch_size, mesh,
                                       config.data.rpo_embedding)
+  from mapo_jax import objectives
+  if objectives.get_objective(config.objective).needs_scores:  # SmPO: the pairs' reward scores
+    score = batch["time_ids"].update(shape=(global_batch_size,))
+    batch.update(score_w=score, score_l=score)
   data, fsdp = mesh.shape["data"], mesh.shape["fsdp"]
   report = Report(
       topology=slc.topology, chips=slc.chips, hosts=slc.hosts, mesh=dict(mesh.shape), model=model.name,

@@ -58,7 +58,11 @@ def step_config(config: ml_collections.ConfigDict, family: ModuleType, latents, 
   return StepConfig(objective=config.objective, hparams=hparams, latents=latents, accum_steps=config.accum_steps,
                     empty_prompt_prob=float(config.data.empty_prompt_prob),
                     label_noise_prob=float(config.data.label_noise_prob), fixed_time_ids=fixed,
-                    adapters_off_reference=bool(config.lora.rank))
+                    adapters_off_reference=bool(config.lora.rank),
+                    min_snr_gamma=float(config.min_snr_gamma), safeguard=config.objective_safeguard,
+                    safeguard_hparams=tuple(dict(config[config.objective_safeguard]).items())
+                    if config.objective_safeguard else (),
+                    ema_decay=float(config.ema_decay) if config.ema_decay >= 0 else None)
 
 
 def build(config: ml_collections.ConfigDict, family: ModuleType, model: nnx.Module, reference: nnx.Module | None,
@@ -75,7 +79,7 @@ def build(config: ml_collections.ConfigDict, family: ModuleType, model: nnx.Modu
     lora.from_config(model, config.lora, config.seed, dtype=jnp.dtype(config.param_dtype))
     trainable = lora.LoRAParam
   graphdef, state, state_shardings, frozen_params, frozen_shardings = create_sharded_state(
-      model, tx, mesh, config.seed, trainable=trainable)
+      model, tx, mesh, config.seed, trainable=trainable, ema=config.ema_decay >= 0)
   ref_graphdef = ref_params = ref_shardings = None
   if needs_reference_model(config):
     ref_graphdef = nnx.graphdef(reference)

@@ -1,7 +1,9 @@
 """Orbax checkpoints of the training state and the data iterator: asynchronous, atomic, resharding.
 
-A checkpoint `WORKDIR/checkpoints/<step>/` holds three items:
+A checkpoint `WORKDIR/checkpoints/<step>/` holds three or four items:
   params  the trainable UNet parameters (float32 master copy), alone so export can read just them;
+  ema     their exponential moving average, when the run keeps one (config.ema_decay >= 0), sharded and
+          read like params (`export --ema`);
   train   optimizer state, step, RNG key data and the skipped-update count;
   data    the grain iterator's position (one small JSON file per process).
 Saves are asynchronous: the arrays are copied off the devices, then written by a background thread
@@ -35,6 +37,7 @@ from mapo_jax.train_step import TrainState
 
 CHECKPOINTS = "checkpoints"  # the trainer's checkpoint folder inside its workdir
 CORRUPT = "corrupt"  # where checkpoints that fail to restore are moved, inside CHECKPOINTS
+EMA = "ema"  # the checkpoint item holding the parameters' moving average
 
 
 class CheckpointSaveError(RuntimeError):
@@ -71,6 +74,8 @@ class Checkpointer:
     Raises CheckpointSaveError if this save, or the previous one, failed."""
     items = dict(params=ocp.args.StandardSave(serialization.to_state_dict(state.params)),
                  train=ocp.args.StandardSave(serialization.to_state_dict(_train_part(state))))
+    if state.ema is not None:
+      items[EMA] = ocp.args.StandardSave(serialization.to_state_dict(state.ema))
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     self._raising(f"the checkpoint of step {step}",
@@ -92,6 +97,10 @@ class Checkpointer:
     all fail."""
     failed = []
     while (step := self.latest_step()) is not None:
+      if abstract_state.ema is not None and not (self.directory / str(step) / EMA).is_dir():
+        # A run that turned an EMA on: not damage, so the checkpoint is not moved aside.
+        raise ValueError(f"checkpoint {step} in {self.directory} holds no EMA, but this run keeps one "
+                         "(config.ema_decay >= 0): resume with config.ema_decay=-1, or use a new workdir")
       try:
         return self.restore(step, abstract_state, data_iterator)
       except Exception as e:  # any read or decode error of a damaged checkpoint
@@ -113,17 +122,25 @@ class Checkpointer:
     data iterator, if given, is moved to its saved position in place."""
     items = dict(params=ocp.args.StandardRestore(serialization.to_state_dict(abstract_state.params)),
                  train=ocp.args.StandardRestore(serialization.to_state_dict(_train_part(abstract_state))))
+    if abstract_state.ema is not None:
+      items[EMA] = ocp.args.StandardRestore(serialization.to_state_dict(abstract_state.ema))
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     train = serialization.from_state_dict(_train_part(abstract_state), restored["train"])
-    return TrainState(params=serialization.from_state_dict(abstract_state.params, restored["params"]), **train)
+    ema = None if abstract_state.ema is None else serialization.from_state_dict(abstract_state.ema, restored[EMA])
+    return TrainState(params=serialization.from_state_dict(abstract_state.params, restored["params"]), ema=ema,
+                      **train)
 
-  def restore_params(self, step: int, abstract_params: Any) -> Any:
-    """Only the trainable parameters (export): no optimizer state or data iterator is read."""
+  def restore_params(self, step: int, abstract_params: Any, item: str = "params") -> Any:
+    """Only the trainable parameters (export), or with item="ema" their moving average: no optimizer
+    state or data iterator is read. A checkpoint without that item raises FileNotFoundError."""
+    if not (self.directory / str(step) / item).is_dir():  # orbax writes each item into its own folder
+      raise FileNotFoundError(f"checkpoint {step} in {self.directory} holds no {item!r} item"
+                              + (" (the run kept no EMA: config.ema_decay < 0)" if item == EMA else ""))
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(serialization.to_state_dict(abstract_params))))
-    return serialization.from_state_dict(abstract_params, restored["params"])
+        **{item: ocp.args.StandardRestore(serialization.to_state_dict(abstract_params))}))
+    return serialization.from_state_dict(abstract_params, restored[item])
 
   def wait(self) -> None:
     """Blocks until the last save is committed; CheckpointSaveError if it failed."""

@@ -72,6 +72,16 @@ def base_config() -> ml_collections.ConfigDict:
   for name, objective in objectives.OBJECTIVES.items():
     if objective.defaults:
       config[name] = ml_collections.ConfigDict(objective.defaults)
+  # objective_safeguard: "" or a wrapper around a paired objective ("sdpo": Diffusion-SDPO's loser-gradient
+  # scale), with its hyper-parameters in the block of the same name (docs/objectives.md).
+  config.objective_safeguard = ""
+  for name, defaults in objectives.SAFEGUARDS.items():
+    config[name] = ml_collections.ConfigDict(defaults)
+  # min_snr_gamma > 0: every per-sample error weighted by min(SNR(t), gamma) / SNR(t) (v targets:
+  # / (SNR(t) + 1)) before the objective; 0 = off. ema_decay in [0, 1): the train state keeps
+  # ema <- decay * ema + (1 - decay) * params, checkpointed (`export --ema` writes it); < 0 = no EMA.
+  config.min_snr_gamma = 0.0
+  config.ema_decay = -1.0
 
   # Steps and batch. global_batch_size: preference pairs per optimizer step over all devices and
   # accumulation steps (official MaPO: 8 per GPU x 2 accumulation x 8 GPUs = 128, 64 per micro-batch).
@@ -257,6 +267,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(key, f"{given[key]!r} must be >= {low}")
 
   choice("objective", tuple(objectives.OBJECTIVES))
+  choice("objective_safeguard", ("",) + tuple(objectives.SAFEGUARDS))
+  choice("dpo.loss_type", objectives.DPO_LOSS_TYPES)
+  choice("dspo.form", objectives.DSPO_FORMS)
+  if given["objective_safeguard"] and not objectives.get_objective(given["objective"]).paired:
+    raise ConfigError("objective_safeguard", f"{given['objective_safeguard']!r} scales the loser's gradient; "
+                      f"objective {given['objective']!r} has no loser")
+  if not given["sdpo.mu"] <= 1 or not given["sdpo.mu"] >= 0:
+    raise ConfigError("sdpo.mu", f"{given['sdpo.mu']!r} must be in [0, 1]")
+  if not given["ema_decay"] < 1:
+    raise ConfigError("ema_decay", f"{given['ema_decay']!r} must be < 1 (in [0, 1) keeps an EMA, < 0 keeps none)")
+  at_least("min_snr_gamma", 0)
   choice("data.mode", DATA_MODES)
   choice("data.rpo_embedding", objectives.RPO_EMBEDDINGS)
   choice("data.time_ids", TIME_IDS)
@@ -273,13 +294,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("data.empty_prompt_prob", "data.label_noise_prob"):
     if not 0 <= given[key] <= 1:
       raise ConfigError(key, f"{given[key]!r} must be in [0, 1]")
+  for key in ("dmpo.alpha", "kto.lambda_d", "kto.lambda_u"):
+    at_least(key, 0)
   if given["data.label_noise_prob"] > 0 and not objectives.get_objective(given["objective"]).paired:
     raise ConfigError("data.label_noise_prob", f"objective {given['objective']!r} trains on winners only: "
                       "there is no loser to swap")
   for key in ("data.eval_pairs", "sample_every", "optim.warmup_steps", "optim.clip_norm", "optim.weight_decay",
               "seed"):
     at_least(key, 0)
-  for key in ("optim.lr", "optim.eps", "mapo.beta", "mapo.snr", "dpo.beta", "rpo.beta", "rpo.tau"):
+  for key in ("optim.lr", "optim.eps", "mapo.beta", "mapo.snr", "dpo.beta", "rpo.beta", "rpo.tau", "dmpo.beta",
+              "dspo.beta", "smpo.beta", "smpo.k", "smpo.score_scale", "kto.beta", "sdpo.max_lambda"):
     if not given[key] > 0:
       raise ConfigError(key, f"{given[key]!r} must be > 0")
   validate_lora(given)

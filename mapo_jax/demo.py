@@ -5,7 +5,10 @@
                  that `diffusers.StableDiffusionXLPipeline.from_pretrained` loads;
   pairs.parquet  Pick-a-Pic-style preference pairs of PIL-drawn 64 px images: the preferred image shows
                  the shape in the colour the caption names, the other in another colour;
-  cache/         the pairs encoded by our VAE and text towers (`mapo_jax.encode`'s format).
+  cache/         the pairs encoded by our VAE and text towers (`mapo_jax.encode`'s format);
+  unpaired/      unpaired labelled samples for Diffusion-KTO (unpaired.jsonl + PNGs): the shape in the
+                 caption's colour is desirable (+1), in another colour undesirable (-1);
+  cache_unpaired/  those samples encoded (configs/demo_kto.py trains on it).
 
 `configs/demo.py` points the trainer here; `python -m mapo_jax.train --config configs/demo.py` calls
 `ensure_assets` first, which builds whatever is missing. Each part is written under a temporary name and
@@ -27,7 +30,7 @@ from flax import nnx
 from PIL import Image, ImageDraw
 
 from mapo_jax.data.cache import EncodeSettings, read_manifest, write_cache
-from mapo_jax.data.sources import ParquetSource
+from mapo_jax.data.sources import ParquetSource, open_source
 from mapo_jax.encode import make_encoder
 from mapo_jax.models import AutoencoderKL, CLIPTextModel, save_text_encoder, save_unet, save_vae
 from mapo_jax.pipelines import family, load_pipeline
@@ -151,6 +154,28 @@ def write_pairs(out: Path, num_pairs: int = NUM_PAIRS, seed: int = 0) -> None:
   pq.write_table(pa.table(rows), out)
 
 
+def write_unpaired(out: Path, num_samples: int = 2 * NUM_PAIRS, seed: int = 1) -> None:
+  """`num_samples` labelled images as unpaired.jsonl {"prompt", "image", "label"}; labels alternate in
+  runs of 1 and 2, so the batches mix them unevenly."""
+  rng = np.random.default_rng(seed)
+  out.mkdir(parents=True)
+  names = list(COLORS)
+  with (out / "unpaired.jsonl").open("w") as f:
+    for i in range(num_samples):
+      shape, asked = SHAPES[i % 2], names[(i // 2) % 3]
+      desirable = i % 3 != 2
+      shown = asked if desirable else names[(names.index(asked) + 1 + int(rng.integers(2))) % 3]
+      (out / f"{i:03d}.png").write_bytes(_png(_draw(shape, COLORS[shown], rng)))
+      f.write(json.dumps({"prompt": f"a {asked} {shape}", "image": f"{i:03d}.png", "label": 1 if desirable else -1})
+              + "\n")
+
+
+def _png(jpeg: bytes) -> bytes:
+  buf = io.BytesIO()
+  Image.open(io.BytesIO(jpeg)).save(buf, format="PNG")
+  return buf.getvalue()
+
+
 def _build(final: Path, write) -> None:
   """Runs write(tmp) and renames tmp to `final`; skips if `final` exists. Two processes building the same
   part at once (two first-time demos) both finish; the second to rename keeps the first one's."""
@@ -168,19 +193,26 @@ def _build(final: Path, write) -> None:
 
 
 def ensure_assets(folder: str | os.PathLike) -> dict[str, Path]:
-  """Creates whatever of pipeline/, pairs.parquet and cache/ is missing; returns their paths."""
+  """Creates whatever of pipeline/, pairs.parquet, cache/, unpaired/ and cache_unpaired/ is missing;
+  returns their paths."""
   folder = Path(folder).expanduser()
   folder.mkdir(parents=True, exist_ok=True)
   remove_stale_temporaries(folder)
-  paths = {"pipeline": folder / "pipeline", "pairs": folder / "pairs.parquet", "cache": folder / "cache"}
+  paths = {"pipeline": folder / "pipeline", "pairs": folder / "pairs.parquet", "cache": folder / "cache",
+           "unpaired": folder / "unpaired", "cache_unpaired": folder / "cache_unpaired"}
   _build(paths["pipeline"], write_pipeline)
   _build(paths["pairs"], write_pairs)
+  _build(paths["unpaired"], write_unpaired)
 
-  def encode(tmp: Path) -> None:
-    pipe = load_pipeline(paths["pipeline"], components=family(paths["pipeline"]).FROZEN)
-    write_cache(ParquetSource(paths["pairs"]), tmp, make_encoder(pipe), EncodeSettings(resolution=RESOLUTION),
-                pipeline=str(paths["pipeline"]), batch_size=NUM_PAIRS, process_index=0, process_count=1)
+  def encoder(source):
+    def encode(tmp: Path) -> None:
+      pipe = load_pipeline(paths["pipeline"], components=family(paths["pipeline"]).FROZEN)
+      write_cache(source, tmp, make_encoder(pipe), EncodeSettings(resolution=RESOLUTION),
+                  pipeline=str(paths["pipeline"]), batch_size=NUM_PAIRS, process_index=0, process_count=1)
+    return encode
 
-  _build(paths["cache"], encode)
-  read_manifest(paths["cache"])
+  _build(paths["cache"], encoder(ParquetSource(paths["pairs"])))
+  _build(paths["cache_unpaired"], encoder(open_source(str(paths["unpaired"] / "unpaired.jsonl"))))
+  for cache in ("cache", "cache_unpaired"):
+    read_manifest(paths[cache])
   return paths

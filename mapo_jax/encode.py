@@ -53,15 +53,18 @@ def make_encoder(pipe, *, rpo_embedding: str = "pooled") -> EncodeFn:
     return jnp.concatenate([mean, logvar], axis=-1).astype(jnp.float32)
 
   def encode(pixels_w, pixels_l, captions):
+    # pixels_l None: unpaired samples, the winner branch only (no moments_l).
     b = len(captions)
     pad = [(0, -b % len(devices))] + [(0, 0)] * 3  # equal shards of winners and of losers
-    x = np.concatenate([np.pad(pixels_w, pad), np.pad(pixels_l, pad)])
+    x = np.concatenate([np.pad(p, pad) for p in (pixels_w, pixels_l) if p is not None])
     m = moments(state, jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.P("data"))))
     text = pipe.encode_prompts(list(captions))
     rpo = text["pooled_prompt_embeds"] if rpo_embedding == "pooled" else text["prompt_embeds"].mean(axis=1)
-    return {"moments_w": m[:b], "moments_l": m[len(x) // 2:len(x) // 2 + b],
-            "prompt_embeds": text["prompt_embeds"], "pooled_prompt_embeds": text["pooled_prompt_embeds"],
-            "rpo_emb": rpo.astype(jnp.float32)}
+    out = {"moments_w": m[:b], "prompt_embeds": text["prompt_embeds"],
+           "pooled_prompt_embeds": text["pooled_prompt_embeds"], "rpo_emb": rpo.astype(jnp.float32)}
+    if pixels_l is not None:
+      out["moments_l"] = m[len(x) // 2:len(x) // 2 + b]
+    return out
 
   return encode
 

@@ -1,9 +1,10 @@
 """Export trained UNet parameters as a diffusers pipeline folder, or a LoRA run's adapters as a LoRA file.
 
     python -m mapo_jax.export --checkpoint WORKDIR [--step N] --base BASE_PIPELINE --out OUT \
-        [--dtype fp32|fp16|bf16] [--unet-only] [--format diffusers|kohya] [--fuse]
+        [--dtype fp32|fp16|bf16] [--unet-only] [--format diffusers|kohya] [--fuse] [--ema]
 
-Reads only the parameters of checkpoint N (default: the latest) from WORKDIR/checkpoints and writes
+Reads only the parameters of checkpoint N (default: the latest) from WORKDIR/checkpoints (with --ema
+their exponential moving average instead, for runs with config.ema_decay >= 0) and writes
 OUT/unet/ with them plus a copy of every other component of BASE_PIPELINE (VAE, text towers,
 tokenizers, scheduler, model_index.json), so `StableDiffusionXLPipeline.from_pretrained(OUT)` (or
 `StableDiffusionPipeline` for SD 1.x) loads it. With --unet-only, OUT is a bare UNet folder
@@ -29,7 +30,7 @@ from absl.flags import argparse_flags
 from flax import nnx
 
 from mapo_jax import lora, pipelines
-from mapo_jax.checkpoint import CHECKPOINTS, Checkpointer, abstract_like
+from mapo_jax.checkpoint import CHECKPOINTS, EMA, Checkpointer, abstract_like
 from mapo_jax.convert.files import EXPORT_DTYPES
 from mapo_jax.workdir import previous_config, remove_stale_temporaries
 
@@ -79,8 +80,9 @@ def run_lora_config(workdir: str | os.PathLike) -> dict:
 
 
 def load_checkpoint_denoiser(workdir: str | os.PathLike, base: str | os.PathLike, step: int | None = None, *,
-                             base_weights: bool = True):
-  """The base pipeline's denoiser architecture with the parameters of checkpoint `step` (default: latest).
+                             base_weights: bool = True, ema: bool = False):
+  """The base pipeline's denoiser architecture with the parameters of checkpoint `step` (default: latest);
+  with `ema`, the parameters' moving average (config.ema_decay >= 0).
 
   A LoRA run's checkpoint holds only adapters: they are attached to the base denoiser, whose weights are
   read from `base` (or, with `base_weights=False`, left abstract: enough to write the adapters)."""
@@ -102,7 +104,8 @@ def load_checkpoint_denoiser(workdir: str | os.PathLike, base: str | os.PathLike
                             f" (have {checkpointer.all_steps()})")
   pure = nnx.to_pure_dict(abstract)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  params = checkpointer.restore_params(step, abstract_like(pure, jax.tree.map(lambda _: device, pure)))
+  params = checkpointer.restore_params(step, abstract_like(pure, jax.tree.map(lambda _: device, pure)),
+                                       item=EMA if ema else "params")
   checkpointer.close()
   nnx.replace_by_pure_dict(abstract, params)
   model = nnx.merge(graphdef, abstract, rest)
@@ -127,6 +130,7 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--format", choices=lora.FORMATS, default=None,
                  help="LoRA runs: the LoRA file's format (default diffusers: pytorch_lora_weights.safetensors)")
   p.add_argument("--fuse", action="store_true", help="LoRA runs: write the full pipeline with the adapters merged")
+  p.add_argument("--ema", action="store_true", help="export the parameters' moving average (config.ema_decay)")
   return p.parse_args(argv[1:])
 
 
@@ -137,7 +141,7 @@ def main(args: argparse.Namespace) -> None:
   if args.fuse and args.format:
     raise app.UsageError("--fuse writes a pipeline folder; --format is for LoRA files: give one of them")
   model, step = load_checkpoint_denoiser(args.checkpoint, args.base, args.step,
-                                         base_weights=not is_lora or args.fuse)
+                                         base_weights=not is_lora or args.fuse, ema=args.ema)
   if is_lora and not args.fuse:
     out = export_lora(model, args.out, args.format or "diffusers")
   else:

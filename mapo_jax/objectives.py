@@ -1,7 +1,9 @@
 """Preference objectives as pure functions of per-sample denoising errors.
 
 Every objective takes per-sample errors `l_k = mean_{H,W,C} (pred_k - target_k)^2` of shape (B,), one
-entry per preference pair (winner `w`, loser `l`, same noise and timestep), and returns `(loss, metrics)`:
+entry per preference pair (winner `w`, loser `l`, same noise and timestep) or, for KTO, per labelled
+unpaired sample, plus what else it names (the `REFERENCE_INPUTS` statistics, embeddings, reward scores,
+labels), and returns `(loss, metrics)`:
 a float32 scalar and a flat dict of float32 scalars. Inputs of any float dtype are upcast to float32 first.
 All functions are jittable and hold no state; reference errors must already be under `stop_gradient`.
 
@@ -90,22 +92,171 @@ def _reference_metrics(err_w, err_l, ref_err_w, ref_err_l) -> Metrics:
   }
 
 
-def dpo_loss(err_w, err_l, ref_err_w, ref_err_l, *, beta=5000.0) -> tuple[jax.Array, Metrics]:
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+
+
+def _dpo_inside(err_w, err_l, ref_err_w, ref_err_l, beta):
+  """Diffusion-DPO's logit: inside_i = -beta/2 * ((l_w,i - l_l,i) - (r_w,i - r_l,i))."""
+  return -0.5 * beta * ((err_w - err_l) - (ref_err_w - ref_err_l))
+
+
+def dpo_loss(err_w, err_l, ref_err_w, ref_err_l, *, beta=5000.0, loss_type="sigmoid") -> tuple[jax.Array, Metrics]:
   """Diffusion-DPO (Wallace et al., arXiv 2311.12908, eq. 14) with a frozen reference model.
 
-      inside_i = -0.5 * beta * ((l_w,i - l_l,i) - (ref_w,i - ref_l,i))
-      loss     = mean_i -log_sigmoid(inside_i)
+      inside_i = -0.5 * beta * ((l_w,i - l_l,i) - (r_w,i - r_l,i))  =  (beta / 2) * logit_i
+      logit_i  = (r_w,i - r_l,i) - (l_w,i - l_l,i)
+      sigmoid: loss = mean_i -log_sigmoid(inside_i)                 (official DiffusionDPO train.py)
+      hinge:   loss = mean_i relu(1 - inside_i)
+      ipo:     loss = mean_i (logit_i - 1 / beta)^2
 
-  Equals log 2 when policy == reference. As in the official trainer (SalesforceAIResearch/DiffusionDPO
-  train.py), implicit_acc = mean(inside > 0), ties count as wrong; `accuracy` is the same number and
-  `margin` = mean(inside), the sigmoid's logit.
+  `loss_type` follows diffusers' examples/research_projects/diffusion_dpo/train_diffusion_dpo.py, whose
+  `beta_dpo` multiplies `logit = ref_diff - model_diff` without the 1/2: its beta_dpo is our beta / 2, so
+  hinge relu(1 - beta_dpo * logit) and ipo (logit - 1 / (2 beta_dpo))^2 are the lines above. (That
+  script's ipo line reads `args.beta`, an argument it does not define; we take beta_dpo as meant.)
+  Equals log 2 (sigmoid), 1 (hinge) or 1/beta^2 (ipo) when policy == reference. As in the official trainer
+  (SalesforceAIResearch/DiffusionDPO train.py), implicit_acc = mean(inside > 0), ties count as wrong;
+  `accuracy` is the same number and `margin` = mean(inside).
   """
   err_w, err_l, ref_err_w, ref_err_l = _f32(err_w, err_l, ref_err_w, ref_err_l)
-  inside = -0.5 * beta * ((err_w - err_l) - (ref_err_w - ref_err_l))
-  loss = -jnp.mean(jax.nn.log_sigmoid(inside))
+  inside = _dpo_inside(err_w, err_l, ref_err_w, ref_err_l, beta)
+  if loss_type == "sigmoid":
+    per_pair = -jax.nn.log_sigmoid(inside)
+  elif loss_type == "hinge":
+    per_pair = jax.nn.relu(1.0 - inside)
+  elif loss_type == "ipo":
+    logit = (ref_err_w - ref_err_l) - (err_w - err_l)
+    per_pair = jnp.square(logit - 1.0 / beta)
+  else:
+    raise ValueError(f"dpo loss_type={loss_type!r}; expected one of {DPO_LOSS_TYPES}")
+  loss = jnp.mean(per_pair)
+  return loss, _dpo_metrics(loss, inside, err_w, err_l, ref_err_w, ref_err_l)
+
+
+def _dpo_metrics(loss, inside, err_w, err_l, ref_err_w, ref_err_l) -> Metrics:
   acc = _mean(inside > 0)
   metrics = {"loss": loss, "implicit_acc": acc, "accuracy": acc, "margin": jnp.mean(inside)}
   metrics.update(_reference_metrics(err_w, err_l, ref_err_w, ref_err_l))
+  return metrics
+
+
+def dmpo_loss(err_w, err_l, ref_err_w, ref_err_l, *, beta=2000.0, alpha=0.01) -> tuple[jax.Array, Metrics]:
+  """DMPO: the Diffusion-DPO logit u = inside_i (dpo_loss) pulled toward a target probability 1 - alpha,
+
+      p_i  = sigmoid(u_i)        q = clip(1 - alpha, 1e-6, 1 - 1e-6)
+      loss = mean_i KL(Bern(p_i) || Bern(q)) = mean_i p log(p/q) + (1 - p) log((1 - p)/(1 - q))
+
+  with log p = log_sigmoid(u) and log(1 - p) = log_sigmoid(-u). As AIDC-AI/Diffusion-SDPO train.py computes
+  it (`train_method == 'dmpo'`, the clip included); defaults from its scripts/train/sd15_dmpo.sh
+  (beta_dpo 2000, dmpo_alpha 0.01). The minimum (0) is at p = q.
+  """
+  err_w, err_l, ref_err_w, ref_err_l = _f32(err_w, err_l, ref_err_w, ref_err_l)
+  u = _dpo_inside(err_w, err_l, ref_err_w, ref_err_l, beta)
+  # 1 - q = clip(alpha, 1e-6, 1 - 1e-6) exactly; taken from alpha, as 1 - (1 - alpha) in float32 loses
+  # alpha's digits when alpha is small.
+  one_minus_q = jnp.clip(jnp.float32(alpha), 1e-6, 1.0 - 1e-6)
+  p = jax.nn.sigmoid(u)
+  kl = (p * (jax.nn.log_sigmoid(u) - jnp.log1p(-one_minus_q))
+        + (1.0 - p) * (jax.nn.log_sigmoid(-u) - jnp.log(one_minus_q)))
+  loss = jnp.mean(kl)
+  return loss, _dpo_metrics(loss, u, err_w, err_l, ref_err_w, ref_err_l)
+
+
+DSPO_FORMS = ("sd15", "sdxl")
+
+
+def dspo_loss(err_w, err_l, ref_err_w, ref_err_l, dev_w, res_dev_w, *, beta=5000.0, form="sd15"
+              ) -> tuple[jax.Array, Metrics]:
+  """DSPO, direct score preference optimisation (Zhu et al., ICLR 2025), as AIDC-AI/Diffusion-SDPO
+  train.py defines it (`train_method == 'dspo'`; DSPO's own repository was not available to us).
+
+  With r_w = pred_w - target_w (winner residual), d_w = pred_w - ref_pred_w (policy minus reference
+  prediction) and c_i = 1 - sigmoid(inside_i) (inside_i: dpo_loss's logit, gradient flowing through it):
+
+      sd15:  loss = mean_i mean_HWC (r_w - beta c_i d_w)^2
+                  = mean_i [l_w,i - 2 beta c_i res_dev_w,i + beta^2 c_i^2 dev_w,i]
+      sdxl:  loss = mean_i c_i^2 dev_w,i   if mean_i dev_w,i >= 0.1,   else mean_i c_i^2
+
+  where dev_w,i = mean_HWC d_w^2 and res_dev_w,i = mean_HWC r_w d_w (the train step computes both from
+  the predictions; the expansion is exact algebra). Only the winners' outputs enter the squared term;
+  the losers enter through c. The sdxl branch (its batch-mean switch included) is the repository's;
+  its threshold is a batch statistic, so with gradient accumulation it is taken per micro-batch.
+  """
+  err_w, err_l, ref_err_w, ref_err_l, dev_w, res_dev_w = _f32(err_w, err_l, ref_err_w, ref_err_l, dev_w, res_dev_w)
+  inside = _dpo_inside(err_w, err_l, ref_err_w, ref_err_l, beta)
+  c = jax.nn.sigmoid(-inside)  # = 1 - sigmoid(inside)
+  if form == "sd15":
+    loss = jnp.mean(err_w - 2.0 * beta * c * res_dev_w + jnp.square(beta * c) * dev_w)
+  elif form == "sdxl":
+    loss = jnp.where(jnp.mean(dev_w) >= 0.1, jnp.mean(jnp.square(c) * dev_w), jnp.mean(jnp.square(c)))
+  else:
+    raise ValueError(f"dspo form={form!r}; expected one of {DSPO_FORMS}")
+  metrics = _dpo_metrics(loss, inside, err_w, err_l, ref_err_w, ref_err_l)
+  metrics["dev_w"] = jnp.mean(dev_w)
+  return loss, metrics
+
+
+def smpo_probability(score_w, score_l, score_scale):
+  """SmPO's soft label p = exp(n_w) / (exp(n_w) + exp(n_l)), n = (s - min) / (max - min): sigmoid((s_w - s_l) / scale)."""
+  return jax.nn.sigmoid((jnp.asarray(score_w, jnp.float32) - jnp.asarray(score_l, jnp.float32)) / score_scale)
+
+
+def smpo_loss(err_w, err_l, ref_err_w, ref_err_l, score_w, score_l, *, beta=5000.0, k=10.0,
+              score_scale=16.658044606447220) -> tuple[jax.Array, Metrics]:
+  """SmPO soft-label DPO (Lu et al., ICML 2025, arXiv 2506.02698; JaydenLyh/SmPO train.py, `smpo`):
+
+      p_i  = sigmoid((s_w,i - s_l,i) / score_scale)          s: the pair's stored reward scores
+      loss = mean_i -log_sigmoid(inside_i * (2 p_i - 1) * k)  inside_i: dpo_loss's logit
+
+  The official code normalises PickScore cosines by the data set's range (max - min = 0.28202 - 0.11544)
+  before the softmax, which is sigmoid of the difference over that range; `score_scale` defaults to that
+  range in the units mapo_jax.rewards' pickscore writes (logit_scale 100 times the cosine): 16.658.
+  Ours differs: each pair uses its own p_i (the official collate reads `probs[0]`, the first pair's, for
+  the whole per-device batch), and the noise is the step's shared forward noise (SmPO draws it by
+  ReNoise inversion with the policy). p = 1/2 (equal scores) makes a pair's term log 2 with no gradient.
+  """
+  err_w, err_l, ref_err_w, ref_err_l = _f32(err_w, err_l, ref_err_w, ref_err_l)
+  inside = _dpo_inside(err_w, err_l, ref_err_w, ref_err_l, beta)
+  p = smpo_probability(score_w, score_l, score_scale)
+  z = inside * (2.0 * p - 1.0) * k
+  loss = -jnp.mean(jax.nn.log_sigmoid(z))
+  metrics = _dpo_metrics(loss, inside, err_w, err_l, ref_err_w, ref_err_l)
+  metrics["soft_label"] = jnp.mean(p)
+  return loss, metrics
+
+
+def kto_loss(err, ref_err, label, *, beta=1000.0, lambda_d=1.0, lambda_u=1.0) -> tuple[jax.Array, Metrics]:
+  """Diffusion-KTO (Li et al., arXiv 2404.04465) on unpaired samples with labels y = +1 / -1, as
+  jacklishufan/diffusion-kto train_kto_sd_v1.5.py computes it (`--loss kto --halo sigmoid`):
+
+      g_i  = r_i - l_i                          (policy minus reference log-likelihood, per the ELBO)
+      z0   = stop_gradient(max(0, mean_i g_i))  (the batch KL estimate, clamped at 0; the paper's eq. 8)
+      loss = mean_i lambda_y (1 - sigmoid(y_i * beta * (g_i - z0)))       lambda_{+1} = lambda_d, lambda_{-1} = lambda_u
+
+  Defaults are the script's (beta_dpo 1000, lambda_d_kto = lambda_u_kto = 1). z0 spans the samples passed
+  in: under jit with batch-sharded arrays that is every device's samples of one micro-batch (the official
+  code averages each process's mean over processes, the same number for equal shards); with gradient
+  accumulation each micro-batch has its own z0, as there. Metrics: loss, kl = z0, accuracy =
+  mean(y * (g - z0) > 0), model / reference MSE, and the mean g of desirable and undesirable samples.
+  """
+  err, ref_err, label = _f32(err, ref_err, label)
+  g = ref_err - err
+  z0 = jax.lax.stop_gradient(jnp.maximum(jnp.mean(g), 0.0))
+  desirable = label > 0
+  margin = label * beta * (g - z0)
+  weight = jnp.where(desirable, lambda_d, lambda_u)
+  loss = jnp.mean(weight * (1.0 - jax.nn.sigmoid(margin)))
+  n_d = jnp.sum(desirable.astype(jnp.float32))
+  n_u = label.shape[0] - n_d
+  metrics = {
+      "loss": loss,
+      "kl": z0,
+      "accuracy": _mean(margin > 0),
+      "model_mse": jnp.mean(err),
+      "ref_mse": jnp.mean(ref_err),
+      "desirable_fraction": n_d / label.shape[0],
+      "g_desirable": jnp.sum(jnp.where(desirable, g, 0.0)) / jnp.maximum(n_d, 1.0),
+      "g_undesirable": jnp.sum(jnp.where(desirable, 0.0, g)) / jnp.maximum(n_u, 1.0),
+  }
   return loss, metrics
 
 
@@ -167,9 +318,45 @@ def sft_loss(err_w) -> tuple[jax.Array, Metrics]:
   return loss, {"loss": loss, "mse_w": loss}
 
 
+def sdpo_loser_scale(err_w, res_wl, *, mu=0.0, max_lambda=1.0):
+  """Diffusion-SDPO's loser-gradient scale (Fu et al., arXiv 2511.03317; AIDC-AI/Diffusion-SDPO train.py,
+  `get_adaptive_lose_l_scale`), from output-space gradients of A = mean(r_w^2) and B = mean(r_l^2):
+
+      lambda = clip((1 - mu) ||dA||^2 / <dB, dA>, 0, max_lambda)   if <dB, dA> > 0,   else max_lambda
+
+  (the largest lambda with (-dA + lambda dB) . dA <= -mu ||dA||^2, capped). With N the number of winner
+  elements, dA = 2 r_w / N and dB = 2 r_l / N, so the ratio is sum_i l_w,i / sum_i res_wl,i with
+  res_wl,i = mean_HWC r_w r_l (winner and loser residuals of pair i): the (2/N)^2 cancels. The source adds
+  eps = 1e-9 to the (scaled) denominator; we do not (den > 0 is checked first, and a huge ratio clips
+  to max_lambda). Sums span the pairs passed in (a micro-batch over all devices; the source: one
+  process's micro-batch). Returned under stop_gradient, float32.
+  """
+  err_w, res_wl = _f32(err_w, res_wl)
+  num, den = jnp.sum(err_w), jnp.sum(res_wl)
+  lam = jnp.where(den > 0, (1.0 - mu) * num / jnp.where(den > 0, den, 1.0), max_lambda)
+  return jax.lax.stop_gradient(jnp.clip(lam, 0.0, max_lambda))
+
+
+def scale_gradient(x, scale):
+  """x in the forward pass; `scale` times x's gradient in the backward pass (scale held constant)."""
+  x_const = jax.lax.stop_gradient(x)
+  return x_const + scale * (x - x_const)
+
+
 # The embeddings e_i RPO can compare pairs by: the pooled prompt embedding, or the prompt embeddings
 # averaged over tokens (computed when the pairs are encoded).
 RPO_EMBEDDINGS = ("pooled", "mean_tokens")
+
+# Inputs an objective can take, besides the hyper-parameters. Per pair i of a paired batch:
+#   err_w, err_l          policy errors l = mean_HWC (pred - target)^2 of winner and loser
+#   ref_err_w, ref_err_l  the frozen reference's errors on the same inputs (stop_gradient)
+#   dev_w                 mean_HWC (pred_w - ref_pred_w)^2          (DSPO)
+#   res_dev_w             mean_HWC (pred_w - target_w)(pred_w - ref_pred_w)   (DSPO)
+#   emb                   the pair's embedding (RPO)
+#   score_w, score_l      the pair's stored reward scores (SmPO)
+# Per sample of an unpaired batch: err, ref_err (as above) and label (+1 desirable, -1 undesirable).
+REFERENCE_INPUTS = ("ref_err_w", "ref_err_l", "ref_err", "dev_w", "res_dev_w")
+SCORE_INPUTS = ("score_w", "score_l")
 
 
 class Objective(NamedTuple):
@@ -179,16 +366,25 @@ class Objective(NamedTuple):
 
   @property
   def needs_reference(self) -> bool:
-    return "ref_err_w" in self.inputs
+    return any(k in REFERENCE_INPUTS for k in self.inputs)
 
   @property
   def needs_embedding(self) -> bool:
     return "emb" in self.inputs
 
   @property
+  def needs_scores(self) -> bool:
+    return any(k in SCORE_INPUTS for k in self.inputs)
+
+  @property
   def paired(self) -> bool:
-    """Whether it takes the losers' errors (else only winners are denoised)."""
+    """Whether it takes the losers' errors (else only winners, or unpaired samples, are denoised)."""
     return "err_l" in self.inputs
+
+  @property
+  def unpaired(self) -> bool:
+    """Whether it trains on unpaired labelled samples (err, label) rather than pairs."""
+    return "label" in self.inputs
 
   def hparams(self, values: Any = None, *, num_timesteps: int) -> dict[str, Any]:
     """fn's keyword options: `values` (a mapping, e.g. the config block; default: `defaults`), plus the
@@ -203,10 +399,19 @@ _PAIR = ("err_w", "err_l")
 _REF = _PAIR + ("ref_err_w", "ref_err_l")
 OBJECTIVES: dict[str, Objective] = {
     "mapo": Objective(mapo_loss, _PAIR, dict(beta=0.1, snr=0.5)),  # official MaPO: beta 0.1, snr_value 0.5
-    "dpo": Objective(dpo_loss, _REF, dict(beta=5000.0)),  # official Diffusion-DPO beta_dpo
+    "dpo": Objective(dpo_loss, _REF, dict(beta=5000.0, loss_type="sigmoid")),  # official Diffusion-DPO beta_dpo
     "rpo": Objective(rpo_loss, _REF + ("emb",), dict(beta=5000.0, tau=0.5)),
     "sft": Objective(sft_loss, ("err_w",), {}),
+    "dmpo": Objective(dmpo_loss, _REF, dict(beta=2000.0, alpha=0.01)),
+    "dspo": Objective(dspo_loss, _REF + ("dev_w", "res_dev_w"), dict(beta=5000.0, form="sd15")),
+    "smpo": Objective(smpo_loss, _REF + SCORE_INPUTS, dict(beta=5000.0, k=10.0, score_scale=16.658044606447220)),
+    "kto": Objective(kto_loss, ("err", "ref_err", "label"), dict(beta=1000.0, lambda_d=1.0, lambda_u=1.0)),
 }
+# Wrappers around any paired objective (config.objective_safeguard), with their hyper-parameters
+# (config block of the same name). "sdpo": sdpo_loser_scale on the loser's errors.
+SAFEGUARDS: dict[str, dict[str, Any]] = {"sdpo": dict(mu=0.0, max_lambda=1.0)}
+
+
 def get_objective(name: str) -> Objective:
   if name not in OBJECTIVES:
     raise ValueError(f"objective={name!r}; expected one of {sorted(OBJECTIVES)}")
@@ -218,14 +423,17 @@ def needs_reference(name: str) -> bool:
   return get_objective(name).needs_reference
 
 
-def objective_loss(name, err_w, err_l=None, *, ref_err_w=None, ref_err_l=None, emb=None, **hparams):
-  """Calls objective `name` with the inputs it takes; `hparams` are its keyword options (beta, tau, ...).
-
-  Lets a train step call every objective the same way; inputs the objective does not take are ignored.
-  """
+def call_objective(name: str, inputs: dict[str, Any], hparams: dict[str, Any]):
+  """Objective `name` on the entries of `inputs` it takes (others are ignored), with keyword options
+  `hparams`. A missing or None input it needs is a ValueError naming it."""
   obj = get_objective(name)
-  given = dict(err_w=err_w, err_l=err_l, ref_err_w=ref_err_w, ref_err_l=ref_err_l, emb=emb)
-  missing = [k for k in obj.inputs if given[k] is None]
+  missing = [k for k in obj.inputs if inputs.get(k) is None]
   if missing:
     raise ValueError(f"objective {name!r} needs {missing}")
-  return obj.fn(*(given[k] for k in obj.inputs), **hparams)
+  return obj.fn(*(inputs[k] for k in obj.inputs), **hparams)
+
+
+def objective_loss(name, err_w, err_l=None, *, ref_err_w=None, ref_err_l=None, emb=None, **hparams):
+  """Calls paired objective `name` with the inputs it takes; `hparams` are its keyword options."""
+  given = dict(err_w=err_w, err_l=err_l, ref_err_w=ref_err_w, ref_err_l=ref_err_l, emb=emb)
+  return call_objective(name, given, hparams)

@@ -106,6 +106,18 @@ def empty_prompt_rows(pipe, dtypes: dict[str, str] | None = None) -> dict[str, n
   return rows
 
 
+def check_batch_keys(objective: str, keys: tuple[str, ...], cache_dir: str) -> None:
+  """A cache of unpaired samples trains only an objective on unpaired samples (KTO); SmPO needs pairs
+  with reward scores. ConfigError naming config.objective otherwise."""
+  obj = objectives.get_objective(objective)
+  if "moments" in keys and not obj.unpaired:
+    raise config_lib.ConfigError("objective", f"{objective!r} trains on pairs, but {cache_dir} holds unpaired "
+                                 "samples (only 'kto' trains on them)")
+  if obj.needs_scores and "score_w" not in keys:
+    raise config_lib.ConfigError("objective", f"{objective!r} needs the pairs' reward scores (score_w, score_l), "
+                                 f"which {cache_dir} does not hold: encode pairs JSONL with those fields")
+
+
 def place_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
   """A batch every process holds whole (the held-out pairs) as global arrays sharded by `sharding`."""
   return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
@@ -189,6 +201,7 @@ def main(argv) -> None:
     if config.data.eval_pairs:
       eval_batch = cached_eval_batch(config.data.cache_dir, config.data.eval_pairs)
     cache_dtypes = RecordLayout.from_json(manifest["record"]).dtypes
+    check_batch_keys(config.objective, tuple(cache_dtypes), config.data.cache_dir)
   else:
     source, encoder = open_source(config.data.source), make_encoder(pipe, rpo_embedding=config.data.rpo_embedding)
     pair_kwargs = dict(resolution=config.resolution, random_crop=config.data.random_crop)

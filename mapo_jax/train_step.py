@@ -13,6 +13,14 @@ with accum_steps = k > 1 it is not the same as one step on the whole global batc
 Before the noise, the step may fix the time ids, swap captions for the empty prompt and swap winners with
 losers (`prepare_batch`, `augment_batch`): per pair, for the whole global batch, from a key folded from
 the step's key, so a resumed run takes the same choices.
+
+The objective sees per-sample statistics (`per_sample_statistics`: errors, the reference's errors and
+deviations, the winner-loser residual product), optionally min-SNR-weighted (`min_snr_weights`), with the
+loser's gradient optionally scaled by the SDPO safeguard. An unpaired batch (`moments`, `label`: KTO)
+is denoised one sample per row; a pair batch feeds KTO as two samples per pair (`pairs_as_unpaired`).
+Objectives that take a statistic of the whole micro-batch (RPO's matrix, KTO's z0, DSPO's sdxl switch,
+the safeguard's lambda) see one micro-batch under accumulation, as their sources do. With an EMA
+(`StepConfig.ema_decay`) the state carries `ema`, updated after every step.
 """
 from __future__ import annotations
 
@@ -28,9 +36,17 @@ from mapo_jax import diffusion, objectives, sharding
 
 Params = Any
 Batch = dict[str, jax.Array]
-# Batch keys that are not conditioning: VAE posterior moments of winner and loser, and RPO's embedding.
+# Batch keys that are not conditioning: VAE posterior moments of winner and loser (a pair batch) or of one
+# labelled sample (an unpaired batch: UNPAIRED_KEY and LABEL_KEY), RPO's embedding, SmPO's reward scores.
 LATENT_KEYS = ("moments_w", "moments_l")
+UNPAIRED_KEY = "moments"
+LABEL_KEY = "label"  # +1 desirable, -1 undesirable (float32)
 EMBEDDING_KEY = "rpo_emb"
+SCORE_KEYS = ("score_w", "score_l")
+NOT_CONDITIONING = LATENT_KEYS + (UNPAIRED_KEY, LABEL_KEY, EMBEDDING_KEY) + SCORE_KEYS
+# The per-sample statistics' name suffix and the posterior-sample draw of each latent key.
+_SUFFIX = {"moments_w": "_w", "moments_l": "_l", UNPAIRED_KEY: ""}
+_EPS = {"moments_w": "eps_w", "moments_l": "eps_l", UNPAIRED_KEY: "eps_w"}
 TIME_IDS_KEY = "time_ids"
 AUGMENT_STREAM = 1  # fold_in(step key, this): the augmentation's draws, apart from draw_noise's split
 EVAL_SEED = 0  # the held-out evaluation's one fixed key: the same noise and timesteps at every evaluation
@@ -43,6 +59,7 @@ class TrainState:
   opt_state: optax.OptState
   rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
   skipped: jax.Array  # updates skipped for a non-finite loss or gradient
+  ema: Params | None = None  # exponential moving average of `params` (config.ema_decay >= 0), else None
 
 
 @struct.dataclass
@@ -66,17 +83,45 @@ class StepConfig:
   fixed_time_ids: tuple[float, ...] | None = None  # every pair's time ids, e.g. (R, R, 0, 0, R, R); None: the batch's
   # LoRA: the reference (DPO, RPO) is the policy with its adapters switched off, not Frozen.reference.
   adapters_off_reference: bool = False
+  min_snr_gamma: float = 0.0  # > 0: per-sample statistics weighted by min_snr_weights (config.min_snr_gamma)
+  safeguard: str = ""  # "sdpo": the loser's gradient scaled by objectives.sdpo_loser_scale (config.objective_safeguard)
+  safeguard_hparams: tuple[tuple[str, Any], ...] = ()  # its keyword options (config.sdpo), as items
+  ema_decay: float | None = None  # ema <- decay * ema + (1 - decay) * params after each step; None: no EMA
 
 
-def init_state(params: Params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def init_state(params: Params, tx: optax.GradientTransformation, seed: int, ema: bool = False) -> TrainState:
+  """The state at step 0; with `ema`, the EMA starts as a copy of `params`."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.key_data(jax.random.key(seed)), skipped=jnp.zeros((), jnp.int32))
+                    rng=jax.random.key_data(jax.random.key(seed)), skipped=jnp.zeros((), jnp.int32),
+                    ema=jax.tree.map(jnp.copy, params) if ema else None)
+
+
+def update_ema(ema: Params, params: Params, decay: float) -> Params:
+  """ema * decay + params * (1 - decay), leaf by leaf in the parameters' dtype (decay 0: params)."""
+  return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(p.dtype), ema, params)
+
+
+def min_snr_weights(schedule, t: jax.Array, gamma: float) -> jax.Array:
+  """Min-SNR-gamma loss weights (Hang et al., arXiv 2303.09556; diffusers' training scripts, `--snr_gamma`):
+  min(SNR(t), gamma) / SNR(t) for epsilon targets, min(SNR(t), gamma) / (SNR(t) + 1) for v targets, with
+  SNR(t) = alphas_cumprod[t] / (1 - alphas_cumprod[t]). float32, shape of t."""
+  a = schedule.alphas_cumprod[t].astype(jnp.float32)
+  snr = a / (1.0 - a)
+  clipped = jnp.minimum(snr, gamma)
+  return clipped / (snr + 1.0) if schedule.prediction_type == "v_prediction" else clipped / snr
+
+
+def latent_key(batch: Batch) -> str:
+  """The batch's first latent key: moments_w (pairs) or moments (unpaired samples)."""
+  return UNPAIRED_KEY if UNPAIRED_KEY in batch else LATENT_KEYS[0]
 
 
 def draw_noise(key: jax.Array, batch: Batch, num_timesteps: int) -> dict[str, jax.Array]:
-  """Posterior samples for w and l, one noise and one timestep per pair (shared by w and l)."""
+  """Posterior samples for w and l, one noise and one timestep per pair (shared by w and l). For an
+  unpaired batch the same draws serve its one sample per row (eps_w for its posterior sample)."""
   k_w, k_l, k_noise, k_t = jax.random.split(key, 4)
-  shape = batch["moments_w"].shape[:-1] + (batch["moments_w"].shape[-1] // 2,)
+  moments = batch[latent_key(batch)]
+  shape = moments.shape[:-1] + (moments.shape[-1] // 2,)
   return dict(eps_w=jax.random.normal(k_w, shape), eps_l=jax.random.normal(k_l, shape),
               noise=jax.random.normal(k_noise, shape),
               t=diffusion.sample_timesteps(k_t, shape[0], num_timesteps))
@@ -99,7 +144,7 @@ def augment_batch(key: jax.Array, batch: Batch, empty_prompt: dict | None, cfg: 
   whose conditioning was dropped still shows what its caption describes.
   `key` is the step's key; the draws are made for the whole global batch, from their own stream.
   """
-  n = batch[LATENT_KEYS[0]].shape[0]
+  n = batch[latent_key(batch)].shape[0]
   k_empty, k_flip = jax.random.split(jax.random.fold_in(key, AUGMENT_STREAM))
   out, stats = dict(batch), {}
   per_pair = lambda mask, x: mask.reshape((n,) + (1,) * (x.ndim - 1))
@@ -125,24 +170,69 @@ def posterior_sample(moments: jax.Array, eps: jax.Array) -> jax.Array:
   return mean + jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0)) * eps
 
 
-def training_latents(batch: Batch, draws, latents, pair: bool) -> jax.Array:
-  """The normalised latents the denoiser trains on: [winners; losers] (or winners only)."""
-  z = [posterior_sample(batch["moments_w"], draws["eps_w"])]
-  if pair:
-    z.append(posterior_sample(batch["moments_l"], draws["eps_l"]))
-  return latents.normalize(jnp.concatenate(z))
+def branches(batch: Batch, objective: objectives.Objective) -> tuple[str, ...]:
+  """The latent keys the denoiser sees, stacked in this order: an unpaired batch's samples; a pair batch's
+  winners and losers (paired objectives, and unpaired ones fed each pair as two samples); else winners."""
+  if UNPAIRED_KEY in batch:
+    return (UNPAIRED_KEY,)
+  return LATENT_KEYS if objective.paired or objective.unpaired else LATENT_KEYS[:1]
+
+
+def training_latents(batch: Batch, draws, latents, keys) -> jax.Array:
+  """The normalised latents the denoiser trains on, the `keys` stacked ([winners; losers] for a pair)."""
+  return latents.normalize(jnp.concatenate([posterior_sample(batch[k], draws[_EPS[k]]) for k in keys]))
+
+
+def predictions(denoise: Callable, model, batch: Batch, draws, schedule, latents, keys):
+  """(prediction, target), float32, for the `keys` stacked; every branch shares the noise and timestep."""
+  z = training_latents(batch, draws, latents, keys)
+  stack = lambda x: jnp.concatenate([x] * len(keys))
+  noise, t = stack(draws["noise"]), stack(draws["t"])
+  cond = {k: stack(v) for k, v in batch.items() if k not in NOT_CONDITIONING}
+  pred = denoise(model, diffusion.add_noise(schedule, z, noise, t), t, cond)
+  return pred.astype(jnp.float32), diffusion.training_target(schedule, z, noise, t)
+
+
+def per_sample_statistics(pred, target, ref_pred, keys, weights=None) -> dict[str, jax.Array]:
+  """Per sample, means over (H, W, C), for each branch k (suffix _w, _l, or none for unpaired samples):
+  err_k = (pred - target)^2; with the reference's prediction also ref_err_k = (ref_pred - target)^2,
+  dev_k = (pred - ref_pred)^2 and res_dev_k = (pred - target)(pred - ref_pred); for a pair,
+  res_wl = (pred_w - target_w)(pred_l - target_l). `weights` (per pair, e.g. min-SNR) multiply every one."""
+  mean = lambda x: jnp.mean(x, axis=tuple(range(1, x.ndim)))
+  out = {}
+
+  def add(name, per_sample):  # reduced over the whole stack, then split by branch
+    out.update({name + _SUFFIX[k]: v for k, v in zip(keys, jnp.split(per_sample, len(keys)))})
+
+  res = pred - target
+  add("err", mean(jnp.square(res)))
+  if ref_pred is not None:
+    dev = pred - ref_pred
+    add("ref_err", mean(jnp.square(ref_pred - target)))
+    add("dev", mean(jnp.square(dev)))
+    add("res_dev", mean(res * dev))
+  if len(keys) == 2:
+    res_w, res_l = jnp.split(res, 2)
+    out["res_wl"] = mean(res_w * res_l)
+  if weights is not None:
+    out = {k: v * weights for k, v in out.items()}
+  return out
 
 
 def per_sample_errors(denoise: Callable, model, batch: Batch, draws, schedule, latents, pair: bool):
   """mean over (H, W, C) of (prediction − target)² in float32, for [winners; losers] (or winners only)."""
-  z = training_latents(batch, draws, latents, pair)
-  stack = lambda x: jnp.concatenate([x] * (2 if pair else 1))
-  noise, t = stack(draws["noise"]), stack(draws["t"])
-  cond = {k: stack(v) for k, v in batch.items() if k not in LATENT_KEYS + (EMBEDDING_KEY,)}
-  pred = denoise(model, diffusion.add_noise(schedule, z, noise, t), t, cond)
-  target = diffusion.training_target(schedule, z, noise, t)
-  err = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
-  return jnp.split(err, 2) if pair else (err, None)
+  keys = LATENT_KEYS if pair else LATENT_KEYS[:1]
+  stats = per_sample_statistics(*predictions(denoise, model, batch, draws, schedule, latents, keys), None, keys)
+  return stats["err_w"], stats.get("err_l")
+
+
+def pairs_as_unpaired(stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """A pair batch's statistics as 2B unpaired samples: every winner desirable (+1), every loser not (-1)."""
+  out = {name: jnp.concatenate([stats[name + "_w"], stats[name + "_l"]])
+         for name in ("err", "ref_err", "dev", "res_dev") if name + "_w" in stats}
+  n = stats["err_w"].shape[0]
+  out["label"] = jnp.concatenate([jnp.ones((n,), jnp.float32), -jnp.ones((n,), jnp.float32)])
+  return out
 
 
 def make_loss_fn(denoise: Callable, graphdef, ref_graphdef, schedule, cfg: StepConfig):
@@ -155,14 +245,26 @@ def make_loss_fn(denoise: Callable, graphdef, ref_graphdef, schedule, cfg: StepC
     return nnx.merge(ref_graphdef, frozen.reference)
 
   def loss_fn(params, frozen: Frozen, batch, draws):
-    errors = lambda model: per_sample_errors(denoise, model, batch, draws, schedule, cfg.latents,
-                                             objective.paired)
-    err_w, err_l = errors(nnx.merge(graphdef, params, frozen.policy))
-    ref_w = ref_l = None
+    keys = branches(batch, objective)
+    run = lambda model: predictions(denoise, model, batch, draws, schedule, cfg.latents, keys)
+    pred, target = run(nnx.merge(graphdef, params, frozen.policy))
+    ref_pred = None
     if objective.needs_reference:
-      ref_w, ref_l = jax.lax.stop_gradient(errors(reference(params, frozen)))
-    return objectives.objective_loss(cfg.objective, err_w, err_l, ref_err_w=ref_w, ref_err_l=ref_l,
-                                     emb=batch.get(EMBEDDING_KEY), **cfg.hparams)
+      ref_pred = jax.lax.stop_gradient(run(reference(params, frozen))[0])
+    weights = min_snr_weights(schedule, draws["t"], cfg.min_snr_gamma) if cfg.min_snr_gamma > 0 else None
+    stats = per_sample_statistics(pred, target, ref_pred, keys, weights)
+    extra = {}
+    if cfg.safeguard == "sdpo":
+      scale = objectives.sdpo_loser_scale(stats["err_w"], stats["res_wl"], **dict(cfg.safeguard_hparams))
+      stats["err_l"] = objectives.scale_gradient(stats["err_l"], scale)
+      extra["loser_scale"] = scale
+    elif cfg.safeguard:
+      raise ValueError(f"objective_safeguard={cfg.safeguard!r}; expected one of {sorted(objectives.SAFEGUARDS)}")
+    if objective.unpaired:
+      stats = dict(stats, label=batch[LABEL_KEY]) if UNPAIRED_KEY in batch else pairs_as_unpaired(stats)
+    inputs = dict(stats, emb=batch.get(EMBEDDING_KEY), **{k: batch.get(k) for k in SCORE_KEYS})
+    loss, metrics = objectives.call_objective(cfg.objective, inputs, cfg.hparams)
+    return loss, dict(metrics, **extra)
 
   return loss_fn
 
@@ -206,8 +308,9 @@ def make_train_step(denoise: Callable, graphdef, ref_graphdef, tx, schedule, cfg
 
     params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
     skipped = state.skipped + (~finite).astype(jnp.int32)
+    ema = state.ema if state.ema is None else update_ema(state.ema, params, cfg.ema_decay)
     metrics = dict(metrics, **augmented, grad_norm=grad_norm, skipped_steps=skipped)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, skipped=skipped), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, skipped=skipped, ema=ema), metrics
 
   return step
 
@@ -233,7 +336,7 @@ def make_eval_step(denoise: Callable, graphdef, ref_graphdef, schedule, cfg: Ste
   return evaluate
 
 
-def create_sharded_state(model: nnx.Module, tx, mesh, seed: int, trainable=nnx.Param):
+def create_sharded_state(model: nnx.Module, tx, mesh, seed: int, trainable=nnx.Param, ema: bool = False):
   """Splits `model` by the `trainable` filter and places both parts on `mesh` by the logical-axis rules:
   the trainable parameters with the optimizer state (created already sharded: jit with out_shardings) as
   the TrainState, every other parameter as the frozen part of the policy.
@@ -246,7 +349,7 @@ def create_sharded_state(model: nnx.Module, tx, mesh, seed: int, trainable=nnx.P
   graphdef, _, _ = nnx.split(model, trainable, ...)
   params, param_sh = sharding.place(model, mesh, trainable)
   frozen, frozen_sh = sharding.place(model, mesh, nnx.Not(trainable))
-  init = lambda p: init_state(p, tx, seed)
+  init = lambda p: init_state(p, tx, seed, ema)
   abstract = jax.eval_shape(init, params)
   state_sh = _state_shardings(abstract, param_sh, mesh)
   if sharding.is_abstract(params):
@@ -268,7 +371,8 @@ def _state_shardings(abstract: TrainState, param_sh, mesh):
 
   opt_sh = jax.tree.map(lambda x: like_params(x) or jax.tree.map(lambda _: rep, x), abstract.opt_state,
                         is_leaf=lambda x: jax.tree.structure(x) == param_struct)
-  return TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep, skipped=rep)
+  return TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep, skipped=rep,
+                    ema=None if abstract.ema is None else param_sh)
 
 
 def jit_train_step(step_fn, state_shardings, mesh, frozen_shardings: Frozen):

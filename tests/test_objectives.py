@@ -207,7 +207,7 @@ def test_dispatch_by_name_matches_direct_calls_under_jit():
     fn = jax.jit(lambda *a, name=name: obj.objective_loss(name, *a[:2], ref_err_w=a[2], ref_err_l=a[3],
                                                           emb=a[4], **hparams.get(name, {}))[0])
     np.testing.assert_allclose(fn(err_w, err_l, ref_w, ref_l, emb), expected, rtol=1e-6)
-  assert [n for n in obj.OBJECTIVES if obj.needs_reference(n)] == ["dpo", "rpo"]
+  assert [n for n in obj.OBJECTIVES if obj.needs_reference(n)] == ["dpo", "rpo", "dmpo", "dspo", "smpo", "kto"]
   with pytest.raises(ValueError, match="ref_err_w"):
     obj.objective_loss("dpo", err_w, err_l)
   with pytest.raises(ValueError, match="objective='ppo'"):

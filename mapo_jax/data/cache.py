@@ -1,9 +1,11 @@
 """The encoded cache: ArrayRecord shards of fixed-layout records plus `manifest.json`.
 
-A record is one pair: the arrays of `BATCH_KEYS`, each as raw bytes in that order; their shapes and
-dtypes are in the manifest, so reading is a few `np.frombuffer` calls and needs no pickle.
-The four big arrays are stored in `cache_dtype` (default float16: half the disk of float32;
-bfloat16 and float32 also work); `time_ids` and `rpo_emb` are always float32.
+A record is one pair: the arrays of `BATCH_KEYS` (plus `SCORE_KEYS` when the source stores reward
+scores), each as raw bytes in that order; or one unpaired labelled sample (`UNPAIRED_KEYS`, from the
+sources of mapo_jax/data/unpaired.py). Their keys, shapes and dtypes are in the manifest, so reading is a
+few `np.frombuffer` calls and needs no pickle. The big arrays (moments, prompt embeddings) are stored in
+`cache_dtype` (default float16: half the disk of float32; bfloat16 and float32 also work); the rest
+(time_ids, rpo_emb, scores, labels) always float32.
 
 Shard k holds source rows [k * shard_size, (k + 1) * shard_size); host p of n encodes the shards
 with k % n == p. A shard is written under a temporary name and renamed when complete, then its
@@ -31,17 +33,56 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm import tqdm
 
-from mapo_jax.data.pairs import Counts, prepare_rows
-from mapo_jax.data.sources import Source
+from mapo_jax.data import unpaired
+from mapo_jax.data.pairs import Counts, prepare_pair, prepare_rows
+from mapo_jax.data.sources import SCORE_KEYS, Source
 
 # Batch format shared with the train step: moments are NHWC [mean, logvar] on the channel axis.
 BATCH_KEYS = ("moments_w", "moments_l", "prompt_embeds", "pooled_prompt_embeds", "time_ids", "rpo_emb")
 ENCODED_KEYS = tuple(k for k in BATCH_KEYS if k != "time_ids")  # what an EncodeFn returns
-_BIG_KEYS = ("moments_w", "moments_l", "prompt_embeds", "pooled_prompt_embeds")
+UNPAIRED_KEYS = ("moments", "label", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
+# Every key a record can hold, in record order (a pair cache's keys come in BATCH_KEYS order).
+_RECORD_KEYS = ("moments_w", "moments_l", "moments", "label", "prompt_embeds", "pooled_prompt_embeds", "time_ids",
+                "rpo_emb") + SCORE_KEYS
+_BIG_KEYS = ("moments_w", "moments_l", "moments", "prompt_embeds", "pooled_prompt_embeds")
 MANIFEST = "manifest.json"
 
 # (pixels_w, pixels_l: (B, R, R, 3) float32 in [-1, 1], captions) -> arrays of ENCODED_KEYS, (B, ...).
-EncodeFn = Callable[[np.ndarray, np.ndarray, list[str]], Mapping[str, Any]]
+# pixels_l may be None (unpaired samples): then there is no moments_l.
+EncodeFn = Callable[[np.ndarray, np.ndarray | None, list[str]], Mapping[str, Any]]
+
+
+def encode_pairs(encode_fn: EncodeFn, items: list[dict[str, Any]]) -> dict[str, Any]:
+  """Prepared pairs -> arrays of ENCODED_KEYS, plus SCORE_KEYS when the pairs carry reward scores (all of
+  them or none: a mix is a ValueError)."""
+  stack = lambda key: np.stack([it[key] for it in items])
+  encoded = encode_fn(stack("pixels_w"), stack("pixels_l"), [it["caption"] for it in items])
+  out = {k: encoded[k] for k in ENCODED_KEYS}
+  scored = sum(SCORE_KEYS[0] in it for it in items)
+  if scored not in (0, len(items)):
+    raise ValueError(f"{scored} of {len(items)} pairs carry {SCORE_KEYS} and the others do not; a cache "
+                     "needs them on every pair or on none")
+  if scored:
+    out.update({k: stack(k).astype(np.float32) for k in SCORE_KEYS})
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordKind:
+  """How a source's rows become records: `prepare(row, resolution=, seed=, random_crop=)` -> one item (a
+  dict with time_ids; None drops the row; BadPair skips it), `encode(encode_fn, items)` -> the batch's
+  other arrays."""
+  prepare: Callable[..., dict[str, Any] | None]
+  encode: Callable[[EncodeFn, list[dict[str, Any]]], Mapping[str, Any]]
+
+
+PAIRS = RecordKind(prepare_pair, encode_pairs)
+SAMPLES = RecordKind(unpaired.prepare_sample, unpaired.encode_samples)
+
+
+def record_kind(source: Source) -> RecordKind:
+  """SAMPLES for the unpaired sources (mapo_jax/data/unpaired.py), else PAIRS."""
+  return SAMPLES if isinstance(source, (unpaired.UnpairedJsonlSource, unpaired.UnpairedFolderSource)) else PAIRS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,26 +100,33 @@ class EncodeSettings:
 
 @dataclasses.dataclass(frozen=True)
 class RecordLayout:
-  """Per-pair shape and dtype of every key in BATCH_KEYS."""
+  """Per-record keys (in record order), shapes and dtypes."""
   shapes: dict[str, tuple[int, ...]]
   dtypes: dict[str, str]
 
+  @property
+  def keys(self) -> tuple[str, ...]:
+    return tuple(self.shapes)
+
   @classmethod
   def for_batch(cls, batch: Mapping[str, np.ndarray], cache_dtype: str) -> "RecordLayout":
-    return cls({k: tuple(batch[k].shape[1:]) for k in BATCH_KEYS},
-               {k: cache_dtype if k in _BIG_KEYS else "float32" for k in BATCH_KEYS})
+    keys = [k for k in _RECORD_KEYS if k in batch]
+    return cls({k: tuple(batch[k].shape[1:]) for k in keys},
+               {k: cache_dtype if k in _BIG_KEYS else "float32" for k in keys})
 
   @classmethod
   def from_json(cls, d: Mapping[str, Any]) -> "RecordLayout":
-    return cls({k: tuple(d[k]["shape"]) for k in BATCH_KEYS}, {k: d[k]["dtype"] for k in BATCH_KEYS})
+    return cls({k: tuple(v["shape"]) for k, v in d.items()}, {k: v["dtype"] for k, v in d.items()})
 
   def to_json(self) -> dict[str, Any]:
-    return {k: {"shape": list(self.shapes[k]), "dtype": self.dtypes[k]} for k in BATCH_KEYS}
+    return {k: {"shape": list(self.shapes[k]), "dtype": self.dtypes[k]} for k in self.keys}
 
   def serialize(self, batch: Mapping[str, np.ndarray]) -> list[bytes]:
     """A batch (leading dim B) -> B records."""
+    if set(batch) != set(self.keys):
+      raise ValueError(f"a batch with keys {sorted(batch)} does not fit records of {sorted(self.keys)}")
     arrays, n = [], len(batch["time_ids"])
-    for k in BATCH_KEYS:
+    for k in self.keys:
       a = np.asarray(batch[k])
       if a.shape != (n, *self.shapes[k]):
         raise ValueError(f"{k}: shape {a.shape}, expected {(n, *self.shapes[k])} (batch of {n})")
@@ -92,7 +140,7 @@ class RecordLayout:
 
   def deserialize(self, record: bytes) -> dict[str, np.ndarray]:
     out, offset = {}, 0
-    for k in BATCH_KEYS:
+    for k in self.keys:
       dtype, shape = np.dtype(self.dtypes[k]), self.shapes[k]
       count = int(np.prod(shape))
       out[k] = np.frombuffer(record, dtype, count, offset).reshape(shape)
@@ -124,7 +172,9 @@ def write_cache(source: Source, out_dir: str | Path, encode_fn: EncodeFn, settin
   """Encodes this host's unfinished shards; returns the manifest once every shard is done, else None.
 
   `vae`: the VAE folder that encodes (absolute path), or "" for the pipeline's own vae/; recorded in the
-  manifest so the trainer can refuse a cache encoded by another VAE than its config.vae."""
+  manifest so the trainer can refuse a cache encoded by another VAE than its config.vae. Pairs, or the
+  unpaired samples of an unpaired source (`record_kind`)."""
+  kind = record_kind(source)
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   num_shards = -(-len(source) // settings.shard_size)
@@ -157,14 +207,13 @@ def write_cache(source: Source, out_dir: str | Path, encode_fn: EncodeFn, settin
       pending = None  # the previous batch: fetching it waits for the device, so it is written one batch late
       start = k * settings.shard_size
       for rows in _chunks(source.read(start, min(start + settings.shard_size, len(source))), batch_size):
-        pairs = [pair for _, pair in prepare_rows(rows, pool, counts, strict=strict, **settings.pair_kwargs())]
+        items = [item for _, item in prepare_rows(rows, pool, counts, strict=strict, prepare=kind.prepare,
+                                                  **settings.pair_kwargs())]
         if pending:
           write(*pending)
           pending = None
-        if pairs:
-          stacked = {key: np.stack([p[key] for p in pairs]) for key in ("pixels_w", "pixels_l", "time_ids")}
-          encoded = encode_fn(stacked["pixels_w"], stacked["pixels_l"], [p["caption"] for p in pairs])
-          pending = encoded, stacked["time_ids"]
+        if items:
+          pending = kind.encode(encode_fn, items), np.stack([it["time_ids"] for it in items])
         progress.update(len(rows))
         progress.set_postfix(skipped=counts.skipped, ties=counts.ties_dropped, refresh=False)
       if pending:

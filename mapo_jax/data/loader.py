@@ -30,9 +30,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from mapo_jax.data.cache import BATCH_KEYS, ENCODED_KEYS, EncodeFn, RecordLayout, read_manifest
+from mapo_jax.data.cache import ENCODED_KEYS, PAIRS, EncodeFn, RecordLayout, read_manifest, record_kind
 from mapo_jax.data.pairs import Counts, prepare_pair, prepare_rows
-from mapo_jax.data.sources import Source
+from mapo_jax.data.sources import SCORE_KEYS, Source
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
@@ -123,6 +123,9 @@ def onthefly_loader(source: Source, encode_fn: EncodeFn, *, resolution: int, bat
   bad rows skipped and logged, or raised with `strict`), so all processes agree on the pairs.
   Flips and crops are seeded by (seed, row index) exactly as in the cache.
   """
+  if record_kind(source) is not PAIRS:
+    raise ValueError(f"{source.name} holds unpaired samples: encode it (python -m mapo_jax.encode) and train "
+                     "from the cache (config.data.mode='cached')")
   pair_kwargs = {"resolution": resolution, "seed": seed, "random_crop": random_crop}
   counts = Counts()
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
@@ -134,7 +137,8 @@ def onthefly_loader(source: Source, encode_fn: EncodeFn, *, resolution: int, bat
   def finish(batch):
     encoded = encode_fn(batch["pixels_w"], batch["pixels_l"], [str(c) for c in batch["caption"]])
     encoded = jax.device_get({k: encoded[k] for k in ENCODED_KEYS})
-    return {k: np.asarray(v, np.float32) for k, v in encoded.items()} | {"time_ids": batch["time_ids"]}
+    return ({k: np.asarray(v, np.float32) for k, v in encoded.items()} | {"time_ids": batch["time_ids"]}
+            | {k: np.asarray(batch[k], np.float32) for k in SCORE_KEYS if k in batch})
 
   return _batches(_training_subset(grain.MapDataset.source([row for row, _ in kept]), holdout),
                   functools.partial(prepare_pair, **pair_kwargs), finish, batch_size=batch_size,
@@ -151,7 +155,7 @@ def cached_eval_batch(cache_dir: str | Path, holdout: int) -> dict[str, np.ndarr
   records = grain.sources.ArrayRecordDataSource(files)
   _, held = holdout_split(len(records), holdout)
   pairs = [layout.deserialize(records[int(i)]) for i in held]
-  return {k: np.stack([p[k] for p in pairs]).astype(np.float32) for k in BATCH_KEYS}
+  return {k: np.stack([p[k] for p in pairs]).astype(np.float32) for k in layout.keys}
 
 
 def onthefly_eval_batch(source: Source, encode_fn: EncodeFn, holdout: int, *, resolution: int, seed: int,

@@ -98,10 +98,22 @@ def prepare_pair(row: RawRow, *, resolution: int, seed: int,
   image_1 = decode_image(row.jpg_1, row.where, "jpg_1")
   if image_1.size != image_0.size:
     image_1 = image_1.resize(image_0.size, _MATCH_SIZE_FILTER)
-  orig_w, orig_h = image_0.size
   images = [image_1, image_0] if swap else [image_0, image_1]
+  pixels, time_ids = flip_and_crop(images, row.index, resolution=resolution, seed=seed, random_crop=random_crop)
+  out = {"pixels_w": pixels[0], "pixels_l": pixels[1], "caption": row.caption, "time_ids": time_ids}
+  if row.scores is not None:  # stored reward scores, in jpg_0, jpg_1 order (SmPO's soft labels)
+    score_w, score_l = row.scores[::-1] if swap else row.scores
+    out["score_w"], out["score_l"] = np.float32(score_w), np.float32(score_l)
+  return out
 
-  rng = np.random.default_rng([seed, row.index])
+
+def flip_and_crop(images: Sequence[Image.Image], index: int, *, resolution: int, seed: int,
+                  random_crop: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
+  """Images of one size -> ((R, R, 3) float32 pixels in [-1, 1] each, time_ids). Resized so the shorter
+  side is R, flipped together with p = 0.5 and cropped (centre, or random) to a square, with the draws
+  seeded by (seed, index); time_ids = [orig_H, orig_W, crop_top, crop_left, R, R], orig = images[0]'s."""
+  orig_w, orig_h = images[0].size
+  rng = np.random.default_rng([seed, index])
   flip = rng.random() < 0.5
   images = [resize_shorter_side(im, resolution) for im in images]
   if flip:
@@ -113,20 +125,22 @@ def prepare_pair(row: RawRow, *, resolution: int, seed: int,
     top, left = int(round((h - resolution) / 2.0)), int(round((w - resolution) / 2.0))
   box = (left, top, left + resolution, top + resolution)
   pixels = [np.asarray(im.crop(box), np.float32) / 127.5 - 1.0 for im in images]
-  time_ids = np.array([orig_h, orig_w, top, left, resolution, resolution], np.float32)
-  return {"pixels_w": pixels[0], "pixels_l": pixels[1], "caption": row.caption, "time_ids": time_ids}
+  return pixels, np.array([orig_h, orig_w, top, left, resolution, resolution], np.float32)
 
 
 def prepare_rows(rows: Sequence[RawRow], pool: concurrent.futures.Executor, counts: Counts, *,
-                 strict: bool, **kwargs) -> list[tuple[RawRow, dict[str, Any]]]:
+                 strict: bool, prepare=None, **kwargs) -> list[tuple[RawRow, dict[str, Any]]]:
   """Prepares rows in parallel (PIL releases the GIL) and keeps the usable ones, in order.
+  `prepare` (default `prepare_pair`) turns one row into its arrays, None for a tie, or raises BadPair.
 
   Ties are dropped and bad rows skipped with a warning, both counted in `counts`;
   with `strict` the first bad row (in row order) raises instead.
   """
+  prepare = prepare or prepare_pair
+
   def attempt(row):
     try:
-      return prepare_pair(row, **kwargs)
+      return prepare(row, **kwargs)
     except BadPair as e:
       return e
 

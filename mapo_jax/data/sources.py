@@ -16,6 +16,8 @@ Problems with the source as a whole (no files, no rows, a missing column) raise 
   FILE.arrow, or a folder with state.json / dataset_dict.json / *.arrow [?split=NAME]
                               ArrowSource: `datasets.save_to_disk` output or HF cache Arrow files
   a folder with w/ and l/     PreferenceFolderSource: w/NAME.png, l/NAME.png, NAME.txt caption
+  FILE.jsonl of {"prompt", "image", "label"}, or a folder with desirable/ and undesirable/
+                              unpaired labelled samples (Diffusion-KTO): mapo_jax/data/unpaired.py
   anything else               ParquetSource: a .parquet file or a folder of them
 """
 
@@ -32,6 +34,7 @@ import pyarrow.parquet as pq
 
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 JSONL_KEYS = ("prompt", "chosen", "rejected")  # "caption" is accepted in place of "prompt"
+SCORE_KEYS = ("score_w", "score_l")  # optional JSONL fields: the pair's reward scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +48,7 @@ class RawRow:
   label_0: Any = None
   label_1: Any = None
   problem: str | None = None  # why the source could not read this row
+  scores: tuple[float, float] | None = None  # stored reward scores of jpg_0 and jpg_1 (SmPO), if any
 
 
 class Source(Protocol):
@@ -90,7 +94,12 @@ def open_source(spec: str, **options: Any) -> Source:
   else:
     path, spec_options = parse_spec(spec)
     p = Path(path)
-    if path.endswith(".jsonl"):
+    from mapo_jax.data import unpaired  # unpaired sources build on this module's rows
+    if path.endswith(".jsonl") and unpaired.is_unpaired_jsonl(p):
+      kind, allowed = unpaired.UnpairedJsonlSource, ()
+    elif p.is_dir() and unpaired.is_unpaired_folder(p):
+      kind, allowed = unpaired.UnpairedFolderSource, ()
+    elif path.endswith(".jsonl"):
       kind, allowed = JsonlSource, ()
     elif path.endswith(".json"):
       kind, allowed = RankedSource, RankedSource.OPTIONS
@@ -175,7 +184,9 @@ class ParquetSource:
 
 
 class JsonlSource:
-  """One JSON object per line: {"prompt": str, "chosen": path, "rejected": path}.
+  """One JSON object per line: {"prompt": str, "chosen": path, "rejected": path}, optionally with the
+  pair's reward scores {"score_w": number, "score_l": number} (both or neither; `mapo_jax.relabel --soft`
+  writes them; SmPO reads them).
 
   "caption" is accepted in place of "prompt". Relative image paths are resolved against the
   JSONL file's folder. Blank lines are ignored; line numbers in messages are 1-based.
@@ -219,7 +230,17 @@ class JsonlSource:
       if not isinstance(obj[key], str):
         return RawRow(index, where, problem=f"'{key}' must be a path string, got {obj[key]!r}")
       paths.append(self._path.parent / obj[key])  # an absolute path stays as it is
-    return RawRow(index, where, obj[prompt_key], paths[0], paths[1], label_0=1.0, label_1=0.0)
+    scores = None
+    given = [k for k in SCORE_KEYS if k in obj]
+    if given:
+      if len(given) != 2:
+        return RawRow(index, where, problem=f"has {given[0]!r} without {[k for k in SCORE_KEYS if k not in given][0]!r}")
+      bad = [k for k in SCORE_KEYS if isinstance(obj[k], bool) or not isinstance(obj[k], (int, float))
+             or not math.isfinite(obj[k])]
+      if bad:
+        return RawRow(index, where, problem=f"'{bad[0]}' must be a finite number, got {obj[bad[0]]!r}")
+      scores = (float(obj["score_w"]), float(obj["score_l"]))
+    return RawRow(index, where, obj[prompt_key], paths[0], paths[1], label_0=1.0, label_1=0.0, scores=scores)
 
 
 class TfdsSource:
