@@ -37,7 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mapo_jax import config as config_lib
-from mapo_jax import convert, demo, optim, pipelines, sampling, sharding
+from mapo_jax import convert, demo, objectives, optim, pipelines, sampling, sharding
 from mapo_jax import workdir as workdir_lib
 from mapo_jax.build import build, compile_step, denoiser_param_dtype, model_options, needs_reference_model
 from mapo_jax.checkpoint import CHECKPOINTS, CheckpointSaveError, Checkpointer, NoGoodCheckpointError, abstract_like
