@@ -59,6 +59,7 @@ def step_config(config: ml_collections.ConfigDict, family: ModuleType, latents, 
                     empty_prompt_prob=float(config.data.empty_prompt_prob),
                     label_noise_prob=float(config.data.label_noise_prob), fixed_time_ids=fixed,
                     adapters_off_reference=bool(config.lora.rank),
+                    adapter_dropout=bool(config.lora.rank) and config.lora.dropout > 0,
                     min_snr_gamma=float(config.min_snr_gamma), safeguard=config.objective_safeguard,
                     safeguard_hparams=tuple(dict(config[config.objective_safeguard]).items())
                     if config.objective_safeguard else (),

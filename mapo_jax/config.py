@@ -104,7 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
   # linear layers `targets` select (PEFT target_modules rule), scaled by alpha / rank; the base stays frozen in
   # `base_dtype`, and DPO/RPO's reference is the base with the adapters switched off (no second UNet).
   # init_from: a diffusers or kohya LoRA file to start from (same targets and rank). alpha 8 is PEFT's
-  # LoraConfig default; dropout other than 0 is not implemented (refused).
+  # LoraConfig default; dropout is PEFT's lora_dropout (on the adapters' inputs, training steps only).
   config.lora = ml_collections.ConfigDict(dict(
       rank=0, alpha=8.0, targets=("to_q", "to_k", "to_v", "to_out.0"), dropout=0.0, init_from="",
       base_dtype="bfloat16"))
@@ -342,8 +342,8 @@ def validate_lora(given: dict[str, Any]) -> None:
     raise ConfigError("lora.alpha", f"{given['lora.alpha']!r} must be > 0 (the adapters' scale is alpha / rank)")
   if not given["lora.targets"] or not all(isinstance(t, str) and t for t in given["lora.targets"]):
     raise ConfigError("lora.targets", f"{given['lora.targets']!r} must be module names, e.g. to_q, to_out.0")
-  if given["lora.dropout"] != 0:  # the official MaPO and diffusers DPO LoRA recipes use none
-    raise ConfigError("lora.dropout", f"{given['lora.dropout']!r}: adapter dropout is not implemented yet; use 0.0")
+  if not 0 <= given["lora.dropout"] < 1:
+    raise ConfigError("lora.dropout", f"{given['lora.dropout']!r} must be in [0, 1)")
   if given["lora.init_from"]:
     if not given["lora.rank"]:
       raise ConfigError("lora.init_from", "needs lora.rank > 0 (the rank of the file's adapters)")

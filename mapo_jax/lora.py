@@ -54,20 +54,34 @@ class LoRAParam(nnx.Variable):
   """An adapter matrix (A or B): the only parameters a LoRA run trains."""
 
 
-class LoRA(nnx.Module):
-  """The low-rank update s · (x A) B of one linear layer; `x` arrives in the layer's compute dtype."""
+class DropoutKey(nnx.Variable):
+  """One adapter's dropout key (raw uint32 key data) for one training micro-batch: set by `set_dropout_keys`
+  on the trained model inside the step, never on the reference, never saved."""
 
-  def __init__(self, a, b, scale: float, axes: tuple[str, str], conv: bool = False):
+
+class LoRA(nnx.Module):
+  """The low-rank update s · (drop(x) A) B of one linear layer; `x` arrives in the layer's compute dtype.
+
+  drop is PEFT's `lora_dropout` on the adapter's input (inverted dropout: kept entries scaled by 1/(1 - p)),
+  active only while a `DropoutKey` is set, i.e. in the train step with config.lora.dropout > 0.
+  """
+
+  def __init__(self, a, b, scale: float, axes: tuple[str, str], conv: bool = False, dropout: float = 0.0):
     self.a = LoRAParam(a, axes=(axes[0], None))  # the rank axis is small: replicated
     self.b = LoRAParam(b, axes=(None, axes[1]))
     self.scale = float(scale)
     self.conv = conv  # on a 1x1 convolution: files hold A and B as (r, in, 1, 1) and (out, r, 1, 1)
+    self.dropout = float(dropout)
+    self.dropout_key = None
 
   @property
   def rank(self) -> int:
     return self.a.shape[1]
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    if self.dropout_key is not None:
+      keep = jax.random.bernoulli(jax.random.wrap_key_data(self.dropout_key[...]), 1.0 - self.dropout, x.shape)
+      x = jnp.where(keep, x / jnp.asarray(1.0 - self.dropout, x.dtype), jnp.zeros_like(x))
     h = jnp.dot(x, self.a[...].astype(x.dtype))
     return jnp.dot(h, self.b[...].astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
 
@@ -124,17 +138,17 @@ def _abstract(layer) -> bool:
   return isinstance(layer.kernel.get_value(), jax.ShapeDtypeStruct)
 
 
-def attach(layer, a: np.ndarray, b: np.ndarray, scale: float, dtype=np.float32) -> None:
+def attach(layer, a: np.ndarray, b: np.ndarray, scale: float, dtype=np.float32, dropout: float = 0.0) -> None:
   """Gives `layer` the adapter (A, B, scale); ShapeDtypeStructs when the layer is abstract (aot)."""
   a, b = np.asarray(a, dtype), np.asarray(b, dtype)
   if _abstract(layer):
     a, b = jax.ShapeDtypeStruct(a.shape, a.dtype), jax.ShapeDtypeStruct(b.shape, b.dtype)
   # nnx.data: the layer declared `lora` as a static None
-  layer.lora = nnx.data(LoRA(a, b, scale, _axes(layer), conv=isinstance(layer, Conv2d)))
+  layer.lora = nnx.data(LoRA(a, b, scale, _axes(layer), conv=isinstance(layer, Conv2d), dropout=dropout))
 
 
 def add_adapters(model: nnx.Module, *, rank: int, alpha: float, targets: Sequence[str], seed: int,
-                 dtype=np.float32) -> list[str]:
+                 dtype=np.float32, dropout: float = 0.0) -> list[str]:
   """Attaches fresh adapters (PEFT's default init: A ~ U(±1/sqrt(in)), B = 0) to the targeted layers, in
   place; returns their names. Host arrays from one seeded generator, so every process draws the same."""
   if rank < 1:
@@ -146,8 +160,17 @@ def add_adapters(model: nnx.Module, *, rank: int, alpha: float, targets: Sequenc
     fan_in, fan_out = _features(layers[name])
     bound = 1.0 / np.sqrt(fan_in)
     a = rng.uniform(-bound, bound, (fan_in, rank)) if not _abstract(layers[name]) else np.zeros((fan_in, rank))
-    attach(layers[name], a, np.zeros((rank, fan_out)), alpha / rank, dtype)
+    attach(layers[name], a, np.zeros((rank, fan_out)), alpha / rank, dtype, dropout)
   return names
+
+
+def set_dropout_keys(model: nnx.Module, key_data: jax.Array) -> None:
+  """Gives each adapter of `model` with dropout > 0 its own key, folded from the raw key `key_data` by the
+  adapter's index in name order, so every layer draws an independent mask; in place."""
+  key = jax.random.wrap_key_data(key_data)
+  for i, (_, adapter) in enumerate(sorted(adapted(model).items())):
+    if adapter.dropout > 0:
+      adapter.dropout_key = nnx.data(DropoutKey(jax.random.key_data(jax.random.fold_in(key, i))))
 
 
 def fuse(model: nnx.Module) -> nnx.Module:
@@ -320,7 +343,7 @@ def load_into(model: nnx.Module, path: str | os.PathLike, *, scale: float = 1.0)
 def from_config(model: nnx.Module, lora_config, seed: int, dtype=np.float32) -> list[str]:
   """A LoRA run's adapters on `model` (config.lora: rank, alpha, targets, init_from), in place."""
   names = add_adapters(model, rank=lora_config.rank, alpha=lora_config.alpha, targets=tuple(lora_config.targets),
-                       seed=seed, dtype=dtype)
+                       seed=seed, dtype=dtype, dropout=float(lora_config.dropout))
   if lora_config.init_from and not any(_abstract(l) for l in linear_layers(model).values()):
     load_into(model, lora_config.init_from)
   return names

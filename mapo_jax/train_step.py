@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from mapo_jax import diffusion, objectives, sharding
+from mapo_jax import diffusion, lora, objectives, sharding
 
 Params = Any
 Batch = dict[str, jax.Array]
@@ -49,6 +49,7 @@ _SUFFIX = {"moments_w": "_w", "moments_l": "_l", UNPAIRED_KEY: ""}
 _EPS = {"moments_w": "eps_w", "moments_l": "eps_l", UNPAIRED_KEY: "eps_w"}
 TIME_IDS_KEY = "time_ids"
 AUGMENT_STREAM = 1  # fold_in(step key, this): the augmentation's draws, apart from draw_noise's split
+DROPOUT_STREAM = 2  # fold_in(step key, this): the LoRA adapters' dropout keys (config.lora.dropout)
 EVAL_SEED = 0  # the held-out evaluation's one fixed key: the same noise and timesteps at every evaluation
 
 
@@ -83,6 +84,7 @@ class StepConfig:
   fixed_time_ids: tuple[float, ...] | None = None  # every pair's time ids, e.g. (R, R, 0, 0, R, R); None: the batch's
   # LoRA: the reference (DPO, RPO) is the policy with its adapters switched off, not Frozen.reference.
   adapters_off_reference: bool = False
+  adapter_dropout: bool = False  # LoRA with config.lora.dropout > 0: adapters drop inputs in training steps
   min_snr_gamma: float = 0.0  # > 0: per-sample statistics weighted by min_snr_weights (config.min_snr_gamma)
   safeguard: str = ""  # "sdpo": the loser's gradient scaled by objectives.sdpo_loser_scale (config.objective_safeguard)
   safeguard_hparams: tuple[tuple[str, Any], ...] = ()  # its keyword options (config.sdpo), as items
@@ -247,7 +249,10 @@ def make_loss_fn(denoise: Callable, graphdef, ref_graphdef, schedule, cfg: StepC
   def loss_fn(params, frozen: Frozen, batch, draws):
     keys = branches(batch, objective)
     run = lambda model: predictions(denoise, model, batch, draws, schedule, cfg.latents, keys)
-    pred, target = run(nnx.merge(graphdef, params, frozen.policy))
+    policy = nnx.merge(graphdef, params, frozen.policy)
+    if "adapter_dropout" in draws:  # training steps only: one key per micro-batch (its first pair's)
+      lora.set_dropout_keys(policy, draws["adapter_dropout"][0])
+    pred, target = run(policy)
     ref_pred = None
     if objective.needs_reference:
       ref_pred = jax.lax.stop_gradient(run(reference(params, frozen))[0])
@@ -283,6 +288,9 @@ def make_train_step(denoise: Callable, graphdef, ref_graphdef, tx, schedule, cfg
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     batch, augmented = augment_batch(key, prepare_batch(batch, cfg), frozen.empty_prompt, cfg)
     draws = draw_noise(key, batch, schedule.num_train_timesteps)
+    if cfg.adapter_dropout:
+      n = batch[latent_key(batch)].shape[0]
+      draws["adapter_dropout"] = jax.random.key_data(jax.random.split(jax.random.fold_in(key, DROPOUT_STREAM), n))
     # Micro-batch j takes pairs j, j+k, j+2k, ...: each device's shard of the batch splits in place.
     micro = lambda x: x.reshape(-1, cfg.accum_steps, *x.shape[1:]).swapaxes(0, 1)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

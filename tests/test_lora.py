@@ -3,6 +3,7 @@ reference, every objective, sharding, accumulation, non-finite skip, exact resum
 import json
 import logging
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -216,13 +217,14 @@ def test_unsupported_keys_are_named(micro_sdxl_pipeline_dir, tmp_path):
     ("lora.targets", (), "config.lora.targets: "),
     ("lora.init_from", "/nonexistent.safetensors", "config.lora.init_from: '/nonexistent.safetensors' is not a file"),
     ("lora.base_dtype", "int8", "config.lora.base_dtype: 'int8' is not one of"),
+    ("lora.dropout", 1.0, "config.lora.dropout: 1.0 must be in [0, 1)"),
 ])
 def test_config_errors(key, value, message):
   config = config_lib.base_config()
   config.pipeline, config.data.cache_dir, config.lora.rank = "/p", "/c", 4
   section, name = key.split(".")
   config[section][name] = value
-  with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(")):
+  with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
     config_lib.validate(config)
 
 
@@ -327,6 +329,48 @@ def test_sharded_and_accumulated_steps_equal_one_device():
     assert mu["to_k"]["lora"]["b"].sharding == attn["to_k"]["lora"]["b"].sharding
     policy = built.frozen.policy["down_blocks"][1]["attentions"][0]["transformer_blocks"][0]["attn2"]
     assert policy["to_k"]["kernel"].sharding.spec == P("fsdp", "tensor")  # the frozen base: the same rules
+
+
+def test_adapter_dropout_is_peft_inverted_dropout_on_the_adapter_input():
+  """s · (drop(x) A) B: per element, kept with probability 1 - p and scaled by 1 / (1 - p); its mean over
+  masks is the undropped update; without a key (reference, evaluation, export) no dropout at all."""
+  p, rank, fan_in, fan_out = 0.25, 4, 16, 8
+  rng = np.random.default_rng(0)
+  a, b, x = rng.normal(size=(fan_in, rank)), rng.normal(size=(rank, fan_out)), rng.normal(size=(3, fan_in))
+  adapter = lora.LoRA(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), 0.5, ("embed", "mlp"), dropout=p)
+  full = 0.5 * x @ a @ b
+  np.testing.assert_allclose(np.asarray(adapter(jnp.asarray(x, jnp.float32))), full, rtol=1e-5, atol=1e-6)
+  key = jax.random.key(7)
+  keep = np.asarray(jax.random.bernoulli(key, 1 - p, x.shape))
+  adapter.dropout_key = nnx.data(lora.DropoutKey(jax.random.key_data(key)))
+  got = np.asarray(adapter(jnp.asarray(x, jnp.float32)))
+  np.testing.assert_allclose(got, 0.5 * (x * keep / (1 - p)) @ a @ b, rtol=1e-5, atol=1e-6)
+  assert 0 < (~keep).sum() < keep.size
+  # Over n masks the mean update is the undropped one, within 5 standard errors per entry.
+  n = 4000
+  keys = jax.random.split(jax.random.key(1), n)
+  masks = np.asarray(jax.vmap(lambda k: jax.random.bernoulli(k, 1 - p, x.shape))(keys))
+  outs = np.einsum("nbi,ir,ro->nbo", x * masks / (1 - p), 0.5 * a, b)
+  assert np.all(np.abs(outs.mean(0) - full) <= 5 * outs.std(0) / np.sqrt(n))
+
+
+def test_adapter_dropout_acts_in_training_steps_only():
+  """With config.lora.dropout > 0 a training step differs from one without (from adapters trained one step,
+  so B != 0), while the evaluation step (no dropout) and the adapters-off reference stay the same."""
+  built = {}
+  for p in (0.0, 0.5):
+    config = lora_config("dpo", lr=LR["dpo"])
+    config.lora.dropout = p
+    built[p], mesh = lora_build(config)
+  batch = global_batch(make_batch(), mesh)
+  state, _ = built[0.0].train_step(built[0.0].state, batch, built[0.0].frozen)
+  state = jax.tree.map(np.asarray, state)  # donated below, twice
+  evaluated = {p: b.eval_step(state.params, batch, b.frozen) for p, b in built.items()}
+  stepped = {p: b.train_step(jax.tree.map(jnp.asarray, state), batch, b.frozen)[1] for p, b in built.items()}
+  for k in ("loss", "mse_w", "ref_mse_w"):
+    assert float(evaluated[0.0][k]) == float(evaluated[0.5][k]), k
+  assert float(stepped[0.0]["ref_mse_w"]) == float(stepped[0.5]["ref_mse_w"])  # the reference never drops
+  assert float(stepped[0.0]["mse_w"]) != float(stepped[0.5]["mse_w"])  # the policy does, in training
 
 
 def test_non_finite_loss_skips_the_update():
