@@ -37,7 +37,7 @@ def test_encode_to_training_latent_to_decode_round_trips(extra, demo_assets, tmp
   mean, logvar = loaded.vae.encode(jnp.asarray(images))
   moments = jnp.concatenate([mean, logvar], axis=-1)
   # The training latent at eps = 0 (the posterior mean), as the train step computes it ...
-  z = training_latents({"moments_w": moments}, {"eps_w": jnp.zeros_like(mean)}, from_folder, pair=False)
+  z = training_latents({"moments_w": moments}, {"eps_w": jnp.zeros_like(mean)}, from_folder, ("moments_w",))
   # ... is diffusers' training-script normalisation of the VAE latent ...
   m = np.asarray(extra.get("latents_mean", [0.0] * 4)) + extra.get("shift_factor", 0.0)
   s = np.asarray(extra.get("latents_std", [1.0] * 4))

@@ -84,7 +84,7 @@ def test_jsonl_soft_margin_and_paths(setup):
     files = [png(im, src / "img" / f"{i}_{j}.png").relative_to(src).as_posix() for j, im in enumerate(pair)]
     key = "caption" if i == 2 else "prompt"  # both are accepted
     lines.append(json.dumps({key: caption, "chosen": files[HUMAN[i]], "rejected": files[1 - HUMAN[i]], "id": i,
-                             "score_w": 99.0}))
+                             "score_w": 99.0, "score_l": -99.0}))  # stale scores, replaced
   lines.insert(3, json.dumps({"prompt": "gone", "chosen": "img/missing.png", "rejected": "img/0_0.png"}))
   (src / "pairs.jsonl").write_text("\n".join(lines[:5]) + "\n\n" + "\n".join(lines[5:]) + "\n")
   out = root / "jsonl_out" / "sub" / "relabelled.jsonl"
