@@ -55,7 +55,7 @@ FILLED_RATE = 0.1  # the base is biased: filled shapes are rare, outlined ones c
 EMPTY_PROMPT_PROB = 0.1  # so that classifier-free guidance has an unconditional model to push from
 # The sampling settings the checks use (20 Euler steps; configs/demo.py, for the random pipeline, samples 4).
 SAMPLE_STEPS, GUIDANCE = 20, 3.0
-VAE_STEPS, UNET_STEPS, BATCH = 1000, 3000, 32  # the shipped assets/toy_world
+VAE_STEPS, UNET_STEPS, BATCH = 1000, 5000, 32  # the shipped assets/toy_world
 EMA_DECAY = 0.999
 
 
