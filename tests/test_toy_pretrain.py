@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from mapo_jax import toy_pretrain as tp
-from mapo_jax import toy_world as tw
 from mapo_jax.models import load_vae
 from mapo_jax.pipelines import load_pipeline
 
