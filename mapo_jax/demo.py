@@ -102,21 +102,29 @@ def random_model(build, seed: int):
   return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
 
 
-def write_pipeline(out: Path, seed: int = 0) -> None:
-  """Random weights, saved with our own writers."""
-  save_unet(random_model(lambda: UNet2DConditionModel(UNET, rngs=nnx.Rngs(0)), seed), out / "unet")
-  save_vae(random_model(lambda: AutoencoderKL(VAE, rngs=nnx.Rngs(0)), seed + 1), out / "vae")
+def write_pipeline(out: Path, seed: int = 0, *, unet: UNet2DConditionModel | None = None,
+                   vae: AutoencoderKL | None = None, dtype: str | None = None,
+                   force_zeros_for_empty_prompt: bool = True) -> None:
+  """Random weights, saved with our own writers; `unet` and `vae`, when given, are saved instead of random
+  ones (the pretrained toy world, mapo_jax/toy_pretrain.py). `dtype`: the saved weights' dtype ("fp16")."""
+  if unet is None:
+    unet = random_model(lambda: UNet2DConditionModel(UNET, rngs=nnx.Rngs(0)), seed)
+  if vae is None:
+    vae = random_model(lambda: AutoencoderKL(VAE, rngs=nnx.Rngs(0)), seed + 1)
+  save_unet(unet, out / "unet", dtype=dtype)
+  save_vae(vae, out / "vae", dtype=dtype)
   save_text_encoder(random_model(lambda: CLIPTextModel(TEXT_ENCODER, rngs=nnx.Rngs(0)), seed + 2),
-                    out / "text_encoder")
+                    out / "text_encoder", dtype=dtype)
   save_text_encoder(random_model(lambda: CLIPTextModel(TEXT_ENCODER_2, rngs=nnx.Rngs(0)), seed + 3),
-                    out / "text_encoder_2")
+                    out / "text_encoder_2", dtype=dtype)
   _tokenizer_files(out / "tokenizer", pad_token="<|endoftext|>")
   _tokenizer_files(out / "tokenizer_2", pad_token="!")  # SDXL's second tokenizer pads with "!"
   (out / "scheduler").mkdir()
   (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
   (out / "model_index.json").write_text(json.dumps({
       "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
-      "force_zeros_for_empty_prompt": True, "feature_extractor": [None, None], "image_encoder": [None, None],
+      "force_zeros_for_empty_prompt": force_zeros_for_empty_prompt, "feature_extractor": [None, None],
+      "image_encoder": [None, None],
       "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
       "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
       "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],

@@ -14,6 +14,8 @@ connected component, and reads
     well below);
   - shape: the filled area over its bounding box (square ≈ 1, circle ≈ π/4, upright triangle ≈ 1/2).
 Thresholds sit halfway between the ideal values, so blur and JPEG noise move no drawing across them.
+Drawings scale with `size` (shape extent and outline width); the judge is tested at 64 and 32 px, the size
+of the pretrained toy pipeline (mapo_jax/toy_pretrain.py).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ SIZE = 64
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220)}
 STYLES = ("filled", "outlined")
-OUTLINE_WIDTH = 4  # px at 64 px; thinner lines do not survive a /8 VAE
+OUTLINE_WIDTH = 4  # px at 64 px (2 px at 32 px); thinner lines do not survive a /8 VAE
 NONE = "none"  # the judge's answer when nothing stands out from the background
 
 # Judge thresholds (see the module docstring): the midpoints between the ideal ratios.

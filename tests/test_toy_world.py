@@ -10,10 +10,10 @@ from mapo_jax import toy_world as tw
 ATTRIBUTES = ("shape", "color", "style")
 
 
-def _drawn(n, seed):
+def _drawn(n, seed, size=tw.SIZE):
   rng = np.random.default_rng(seed)
   scenes = [tw.random_scene(rng) for _ in range(n)]
-  return scenes, np.stack([tw.draw(s, rng) for s in scenes])
+  return scenes, np.stack([tw.draw(s, rng, size) for s in scenes])
 
 
 def _jpeg(image):
@@ -22,13 +22,14 @@ def _jpeg(image):
   return np.asarray(Image.open(buf))
 
 
-def _blur(image):  # softer edges, as a small VAE's decodings have
-  return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(1.0)))
+def _blur(image):  # softer edges, as a small VAE's decodings have: 1 px at 64 px, scaled with the size
+  return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(image.shape[0] / 64)))
 
 
+@pytest.mark.parametrize("size", [64, 32])  # 32 px: the pretrained toy pipeline's size (toy_pretrain.py)
 @pytest.mark.parametrize("degrade", [None, _jpeg, _blur], ids=["raw", "jpeg", "blur"])
-def test_judge_reads_drawings(degrade):
-  scenes, images = _drawn(300, seed=0)
+def test_judge_reads_drawings(degrade, size):
+  scenes, images = _drawn(300, seed=0, size=size)
   if degrade is not None:
     images = np.stack([degrade(x) for x in images])
   verdict = tw.judge(images)
