@@ -52,6 +52,7 @@ class Model:
   denoiser_config: dict
   latents: Any
   schedule: Any
+  vae_downsample: int = 8  # image pixels per latent pixel (the SD / SDXL VAEs': 8)
 
 
 def resolve_model(name: str | None, config, config_file: str | None) -> Model:
@@ -76,9 +77,10 @@ def resolve_model(name: str | None, config, config_file: str | None) -> Model:
                      "pass --architecture")
   family = pipelines.family(path)
   scheduler = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+  vae = read_config(path / "vae")
   return Model(str(path), family, read_config(model_folder(path, family.DENOISER)),
-               family.Latents.from_vae_config(read_config(path / "vae")),
-               diffusion.NoiseSchedule.from_config(scheduler))
+               family.Latents.from_vae_config(vae), diffusion.NoiseSchedule.from_config(scheduler),
+               vae_downsample=2 ** (len(vae["block_out_channels"]) - 1))
 
 
 def check_config(config) -> None:
@@ -157,7 +159,7 @@ def compile_report(built, mesh, slc, config, model: Model, attention: str, globa
   """Compiles the step for a global batch of `global_batch_size` pairs and measures it per chip."""
   from mapo_jax.build import compile_step
   batch = model.family.abstract_batch(model.denoiser_config, config.resolution, global_batch_size, mesh,
-                                      config.data.rpo_embedding)
+                                      config.data.rpo_embedding, vae_downsample=model.vae_downsample)
   from mapo_jax import objectives
   if objectives.get_objective(config.objective).needs_scores:  # SmPO: the pairs' reward scores
     score = batch["time_ids"].update(shape=(global_batch_size,))
@@ -297,7 +299,8 @@ def run(config, topology: str, model_name: str | None = None, *, config_file: st
                                          **options)
   empty_prompt = None
   if config.data.empty_prompt_prob > 0:  # the empty prompt's rows, shaped like one pair's prompt keys
-    one = family.abstract_batch(model.denoiser_config, config.resolution, 1, mesh)
+    one = family.abstract_batch(model.denoiser_config, config.resolution, 1, mesh,
+                                vae_downsample=model.vae_downsample)
     empty_prompt = {k: jax.ShapeDtypeStruct(one[k].shape[1:], one[k].dtype) for k in family.PROMPT_KEYS}
   built = build(config, family, abstract, reference, model.schedule, model.latents, mesh, empty_prompt)
   attention = options["attention"]

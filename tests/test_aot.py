@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import shutil
 
 import jax
 import numpy as np
@@ -110,6 +111,23 @@ def test_abstract_batch_matches_the_sdxl_and_sd15_caches():
   batch = sd.abstract_batch(SD15_UNET, 512, 8, mesh, rpo_embedding="mean")
   assert batch["prompt_embeds"].shape == (8, 77, 768) and batch["pooled_prompt_embeds"].shape == (8, 768)
   assert sd.preset_latents(SDXL_BASE_UNET).scale == 0.13025 and sd.preset_latents(SD15_UNET).scale == 0.18215
+
+
+def test_a_pipeline_folder_gives_its_own_vae_factor(demo_assets, tmp_path):
+  """Latents are resolution / 2^(VAE blocks - 1): 8 for the demo's four-block VAE, 4 with three blocks."""
+  from mapo_jax.config import base_config
+  mesh = sharding.make_mesh((1, -1, 1), jax.devices()[:4])
+  pipeline = tmp_path / "pipeline"
+  shutil.copytree(demo_assets / "pipeline", pipeline)
+  for blocks, factor in ((4, 8), (3, 4)):
+    vae = json.loads((demo_assets / "pipeline" / "vae" / "config.json").read_text())
+    for key in ("block_out_channels", "down_block_types", "up_block_types"):
+      vae[key] = vae[key][:blocks]
+    (pipeline / "vae" / "config.json").write_text(json.dumps(vae))
+    model = aot.resolve_model(str(pipeline), base_config(), None)
+    assert model.vae_downsample == factor
+    batch = model.family.abstract_batch(model.denoiser_config, 64, 4, mesh, vae_downsample=model.vae_downsample)
+    assert batch["moments_w"].shape == (4, 64 // factor, 64 // factor, 8)
 
 
 def test_model_defaults_to_the_config_file_name_and_asks_otherwise():

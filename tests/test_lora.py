@@ -13,7 +13,6 @@ import torch
 from conftest import jit_call, rel_l2
 from flax import nnx
 from jax.sharding import PartitionSpec as P
-from test_aot import expected_shard_bytes, needs_libtpu
 from test_evaluate import reward_dir  # noqa: F401  (a fixture: the reward model evaluate needs)
 from test_train_step import LATENTS, SCHEDULE, first_step_errors, global_batch, initial_unet, loss_bound, make_batch
 from test_unet import random_inputs, torch_forward
@@ -464,26 +463,3 @@ def test_trainer_exports_adapters_and_the_export_cli_writes_kohya_and_fused(
   png = lambda path: np.asarray(Image.open(path))
   np.testing.assert_array_equal(png(tmp_path / "eval" / "b" / "0000.png"), png(tmp_path / "lora" / "0000.png"))
   assert not np.array_equal(png(tmp_path / "eval" / "a" / "0000.png"), png(tmp_path / "eval" / "b" / "0000.png"))
-
-
-@needs_libtpu
-def test_lora_dpo_step_compiles_for_a_tpu_slice():
-  """The LoRA step (frozen bf16 base, adapters-off reference) compiles for a TPU slice ahead of time: no
-  reference parameters, and optimizer state for the adapters alone."""
-  import importlib.util
-  from conftest import REPO
-  from mapo_jax import aot
-  spec = importlib.util.spec_from_file_location("demo_config", f"{REPO}/configs/demo.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.objective, config.resolution, config.lora.rank = "dpo", 256, RANK
-  report = aot.run(config, "v5e:2x2", "micro")
-  assert report.fits and report.error is None, report.error
-  abstract = sd.abstract_denoiser(MICRO_SDXL_UNET)
-  lora.add_adapters(abstract, rank=RANK, alpha=ALPHA, targets=lora.DEFAULT_TARGETS, seed=0)
-  # mesh (1, 4, 1): every A is (in, r) with `in` sharded 4 ways, every B (r, out) whole; float32.
-  adapters = sum(a.a.size // 4 + a.b.size for a in lora.adapted(abstract).values()) * 4
-  assert report.params_bytes == expected_shard_bytes(MICRO_SDXL_UNET, dict(data=1, fsdp=4, tensor=1), 2) + adapters
-  assert report.reference_bytes == 0
-  assert 2 * adapters <= report.opt_state_bytes < 2 * adapters + 1024  # Adam's two moments, plus counters

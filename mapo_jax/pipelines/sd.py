@@ -75,7 +75,7 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0
                         prediction_type="epsilon")
 SDXL_SCALING_FACTOR, SD_SCALING_FACTOR = 0.13025, 0.18215
 TEXT_TOKENS = 77  # CLIP's model_max_length
-VAE_DOWNSAMPLE = 8
+VAE_DOWNSAMPLE = 8  # the SD / SDXL VAEs: presets (no VAE config) assume it
 
 
 def preset_latents(denoiser_config: Mapping[str, Any]) -> Latents:
@@ -85,20 +85,22 @@ def preset_latents(denoiser_config: Mapping[str, Any]) -> Latents:
 
 
 def abstract_batch(denoiser_config: Mapping[str, Any], resolution: int, pairs: int, mesh,
-                   rpo_embedding: str = "pooled") -> dict[str, jax.ShapeDtypeStruct]:
+                   rpo_embedding: str = "pooled", vae_downsample: int = VAE_DOWNSAMPLE
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
   """A training batch of `pairs` as ShapeDtypeStructs sharded over the batch axes: the keys, shapes and
   dtypes (float32: the loader's default cast, data/loader.py) that data/cache.py batches have.
 
   The pooled embedding is SDXL's projected text embedding (projection_class_embeddings_input_dim minus the
   six time ids' embeddings) or, for one-tower UNets, the text encoder's pooler output (its width is the
-  UNet's cross_attention_dim). rpo_emb is the pooled embedding or the prompt embeddings' mean."""
+  UNet's cross_attention_dim). rpo_emb is the pooled embedding or the prompt embeddings' mean.
+  `vae_downsample`: the pipeline's VAE factor, 2 ** (len(vae block_out_channels) - 1); 8 for SD and SDXL."""
   cfg = UNetConfig.from_dict(denoiser_config)
   width = cfg.cross_attention_dim[0]
   if cfg.addition_embed_type == "text_time":
     pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
   else:
     pooled = width
-  side = resolution // VAE_DOWNSAMPLE
+  side = resolution // vae_downsample
   moments = (pairs, side, side, 2 * cfg.in_channels)
   shapes = {"moments_w": moments, "moments_l": moments, "prompt_embeds": (pairs, TEXT_TOKENS, width),
             "pooled_prompt_embeds": (pairs, pooled), "time_ids": (pairs, 6),
