@@ -25,9 +25,8 @@ from PIL import Image, ImageDraw
 
 from mapo_jax import objectives, toy_world, train_step
 from mapo_jax import toy_pretrain as tp
-from mapo_jax.pipelines import load_pipeline, sd
+from mapo_jax.pipelines import empty_prompt_rows, load_pipeline, sd
 from mapo_jax.sampling import make_grid
-from mapo_jax.train import empty_prompt_rows
 
 WRONG_LOSER_PROB = 1 / 3
 

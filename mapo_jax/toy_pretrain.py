@@ -37,10 +37,9 @@ from mapo_jax.demo import random_model, write_pipeline
 from mapo_jax.models import AutoencoderKL, save_unet
 from mapo_jax.models.presets import MICRO_SDXL_UNET
 from mapo_jax.models.unet import UNet2DConditionModel
-from mapo_jax.pipelines import load_pipeline, sd
+from mapo_jax.pipelines import empty_prompt_rows, load_pipeline, sd
 from mapo_jax.pipelines.sd import FROZEN
 from mapo_jax.sampling import generate_images, make_grid
-from mapo_jax.train import empty_prompt_rows
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "toy_world"  # where the built pipeline ships
 SIZE = 32  # px: small enough to pretrain on 2 CPU cores; the judge reads 32 px drawings (tests/test_toy_world.py)

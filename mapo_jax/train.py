@@ -95,17 +95,6 @@ def save_grid(images: np.ndarray, path: Path) -> None:
   Image.fromarray(sampling.make_grid(images, cols=math.ceil(math.sqrt(len(images))))).save(path)
 
 
-def empty_prompt_rows(pipe, dtypes: dict[str, str] | None = None) -> dict[str, np.ndarray]:
-  """The empty prompt "" through the pipeline's text towers, one row per prompt key, as the official
-  Diffusion-DPO trainer encodes its dropped captions (SalesforceAIResearch/DiffusionDPO train.py:
-  `captions.append("")`, then the towers; not the zeros SDXL pipelines use for the unconditional branch
-  at sampling). `dtypes`: the cache's storage dtypes, so the rows are rounded as a cached "" would be."""
-  rows = {k: np.asarray(v[0], np.float32) for k, v in jax.device_get(pipe.encode_prompts([""])).items()}
-  if dtypes:
-    rows = {k: v.astype(dtypes[k]).astype(np.float32) for k, v in rows.items()}
-  return rows
-
-
 def check_batch_keys(objective: str, keys: tuple[str, ...], cache_dir: str) -> None:
   """A cache of unpaired samples trains only an objective on unpaired samples (KTO); SmPO needs pairs
   with reward scores. ConfigError naming config.objective otherwise."""
@@ -214,7 +203,7 @@ def main(argv) -> None:
     eval_batch = place_global(eval_batch, sharding.batch_sharding(mesh))
   data_iterator = iter(dataset)
   # Empty-prompt dropout: "" encoded once here, swapped in per pair inside the step (train_step.augment_batch).
-  empty_prompt = empty_prompt_rows(pipe, cache_dtypes) if config.data.empty_prompt_prob > 0 else None
+  empty_prompt = pipelines.empty_prompt_rows(pipe, cache_dtypes) if config.data.empty_prompt_prob > 0 else None
 
   # ----------------------------------------------------------------------------------------------
   # Train state (float32 master params + optimizer state, sharded), frozen parameters and the step.

@@ -21,6 +21,9 @@ import os
 from pathlib import Path
 from types import ModuleType
 
+import jax
+import numpy as np
+
 from mapo_jax.pipelines import sd
 
 FAMILIES: tuple[ModuleType, ...] = (sd,)
@@ -43,3 +46,14 @@ def load_pipeline(path: str | os.PathLike, components=None, **kwargs):
   """`family(path).load_pipeline(path, components, ...)`; components default to all of that family's."""
   module = family(path)
   return module.load_pipeline(path, module.COMPONENTS if components is None else components, **kwargs)
+
+
+def empty_prompt_rows(pipe, dtypes: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+  """The empty prompt "" through the pipeline's text towers, one row per prompt key, as the official
+  Diffusion-DPO trainer encodes its dropped captions (SalesforceAIResearch/DiffusionDPO train.py:
+  `captions.append("")`, then the towers; not the zeros SDXL pipelines use for the unconditional branch
+  at sampling). `dtypes`: the cache's storage dtypes, so the rows are rounded as a cached "" would be."""
+  rows = {k: np.asarray(v[0], np.float32) for k, v in jax.device_get(pipe.encode_prompts([""])).items()}
+  if dtypes:
+    rows = {k: v.astype(dtypes[k]).astype(np.float32) for k, v in rows.items()}
+  return rows
