@@ -183,14 +183,10 @@ class ParquetSource:
           return
 
 
-class JsonlSource:
-  """One JSON object per line: {"prompt": str, "chosen": path, "rejected": path}, optionally with the
-  pair's reward scores {"score_w": number, "score_l": number} (both or neither; `mapo_jax.relabel --soft`
-  writes them; SmPO reads them).
-
-  "caption" is accepted in place of "prompt". Relative image paths are resolved against the
-  JSONL file's folder. Blank lines are ignored; line numbers in messages are 1-based.
-  """
+class JsonLines:
+  """Random access to the non-blank lines of a JSON-lines file. A subclass turns each line's object into a
+  RawRow (`_object_row`); a line that is not a JSON object becomes a RawRow with its problem, named by file
+  and 1-based line number."""
 
   def __init__(self, path: str | Path):
     self.name = str(path)
@@ -221,7 +217,22 @@ class JsonlSource:
       return RawRow(index, where, problem=f"invalid JSON ({e})")
     if not isinstance(obj, dict):
       return RawRow(index, where, problem=f"expected a JSON object, got {type(obj).__name__}")
-    prompt_key = "prompt" if "prompt" in obj else "caption"
+    return self._object_row(index, where, obj, "prompt" if "prompt" in obj else "caption")
+
+  def _object_row(self, index: int, where: str, obj: dict, prompt_key: str) -> RawRow:
+    raise NotImplementedError
+
+
+class JsonlSource(JsonLines):
+  """One JSON object per line: {"prompt": str, "chosen": path, "rejected": path}, optionally with the
+  pair's reward scores {"score_w": number, "score_l": number} (both or neither; `mapo_jax.relabel --soft`
+  writes them; SmPO reads them).
+
+  "caption" is accepted in place of "prompt". Relative image paths are resolved against the
+  JSONL file's folder. Blank lines are ignored; line numbers in messages are 1-based.
+  """
+
+  def _object_row(self, index: int, where: str, obj: dict, prompt_key: str) -> RawRow:
     missing = [k for k in (prompt_key, "chosen", "rejected") if k not in obj]
     if missing:
       return RawRow(index, where, problem=f"missing key(s) {missing}; need {list(JSONL_KEYS)}")

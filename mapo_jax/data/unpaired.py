@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from mapo_jax.data.pairs import BadPair, decode_image, flip_and_crop
-from mapo_jax.data.sources import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, RawRow, _require_rows
+from mapo_jax.data.sources import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, JsonLines, RawRow, _require_rows
 
 UNPAIRED_JSONL_KEYS = ("prompt", "image", "label")
 LABELS = (1, -1)
@@ -49,40 +49,11 @@ def _label(value: Any) -> float | None:
   return float(value)
 
 
-class UnpairedJsonlSource:
+class UnpairedJsonlSource(JsonLines):
   """{"prompt", "image", "label"} per line (module docstring). Row problems (bad JSON, a missing key, a
   label other than 1 / -1) travel with the row, as for pairs."""
 
-  def __init__(self, path: str | Path):
-    self.name = str(path)
-    self._path = Path(path)
-    self._lines = []  # (byte offset, line number) of each non-blank line
-    offset = 0
-    with self._path.open("rb") as f:
-      for number, line in enumerate(f, start=1):
-        if line.strip():
-          self._lines.append((offset, number))
-        offset += len(line)
-    _require_rows(self.name, len(self._lines))
-
-  def __len__(self) -> int:
-    return len(self._lines)
-
-  def read(self, start: int, stop: int) -> Iterator[RawRow]:
-    with self._path.open("rb") as f:
-      for index in range(start, stop):
-        offset, number = self._lines[index]
-        f.seek(offset)
-        yield self._row(index, f"{self._path} line {number}", f.readline())
-
-  def _row(self, index: int, where: str, line: bytes) -> RawRow:
-    try:
-      obj = json.loads(line)
-    except json.JSONDecodeError as e:
-      return RawRow(index, where, problem=f"invalid JSON ({e})")
-    if not isinstance(obj, dict):
-      return RawRow(index, where, problem=f"expected a JSON object, got {type(obj).__name__}")
-    prompt_key = "prompt" if "prompt" in obj else "caption"
+  def _object_row(self, index: int, where: str, obj: dict, prompt_key: str) -> RawRow:
     missing = [k for k in (prompt_key, "image", "label") if k not in obj]
     if missing:
       return RawRow(index, where, problem=f"missing key(s) {missing}; need {list(UNPAIRED_JSONL_KEYS)}")
