@@ -123,13 +123,13 @@ def test_pair_scores_are_cached_and_batched(tmp_path):
 
 
 def test_kto_on_unpaired_demo_resumes_bit_identically_and_exports_the_ema(demo_assets, trainer_env, tmp_path):
-  args = ("--config.steps=20", "--config.sample_every=0")
+  args = ("--config.steps=10", "--config.sample_every=0")
   full, part = tmp_path / "full", tmp_path / "part"
   run_trainer(trainer_env(), full, demo_assets, *args, config="configs/demo_kto.py")
   logged = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
   assert all(np.isfinite(m["loss"]) and m["skipped_steps"] == 0 and "kl" in m for m in logged)
-  proc = run_trainer(trainer_env(), part, demo_assets, *args, "--stop-after-step", "12", config="configs/demo_kto.py")
-  assert "stopped after step 12" in proc.stdout
+  proc = run_trainer(trainer_env(), part, demo_assets, *args, "--stop-after-step", "6", config="configs/demo_kto.py")
+  assert "stopped after step 6" in proc.stdout
   run_trainer(trainer_env(), part, demo_assets, *args, config="configs/demo_kto.py")
   weights = "export/unet/diffusion_pytorch_model.safetensors"
   want, got = load_file(full / weights), load_file(part / weights)
