@@ -278,6 +278,7 @@ def test_only_adapters_train_and_the_base_is_frozen_in_bf16():
   assert trainable < 0.05 * sum(x.size for x in jax.tree.leaves(built.frozen.policy))
 
 
+STEPS = 8
 LR = {"mapo": 1e-2, "sft": 1e-2, "dpo": 1e-3, "rpo": 1e-3}  # the same program (persistent-cache hits) per objective
 
 
@@ -288,7 +289,7 @@ def test_training_lowers_the_objective_on_a_fixed_batch(objective):
   evaluate = lambda params: float(built.eval_step(params, batch, built.frozen)["loss"])
   before = evaluate(built.state.params)
   state, losses = built.state, []
-  for _ in range(15):
+  for _ in range(STEPS):
     state, metrics = built.train_step(state, batch, built.frozen)
     losses.append(float(metrics["loss"]))
   assert all(np.isfinite(losses)) and int(state.skipped) == 0
@@ -302,7 +303,7 @@ def test_training_lowers_the_objective_on_a_fixed_batch(objective):
     # The reference errors of the last step (adapters switched off; the adapters have moved the policy away)
     # are those of a separately built base model on the same draws.
     assert abs(losses[-1] - losses[0]) > 1e-3
-    draws = draw_noise(jax.random.fold_in(jax.random.key(0), 14), batch, SCHEDULE.num_train_timesteps)
+    draws = draw_noise(jax.random.fold_in(jax.random.key(0), STEPS - 1), batch, SCHEDULE.num_train_timesteps)
     graphdef, params = initial_unet()
     base = nnx.merge(graphdef, jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params))
     ref_w, ref_l = jax.jit(lambda m: per_sample_errors(sd.denoise, m, batch, draws, SCHEDULE, LATENTS, True))(base)
