@@ -183,6 +183,14 @@ class ParquetSource:
           return
 
 
+def read_caption(path: Path) -> tuple[str | None, str | None]:
+  """(the caption file's stripped text, None), or (None, why it could not be read)."""
+  try:
+    return path.read_text(encoding="utf-8").strip(), None
+  except (OSError, UnicodeDecodeError) as e:
+    return None, f"cannot read {path} ({e})"
+
+
 class JsonLines:
   """Random access to the non-blank lines of a JSON-lines file. A subclass turns each line's object into a
   RawRow (`_object_row`); a line that is not a JSON object becomes a RawRow with its problem, named by file
@@ -525,9 +533,8 @@ class PreferenceFolderSource:
       if problem:
         yield RawRow(index, where, problem=problem)
         continue
-      try:
-        caption = caption_file.read_text(encoding="utf-8").strip()
-      except (OSError, UnicodeDecodeError) as e:
-        yield RawRow(index, where, problem=f"cannot read {caption_file} ({e})")
+      caption, problem = read_caption(caption_file)
+      if problem:
+        yield RawRow(index, where, problem=problem)
         continue
       yield RawRow(index, where, caption, sides["w"][0], sides["l"][0], label_0=1.0, label_1=0.0)

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from mapo_jax.data.pairs import BadPair, decode_image, flip_and_crop
-from mapo_jax.data.sources import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, JsonLines, RawRow, _require_rows
+from mapo_jax.data.sources import (CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, JsonLines, RawRow, _require_rows,
+                                     read_caption)
 
 UNPAIRED_JSONL_KEYS = ("prompt", "image", "label")
 LABELS = (1, -1)
@@ -88,10 +89,9 @@ class UnpairedFolderSource:
       if caption_file is None:
         yield RawRow(index, where, problem=f"no caption file {image.stem}.txt beside the image")
         continue
-      try:
-        caption = caption_file.read_text(encoding="utf-8").strip()
-      except (OSError, UnicodeDecodeError) as e:
-        yield RawRow(index, where, problem=f"cannot read {caption_file} ({e})")
+      caption, problem = read_caption(caption_file)
+      if problem:
+        yield RawRow(index, where, problem=problem)
         continue
       yield RawRow(index, where, caption, image, label_0=FOLDERS[folder])
 
