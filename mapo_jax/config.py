@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from mapo_jax import objectives, optim, sharding
+from mapo_jax import judging, objectives, optim, sharding
 from mapo_jax.convert.files import EXPORT_DTYPES
 from mapo_jax.models.attention import IMPLEMENTATIONS
 from mapo_jax.models.layers import REMAT_POLICIES
@@ -125,6 +125,13 @@ def base_config() -> ml_collections.ConfigDict:
   )
   config.sample_steps = 25
   config.sample_guidance = 5.0
+  # Judged samples (mapo_jax/judging.py): "" = none, else a judge in judging.JUDGES that reads samples of
+  # judge_prompts (each judge_samples_per_prompt times, fixed seeds, the sample_* settings) at step 0, every
+  # judge_every steps (0: only then and at the end) and at the last step.
+  config.judge = ""
+  config.judge_every = 0
+  config.judge_prompts = ()
+  config.judge_samples_per_prompt = 8
   config.export_dtype = "fp16"  # UNet weights written to WORKDIR/export
 
   # Divergence guards: the run stops (non-zero exit, no export) when more than this fraction of the last
@@ -311,6 +318,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("max_skipped_fraction", f"{given['max_skipped_fraction']!r} must be in [0, 1]")
   if not given["max_param_norm_ratio"] > 1:
     raise ConfigError("max_param_norm_ratio", f"{given['max_param_norm_ratio']!r} must be > 1")
+  if given["judge"]:
+    choice("judge", tuple(judging.JUDGES))
+    at_least("judge_every", 0)
+    at_least("judge_samples_per_prompt", 1)
+    if not given["judge_prompts"]:
+      raise ConfigError("judge_prompts", f"is empty, but judge={given['judge']!r} judges samples of them: give "
+                        "prompts, or set judge=''")
   if given["sample_every"] > 0 and not given["sample_prompts"]:
     raise ConfigError("sample_prompts", "is empty, but sample_every > 0 draws sample grids: give prompts, "
                       "or set sample_every=0")

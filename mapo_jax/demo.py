@@ -1,18 +1,21 @@
 """The embedded demo's assets, created locally and deterministically, without PyTorch or diffusers:
 
-  pipeline/      a tiny random SDXL-architecture pipeline in diffusers layout (MICRO_SDXL_UNET, a /8 VAE,
-                 two CLIP towers sized to fit it, a hand-written CLIP BPE vocabulary, an Euler scheduler)
-                 that `diffusers.StableDiffusionXLPipeline.from_pretrained` loads;
-  pairs.parquet  Pick-a-Pic-style preference pairs of PIL-drawn 64 px images: the preferred image shows
-                 the shape in the colour the caption names, the other in another colour;
-  cache/         the pairs encoded by our VAE and text towers (`mapo_jax.encode`'s format);
-  unpaired/      unpaired labelled samples for Diffusion-KTO (unpaired.jsonl + PNGs): the shape in the
-                 caption's colour is desirable (+1), in another colour undesirable (-1);
+  pipeline/      the pretrained toy-world pipeline (assets/toy_world, mapo_jax/toy_pretrain.py: a tiny
+                 SDXL-architecture UNet, a /4 VAE, frozen random CLIP towers; 32 px), copied;
+  pairs.parquet  toy-world preference pairs (mapo_jax/toy_world.py) in Pick-a-Pic's columns: the preferred
+                 image shows the captioned shape and colour filled, the other the same shape outlined or a
+                 wrong shape or colour; the base draws ~7 % filled shapes;
+  cache/         the pairs encoded by the pipeline's VAE and text towers (`mapo_jax.encode`'s format);
+  unpaired/      unpaired labelled samples for Diffusion-KTO (unpaired.jsonl + PNGs): the preferred images
+                 of such pairs are desirable (+1), the others undesirable (-1);
   cache_unpaired/  those samples encoded (configs/demo_kto.py trains on it).
 
 `configs/demo.py` points the trainer here; `python -m mapo_jax.train --config configs/demo.py` calls
 `ensure_assets` first, which builds whatever is missing. Each part is written under a temporary name and
 renamed when complete, so an interrupted run never leaves a half-written part behind.
+
+`write_pipeline` writes a random pipeline of the same architecture (a /8 VAE, 64 px): toy_pretrain.py
+starts from its text towers, and tests use it where the weights do not matter.
 """
 from __future__ import annotations
 
@@ -27,8 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from flax import nnx
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from mapo_jax import toy_world
 from mapo_jax.data.cache import EncodeSettings, read_manifest, write_cache
 from mapo_jax.data.sources import ParquetSource, open_source
 from mapo_jax.encode import make_encoder
@@ -38,8 +42,8 @@ from mapo_jax.workdir import remove_stale_temporaries
 from mapo_jax.models.presets import MICRO_SDXL_UNET
 from mapo_jax.models.unet import UNet2DConditionModel
 
-RESOLUTION = 64
-NUM_PAIRS = 48
+RESOLUTION = 64  # the random pipeline's
+NUM_PAIRS = 512
 # The UNet's cross_attention_dim (24) = tower 1 width (8) + tower 2 width (16); the pooled embedding (16)
 # + 6 time ids x 4 = projection_class_embeddings_input_dim (40).
 UNET = {**MICRO_SDXL_UNET, "sample_size": RESOLUTION // 8}
@@ -65,8 +69,7 @@ TEXT_ENCODER = {**_CLIP, "architectures": ["CLIPTextModel"], "hidden_size": 8, "
 TEXT_ENCODER_2 = {**_CLIP, "architectures": ["CLIPTextModelWithProjection"], "hidden_size": 16,
                   "intermediate_size": 32, "projection_dim": 16, "hidden_act": "gelu", "pad_token_id": 0}
 
-COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220)}
-SHAPES = ("circle", "square")
+TOY_SIZE = 32  # px: the pretrained toy pipeline's (mapo_jax/toy_pretrain.SIZE)
 
 
 def _tokenizer_files(folder: Path, pad_token: str) -> None:
@@ -131,57 +134,46 @@ def write_pipeline(out: Path, seed: int = 0, *, unet: UNet2DConditionModel | Non
       "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
 
 
-def _draw(shape: str, color: tuple[int, int, int], rng: np.random.Generator) -> bytes:
-  image = Image.new("RGB", (RESOLUTION, RESOLUTION), tuple(int(c) for c in rng.integers(200, 256, 3)))
-  r = int(rng.integers(12, 24))
-  cx, cy = (int(v) for v in rng.integers(r, RESOLUTION - r, 2))
-  box = (cx - r, cy - r, cx + r, cy + r)
-  draw = ImageDraw.Draw(image)
-  (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=color)
+def _png(image: np.ndarray) -> bytes:
   buf = io.BytesIO()
-  image.save(buf, format="JPEG", quality=90)
+  Image.fromarray(image).save(buf, format="PNG")
   return buf.getvalue()
 
 
 def write_pairs(out: Path, num_pairs: int = NUM_PAIRS, seed: int = 0) -> None:
-  """Pairs in Pick-a-Pic's columns; which side wins alternates, so the label handling is exercised."""
+  """Toy-world pairs preferring filled shapes, in Pick-a-Pic's columns; every third pair lists the preferred
+  image second, so the label handling is exercised."""
   rng = np.random.default_rng(seed)
   rows = {k: [] for k in ("caption", "jpg_0", "jpg_1", "label_0", "label_1")}
-  names = list(COLORS)
   for i in range(num_pairs):
-    shape, good = SHAPES[i % 2], names[(i // 2) % 3]
-    bad = names[(names.index(good) + 1 + int(rng.integers(2))) % 3]
-    images = [_draw(shape, COLORS[good], rng), _draw(shape, COLORS[bad], rng)]
-    if i % 3 == 2:
-      images.reverse()
-    rows["caption"].append(f"a {good} {shape}")
-    rows["jpg_0"].append(images[0])
-    rows["jpg_1"].append(images[1])
-    rows["label_0"].append(0.0 if i % 3 == 2 else 1.0)
-    rows["label_1"].append(1.0 if i % 3 == 2 else 0.0)
+    win, lose = toy_world.preference_pair(rng, "filled")
+    images = [_png(toy_world.draw(s, rng, TOY_SIZE)) for s in (win, lose)]
+    swap = i % 3 == 2
+    rows["caption"].append(toy_world.caption(win))
+    rows["jpg_0"].append(images[swap])
+    rows["jpg_1"].append(images[not swap])
+    rows["label_0"].append(0.0 if swap else 1.0)
+    rows["label_1"].append(1.0 if swap else 0.0)
   pq.write_table(pa.table(rows), out)
 
 
 def write_unpaired(out: Path, num_samples: int = 2 * NUM_PAIRS, seed: int = 1) -> None:
-  """`num_samples` labelled images as unpaired.jsonl {"prompt", "image", "label"}; labels alternate in
-  runs of 1 and 2, so the batches mix them unevenly."""
+  """`num_samples` labelled images as unpaired.jsonl {"prompt", "image", "label"}: the preferred or the
+  other image of a toy-world pair (as write_pairs draws them), in runs of 2 desirable, 1 undesirable."""
   rng = np.random.default_rng(seed)
   out.mkdir(parents=True)
-  names = list(COLORS)
   with (out / "unpaired.jsonl").open("w") as f:
     for i in range(num_samples):
-      shape, asked = SHAPES[i % 2], names[(i // 2) % 3]
+      win, lose = toy_world.preference_pair(rng, "filled")
       desirable = i % 3 != 2
-      shown = asked if desirable else names[(names.index(asked) + 1 + int(rng.integers(2))) % 3]
-      (out / f"{i:03d}.png").write_bytes(_png(_draw(shape, COLORS[shown], rng)))
-      f.write(json.dumps({"prompt": f"a {asked} {shape}", "image": f"{i:03d}.png", "label": 1 if desirable else -1})
+      (out / f"{i:04d}.png").write_bytes(_png(toy_world.draw(win if desirable else lose, rng, TOY_SIZE)))
+      f.write(json.dumps({"prompt": toy_world.caption(win), "image": f"{i:04d}.png", "label": 1 if desirable else -1})
               + "\n")
 
 
-def _png(jpeg: bytes) -> bytes:
-  buf = io.BytesIO()
-  Image.open(io.BytesIO(jpeg)).save(buf, format="PNG")
-  return buf.getvalue()
+def copy_toy_pipeline(out: Path) -> None:
+  from mapo_jax.toy_pretrain import ASSETS  # here: toy_pretrain itself imports this module
+  shutil.copytree(ASSETS, out, ignore=shutil.ignore_patterns("samples.png", "metrics.json", "README.md"))
 
 
 def _build(final: Path, write) -> None:
@@ -208,15 +200,15 @@ def ensure_assets(folder: str | os.PathLike) -> dict[str, Path]:
   remove_stale_temporaries(folder)
   paths = {"pipeline": folder / "pipeline", "pairs": folder / "pairs.parquet", "cache": folder / "cache",
            "unpaired": folder / "unpaired", "cache_unpaired": folder / "cache_unpaired"}
-  _build(paths["pipeline"], write_pipeline)
+  _build(paths["pipeline"], copy_toy_pipeline)
   _build(paths["pairs"], write_pairs)
   _build(paths["unpaired"], write_unpaired)
 
   def encoder(source):
     def encode(tmp: Path) -> None:
       pipe = load_pipeline(paths["pipeline"], components=family(paths["pipeline"]).FROZEN)
-      write_cache(source, tmp, make_encoder(pipe), EncodeSettings(resolution=RESOLUTION),
-                  pipeline=str(paths["pipeline"]), batch_size=NUM_PAIRS, process_index=0, process_count=1)
+      write_cache(source, tmp, make_encoder(pipe), EncodeSettings(resolution=TOY_SIZE),
+                  pipeline=str(paths["pipeline"]), batch_size=128, process_index=0, process_count=1)
     return encode
 
   _build(paths["cache"], encoder(ParquetSource(paths["pairs"])))

@@ -38,6 +38,14 @@ class MetricsWriter:
       self.tensorboard.add_scalar(k, v, step)
     self.tensorboard.flush()
 
+  def write_scalars(self, step: int, metrics: dict[str, float]) -> None:
+    """TensorBoard only: numbers that are not the train step's (the judge's, mapo_jax/judging.py)."""
+    if not self.enabled:
+      return
+    for k, v in metrics.items():
+      self.tensorboard.add_scalar(k, v, step)
+    self.tensorboard.flush()
+
   def close(self) -> None:
     if self.enabled:
       self.tensorboard.close()

@@ -1,149 +1,137 @@
 """Preference training in the toy world (mapo_jax/toy_world.py) from the pretrained, biased base
-(assets/toy_world/, mapo_jax/toy_pretrain.py), with the trainer's own step (mapo_jax/train_step.py):
+(assets/toy_world/, mapo_jax/toy_pretrain.py), with the trainer's own step (mapo_jax/train_step.py), fast
+enough to run every objective many times (bench/reference_mismatch.py, tests/test_toy_preference.py):
 
-    python -m mapo_jax.toy_preference --out /tmp/toy_mapo [--objective mapo] [--steps 200]
+    aligner = Aligner(load_pipeline(toy_pretrain.ASSETS))
+    run = aligner.run("mapo", preferred="filled", lr=1e-4, steps=100, seed=0)
+    run.curve    # [{"step", "caption_accuracy", "filled_rate", "outlined_rate"}, ...] on fixed sampling seeds
 
-Pairs: the winner shows the captioned shape and colour, filled; the loser is the same shape and colour
-outlined (2/3 of the pairs) or a wrong shape or colour in either style (1/3). The base draws ~10 % filled,
-so a preference for filled shapes is one the reference model does not share (MaPO's "reference mismatch",
-arXiv 2406.06424). The judge measures the filled rate and caption accuracy of samples on fixed seeds every
-`eval_every` steps. Writes curve.json, curve.png (both rates against the step) and before_after.png (the
-same seeds before and after, side by side).
+Pairs (toy_world.preference_pair): the winner shows the captioned shape and colour in the `preferred` style;
+the loser the other style, or a wrong shape or colour. The base draws ~10 % filled shapes, so preferring
+"filled" is a preference the reference model does not share (MaPO's reference mismatch, arXiv 2406.06424);
+preferring "outlined" is one it already holds.
+
+Every run with the same `seed` sees the same pairs, the same batches and the same noise, whatever the
+objective or learning rate. The learning rate is an optimizer state (optax.inject_hyperparams), so runs of
+one objective share one compiled step.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import time
-from pathlib import Path
+import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from PIL import Image, ImageDraw
 
 from mapo_jax import objectives, toy_world, train_step
 from mapo_jax import toy_pretrain as tp
-from mapo_jax.pipelines import empty_prompt_rows, load_pipeline, sd
-from mapo_jax.sampling import make_grid
+from mapo_jax.pipelines import empty_prompt_rows, sd
 
-WRONG_LOSER_PROB = 1 / 3
-
-
-def pair_scenes(rng: np.random.Generator) -> tuple[toy_world.Scene, toy_world.Scene]:
-  """(winner, loser): the winner filled with a uniform shape and colour; the loser as described above."""
-  win = toy_world.random_scene(rng, filled_rate=1.0)
-  if rng.random() >= WRONG_LOSER_PROB:
-    return win, toy_world.Scene(win.shape, win.color, "outlined")
-  while True:
-    lose = toy_world.random_scene(rng)
-    if (lose.shape, lose.color) != (win.shape, win.color):
-      return win, lose
+NUM_PAIRS = 2048
+WARMUP_STEPS = 10
 
 
-def world_pairs(n: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-  """(captions, winner images, loser images) at tp.SIZE px."""
+def world_pairs(n: int, seed: int, preferred: str = "filled") -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+  """(captions, winner images, loser images, scores (n, 2)) at tp.SIZE px. A scene's score is what a perfect
+  reward model would give: 1 for the captioned shape and colour plus 1 for the preferred style."""
   rng = np.random.default_rng(seed)
-  scenes = [pair_scenes(rng) for _ in range(n)]
+  scenes = [toy_world.preference_pair(rng, preferred) for _ in range(n)]
   draw = lambda s: toy_world.draw(s, rng, tp.SIZE)
   wins, loses = zip(*[(draw(w), draw(l)) for w, l in scenes])
-  return [toy_world.caption(w) for w, _ in scenes], np.stack(wins), np.stack(loses)
+  captions = [toy_world.caption(w) for w, _ in scenes]
+  value = lambda s, c: float(toy_world.caption(s) == c) + float(s.style == preferred)
+  scores = np.array([[value(w, c), value(l, c)] for (w, l), c in zip(scenes, captions)], np.float32)
+  return captions, np.stack(wins), np.stack(loses), scores
 
 
-def align(pipe, objective: str, *, steps: int, batch: int, lr: float, seed: int = 0, num_pairs: int = 2048,
-          eval_every: int = 20, per_caption: int = 10, hparams: dict | None = None, log=print):
-  """Trains pipe.unet on world pairs; returns (curve [{step, caption_accuracy, filled_rate}], images before,
-  images after) with the samples judged on fixed seeds (seed 0) at every evaluation."""
-  captions, wins, loses = world_pairs(num_pairs, seed=30_000 + seed)
-  moments_w, moments_l = tp.encode_world(pipe.vae, wins), tp.encode_world(pipe.vae, loses)
-  names = tp.all_captions()
-  cond = {k: np.asarray(v) for k, v in jax.device_get(pipe.encode_prompts(names)).items()}
-  which = np.array([names.index(c) for c in captions])
-  time_ids = sd.time_ids(tp.SIZE, tp.SIZE, batch)
-
-  graphdef, params, rest = nnx.split(pipe.unet, nnx.Param, ...)
-  params = jax.tree.map(np.array, params)  # a copy: the step donates its state, pipe.unet stays usable
-  reference = None
-  if objectives.needs_reference(objective):
-    reference = jax.tree.map(np.asarray, nnx.state(pipe.unet))  # the base, frozen
-  tx = optax.adamw(lr, weight_decay=0.0)
-  spec = objectives.get_objective(objective)
-  cfg = train_step.StepConfig(objective, spec.hparams(hparams, num_timesteps=pipe.schedule.num_train_timesteps),
-                              pipe.latents, empty_prompt_prob=tp.EMPTY_PROMPT_PROB)
-  ref_graphdef = nnx.graphdef(pipe.unet)
-  step_fn = jax.jit(train_step.make_train_step(pipe.denoise, graphdef, ref_graphdef, tx, pipe.schedule, cfg),
-                    donate_argnums=0)
-  state = train_step.init_state(params, tx, seed)
-  frozen = train_step.Frozen(policy=rest, reference=reference, empty_prompt=empty_prompt_rows(pipe))
-
-  curve, first = [], None
-
-  def evaluate(i):
-    scores, images = tp.judge_samples(pipe, (graphdef, state.params, rest), per_caption=per_caption)
-    curve.append({"step": i, **scores})
-    log(f"{objective} step {i}: caption accuracy {scores['caption_accuracy']:.3f}, "
-        f"filled {scores['filled_rate']:.3f}")
-    return images
-
-  first = evaluate(0)
-  rng = np.random.default_rng(seed)
-  for i in range(1, steps + 1):
-    idx = rng.integers(0, num_pairs, batch)
-    b = {"moments_w": moments_w[idx], "moments_l": moments_l[idx], "prompt_embeds": cond["prompt_embeds"][which[idx]],
-         "pooled_prompt_embeds": cond["pooled_prompt_embeds"][which[idx]], "time_ids": time_ids}
-    state, _ = step_fn(state, b, frozen)
-    if i % eval_every == 0 or i == steps:
-      last = evaluate(i)
-  return curve, first, last
+@dataclasses.dataclass
+class Run:
+  curve: list[dict]  # judged samples on fixed seeds, every eval_every steps (step 0: the base)
+  before: np.ndarray  # the step-0 samples (uint8), caption-major
+  after: np.ndarray  # the last step's samples, same seeds
+  final: dict  # the last step's model judged on more samples, on other seeds (sampling seed 1)
 
 
-def before_after(before: np.ndarray, after: np.ndarray, cols: int) -> np.ndarray:
-  """One image: the grid before, a white gap, the grid after (same seeds, same places)."""
-  a, b = make_grid(before, cols), make_grid(after, cols)
-  gap = np.full((a.shape[0], 8, 3), 255, np.uint8)
-  return np.concatenate([a, gap, b], axis=1)
+# SmPO's scores here are toy_world scores (0..2), not PickScore logits: its soft label uses their difference.
+TOY_HPARAMS = {"smpo": {"score_scale": 1.0}}
 
 
-def plot_curve(curve: list[dict], size=(480, 300)) -> Image.Image:
-  """Filled rate (blue) and caption accuracy (black) against the step, on [0, 1], drawn with PIL."""
-  w, h = size
-  left, right, top, bottom = 40, 10, 10, 30
-  image = Image.new("RGB", size, "white")
-  d = ImageDraw.Draw(image)
-  last = max(p["step"] for p in curve) or 1
-  xy = lambda s, v: (left + (w - left - right) * s / last, top + (h - top - bottom) * (1 - v))
-  for v in (0.0, 0.25, 0.5, 0.75, 1.0):
-    d.line([xy(0, v), xy(last, v)], fill=(220, 220, 220))
-    d.text((4, xy(0, v)[1] - 6), f"{v:.2f}", fill="black")
-  d.text((left, h - bottom + 8), f"step 0 .. {last}", fill="black")
-  for key, color in (("filled_rate", (40, 70, 220)), ("caption_accuracy", (0, 0, 0))):
-    d.line([xy(p["step"], p[key]) for p in curve], fill=color, width=2)
-    d.text((w - 150, xy(last, curve[-1][key])[1] - 14), key.replace("_", " "), fill=color)
-  return image
+class Aligner:
+  """Runs objectives on toy-world pairs from one base pipeline; caches encoded pairs and compiled steps."""
 
+  def __init__(self, pipe, *, batch: int = 16, num_pairs: int = NUM_PAIRS):
+    self.pipe, self.batch, self.num_pairs = pipe, batch, num_pairs
+    names = tp.all_captions()
+    self.names = names
+    self.cond = {k: np.asarray(v) for k, v in jax.device_get(pipe.encode_prompts(names)).items()}
+    self.graphdef, params, self.rest = nnx.split(pipe.unet, nnx.Param, ...)
+    self.base = jax.tree.map(np.array, params)  # a copy: steps donate their state
+    self.reference = jax.tree.map(np.asarray, nnx.state(pipe.unet))
+    # Adam, a linear warm-up over WARMUP_STEPS, then the learning rate (a state entry: one compile for all).
+    warmup = optax.linear_schedule(1 / WARMUP_STEPS, 1.0, WARMUP_STEPS - 1)
+    self.tx = optax.chain(optax.scale_by_adam(), optax.scale_by_schedule(warmup),
+                          optax.inject_hyperparams(optax.scale)(step_size=0.0))
+    self._data, self._steps = {}, {}
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--out", type=Path, required=True)
-  parser.add_argument("--pipeline", type=Path, default=tp.ASSETS)
-  parser.add_argument("--objective", default="mapo", choices=sorted(objectives.OBJECTIVES))
-  parser.add_argument("--steps", type=int, default=200)
-  parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--lr", type=float, default=1e-4)  # untuned: 1e-3 took filled to 99 % in 5 steps and broke captions
-  parser.add_argument("--eval-every", type=int, default=20)
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  start = time.time()
-  log = lambda message: print(f"[{time.time() - start:7.1f} s] {message}", flush=True)
-  curve, before, after = align(load_pipeline(args.pipeline), args.objective, steps=args.steps, batch=args.batch,
-                               lr=args.lr, seed=args.seed, eval_every=args.eval_every, log=log)
-  args.out.mkdir(parents=True, exist_ok=True)
-  (args.out / "curve.json").write_text(json.dumps(curve, indent=2) + "\n")
-  plot_curve(curve).save(args.out / "curve.png")
-  Image.fromarray(before_after(before, after, 10)).save(args.out / "before_after.png")
-  log(f"before: {curve[0]}\nafter:  {curve[-1]}")
+  def data(self, preferred: str, seed: int) -> dict[str, np.ndarray]:
+    key = (preferred, seed)
+    if key not in self._data:
+      captions, wins, loses, scores = world_pairs(self.num_pairs, 30_000 + seed, preferred)
+      which = np.array([self.names.index(c) for c in captions])
+      self._data[key] = {"moments_w": tp.encode_world(self.pipe.vae, wins),
+                         "moments_l": tp.encode_world(self.pipe.vae, loses),
+                         "prompt_embeds": self.cond["prompt_embeds"][which],
+                         "pooled_prompt_embeds": self.cond["pooled_prompt_embeds"][which],
+                         "score_w": scores[:, 0], "score_l": scores[:, 1]}
+    return self._data[key]
 
+  def step_fn(self, objective: str, hparams: dict | None = None):
+    hparams = {**TOY_HPARAMS.get(objective, {}), **(hparams or {})}
+    key = (objective, tuple(sorted(hparams.items())))
+    if key not in self._steps:
+      spec = objectives.get_objective(objective)
+      cfg = train_step.StepConfig(objective, spec.hparams(hparams, num_timesteps=self.pipe.schedule.num_train_timesteps),
+                                  self.pipe.latents, empty_prompt_prob=tp.EMPTY_PROMPT_PROB)
+      step = train_step.make_train_step(self.pipe.denoise, self.graphdef, nnx.graphdef(self.pipe.unet), self.tx,
+                                        self.pipe.schedule, cfg)
+      self._steps[key] = jax.jit(step, donate_argnums=0)
+    return self._steps[key]
 
-if __name__ == "__main__":
-  main()
+  def run(self, objective: str, *, preferred: str = "filled", lr: float, steps: int, seed: int = 0,
+          eval_every: int = 20, per_caption: int = 10, final_per_caption: int = 30, hparams: dict | None = None,
+          log=None) -> Run:
+    """Trains a copy of the base on `seed`'s pairs; judges `per_caption` samples per caption (sampling seed
+    0) at step 0, every `eval_every` steps and at the end, and `final_per_caption` (seed 1) at the end."""
+    data = self.data(preferred, seed)
+    step_fn = self.step_fn(objective, hparams)
+    state = train_step.init_state(jax.tree.map(jnp.array, self.base), self.tx, seed)
+    state.opt_state[-1].hyperparams["step_size"] = jnp.asarray(-lr, jnp.float32)  # descend
+    reference = self.reference if objectives.needs_reference(objective) else None
+    frozen = train_step.Frozen(policy=self.rest, reference=reference, empty_prompt=empty_prompt_rows(self.pipe))
+    time_ids = sd.time_ids(tp.SIZE, tp.SIZE, self.batch)
+    rpo = objective == "rpo"
+    curve, images = [], {}
+
+    def evaluate(i):
+      scores, images[i] = tp.judge_samples(self.pipe, (self.graphdef, state.params, self.rest),
+                                           per_caption=per_caption)
+      curve.append({"step": i, **scores})
+      if log:
+        log(f"{objective} lr {lr:g} seed {seed} step {i}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+
+    evaluate(0)
+    rng = np.random.default_rng(seed)
+    for i in range(1, steps + 1):
+      idx = rng.integers(0, self.num_pairs, self.batch)
+      batch = {k: v[idx] for k, v in data.items()}
+      batch["time_ids"] = time_ids
+      if rpo:  # RPO's per-pair embedding: the caption's pooled text embedding (config.data.rpo_embedding)
+        batch[train_step.EMBEDDING_KEY] = batch["pooled_prompt_embeds"]
+      state, _ = step_fn(state, batch, frozen)
+      if i % eval_every == 0 or i == steps:
+        evaluate(i)
+    final, _ = tp.judge_samples(self.pipe, (self.graphdef, state.params, self.rest), per_caption=final_per_caption,
+                                seed=1)
+    return Run(curve, images[0], images[steps], final)

@@ -187,15 +187,12 @@ def _ema_update(ema, params, decay):
 
 def judge_samples(pipe, unet=None, *, per_caption: int, steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE,
                   seed: int = 0) -> tuple[dict[str, float], np.ndarray]:
-  """Samples every caption `per_caption` times (seeds fixed by `seed`), judges them: ({"caption_accuracy",
-  "filled_rate"}, images in caption-major order)."""
-  captions = all_captions()
-  prompts = [c for c in captions for _ in range(per_caption)]
+  """Samples every caption `per_caption` times (seeds fixed by `seed`), judges them: (toy_world.score's
+  {"caption_accuracy", "filled_rate", "outlined_rate"}, images in caption-major order)."""
+  prompts = [c for c in all_captions() for _ in range(per_caption)]
   images, _ = generate_images(pipe, prompts, steps=steps, guidance=guidance, seed=seed, height=SIZE, width=SIZE,
                               unet=unet, batch_size=min(len(prompts), 256))
-  verdict = toy_world.judge(images)
-  return {"caption_accuracy": float(toy_world.caption_correct(verdict, prompts).mean()),
-          "filled_rate": toy_world.filled_rate(verdict)}, images
+  return toy_world.score(images, prompts), images
 
 
 def reconstruction_accuracy(vae: AutoencoderKL, n: int = 300, seed: int = 1) -> dict[str, float]:
@@ -231,15 +228,20 @@ def build(out: Path, *, vae_steps: int, unet_steps: int, batch: int, seed: int =
   shutil.rmtree(tmp / "unet")
   save_unet(unet, tmp / "unet", dtype="fp16")
 
-  pipe = load_pipeline(tmp)  # exactly what ships
-  scores, images = judge_samples(pipe, per_caption=20)
+  measure(tmp, metrics, log=log)
+  os.replace(tmp, out)
+  return metrics
+
+
+def measure(folder: Path, metrics: dict, log=print) -> None:
+  """Judges samples of the pipeline in `folder` (exactly what ships) into `metrics`; writes metrics.json and
+  samples.png (the first 10 samples of every caption)."""
+  scores, images = judge_samples(load_pipeline(folder), per_caption=20)
   metrics[f"samples_{SAMPLE_STEPS}_steps_guidance_{GUIDANCE:g}"] = scores
   log(f"samples at {SAMPLE_STEPS} steps, guidance {GUIDANCE}: {scores}")
   first_ten = images.reshape(9, 20, *images.shape[1:])[:, :10].reshape(-1, *images.shape[1:])
-  Image.fromarray(make_grid(first_ten, 10)).save(tmp / "samples.png")
-  (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-  os.replace(tmp, out)
-  return metrics
+  Image.fromarray(make_grid(first_ten, 10)).save(folder / "samples.png")
+  (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 def main(argv=None) -> None:
@@ -249,9 +251,14 @@ def main(argv=None) -> None:
   parser.add_argument("--unet-steps", type=int, default=UNET_STEPS)
   parser.add_argument("--batch", type=int, default=BATCH)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--measure-only", action="store_true",
+                      help="re-judge the samples of the existing --out (after a judge change); trains nothing")
   args = parser.parse_args(argv)
   start = time.time()
   log = lambda message: print(f"[{time.time() - start:7.1f} s] {message}", flush=True)
+  if args.measure_only:
+    measure(args.out, json.loads((args.out / "metrics.json").read_text()), log=log)
+    return
   build(args.out, vae_steps=args.vae_steps, unet_steps=args.unet_steps, batch=args.batch, seed=args.seed, log=log)
 
 

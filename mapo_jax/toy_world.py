@@ -7,12 +7,12 @@ plain light background, captioned "a red circle"; and a programmatic judge that 
     caption_correct(verdict, [caption(scene)])             # [True]
 
 The caption names shape and colour, never the style: the style is what a preference can teach. The judge
-segments the pixels that differ from the background (the median of the border), keeps the largest
-connected component, and reads
-  - colour: the nearest palette colour to the component's mean;
-  - style: the component's area over the area with its holes filled (a filled shape ≈ 1, an outline
-    well below);
-  - shape: the filled area over its bounding box (square ≈ 1, circle ≈ π/4, upright triangle ≈ 1/2).
+segments the pixels that differ from the background (the median of the border), keeps the connected pieces
+at least a fifth the size of the largest (an outline broken by gaps stays one shape; specks drop out), and
+reads, with the pieces' convex hull (all three shapes are convex, and a hull does not care about gaps):
+  - colour: the nearest palette colour to the pieces' mean;
+  - style: the pieces' area over their hull's (a filled shape ≈ 1, an outline well below);
+  - shape: the hull's area over its bounding box (square ≈ 1, circle ≈ π/4, upright triangle ≈ 1/2).
 Thresholds sit halfway between the ideal values, so blur and JPEG noise move no drawing across them.
 Drawings scale with `size` (shape extent and outline width); the judge is tested at 64 and 32 px, the size
 of the pretrained toy pipeline (mapo_jax/toy_pretrain.py).
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
-from scipy import ndimage
+from scipy import ndimage, spatial
 
 SIZE = 64
 SHAPES = ("circle", "square", "triangle")
@@ -39,6 +39,7 @@ _CIRCLE_TRIANGLE = (np.pi / 4 + 0.5) / 2
 _FILLED_OUTLINED = 0.8
 _FOREGROUND_DIFF = 80  # max-channel distance from the background; shapes are saturated, backgrounds ≥ 200
 _MIN_PIXELS = 20
+_PIECE_FRACTION = 0.2  # pieces at least this share of the largest belong to the shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +93,29 @@ def random_scene(rng: np.random.Generator, filled_rate: float = 0.5) -> Scene:
                "filled" if rng.random() < filled_rate else "outlined")
 
 
+def preference_pair(rng: np.random.Generator, preferred: str = "filled",
+                    wrong_loser_prob: float = 1 / 3) -> tuple[Scene, Scene]:
+  """(winner, loser) scenes for one caption: the winner shows a uniform shape and colour in the `preferred`
+  style; the loser the same shape and colour in the other style, or (with `wrong_loser_prob`) a wrong
+  shape or colour in either style. The caption is `caption(winner)`."""
+  if preferred not in STYLES:
+    raise ValueError(f"preferred={preferred!r} is not one of {list(STYLES)}")
+  win = random_scene(rng, filled_rate=float(preferred == "filled"))
+  if rng.random() >= wrong_loser_prob:
+    return win, Scene(win.shape, win.color, next(s for s in STYLES if s != preferred))
+  while True:
+    lose = random_scene(rng)
+    if (lose.shape, lose.color) != (win.shape, win.color):
+      return win, lose
+
+
+def _hull_area(mask: np.ndarray) -> float:
+  """Area of the convex hull of the mask's pixels (unit squares, so a filled square's hull is its pixel count)."""
+  rows, cols = np.nonzero(mask)
+  corners = np.concatenate([np.stack([rows + dr, cols + dc], axis=-1) for dr in (0, 1) for dc in (0, 1)])
+  return float(spatial.ConvexHull(corners).volume)  # in 2-D, the "volume" is the area
+
+
 def _judge_one(image: np.ndarray) -> tuple[str, str, str]:
   x = np.asarray(image, np.int32)
   border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
@@ -101,16 +125,18 @@ def _judge_one(image: np.ndarray) -> tuple[str, str, str]:
   if n == 0:
     return NONE, NONE, NONE
   sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
-  component = labels == 1 + int(np.argmax(sizes))
-  if component.sum() < _MIN_PIXELS:
+  # The shape: every sizeable piece, so an outline broken by gaps still counts whole; specks are noise.
+  shape_mask = np.isin(labels, 1 + np.nonzero(sizes >= _PIECE_FRACTION * sizes.max())[0])
+  area = shape_mask.sum()
+  if area < _MIN_PIXELS:
     return NONE, NONE, NONE
-  mean = x[component].mean(axis=0)
+  mean = x[shape_mask].mean(axis=0)
   palette = np.asarray(list(COLORS.values()), np.float64)
   color = list(COLORS)[int(np.argmin(np.sum((palette - mean) ** 2, axis=-1)))]
-  solid = ndimage.binary_fill_holes(component)
-  style = "filled" if component.sum() / solid.sum() > _FILLED_OUTLINED else "outlined"
-  rows, cols = np.nonzero(solid)
-  extent = solid.sum() / ((rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1))
+  hull = _hull_area(shape_mask)
+  style = "filled" if area / hull > _FILLED_OUTLINED else "outlined"
+  rows, cols = np.nonzero(shape_mask)
+  extent = hull / ((rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1))
   shape = "square" if extent > _SQUARE_CIRCLE else "circle" if extent > _CIRCLE_TRIANGLE else "triangle"
   return shape, color, style
 
@@ -128,4 +154,16 @@ def caption_correct(verdict: dict[str, list[str]], captions: Sequence[str]) -> n
 
 
 def filled_rate(verdict: dict[str, list[str]]) -> float:
-  return float(np.mean([s == "filled" for s in verdict["style"]]))
+  return style_rate(verdict, "filled")
+
+
+def style_rate(verdict: dict[str, list[str]], style: str) -> float:
+  """The fraction of images judged in `style` (an image with no shape counts as neither)."""
+  return float(np.mean([s == style for s in verdict["style"]]))
+
+
+def score(images: np.ndarray, captions: Sequence[str]) -> dict[str, float]:
+  """The judge's summary of images sampled for `captions`: caption accuracy and each style's rate."""
+  verdict = judge(images)
+  return {"caption_accuracy": float(caption_correct(verdict, captions).mean()),
+          **{f"{style}_rate": style_rate(verdict, style) for style in STYLES}}

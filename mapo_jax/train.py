@@ -37,7 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mapo_jax import config as config_lib
-from mapo_jax import convert, demo, objectives, optim, pipelines, sampling, sharding
+from mapo_jax import convert, demo, judging, objectives, optim, pipelines, sampling, sharding
 from mapo_jax import workdir as workdir_lib
 from mapo_jax.build import build, compile_step, denoiser_param_dtype, model_options, needs_reference_model
 from mapo_jax.checkpoint import CHECKPOINTS, CheckpointSaveError, Checkpointer, NoGoodCheckpointError, abstract_like
@@ -167,7 +167,8 @@ def main(argv) -> None:
   if needs_reference_model(config):
     reference = family.load_denoiser(config.reference or config.pipeline, mesh=mesh,
                                      param_dtype=jnp.dtype(config.ref_param_dtype), **options)
-  needs_frozen = config.sample_every > 0 or config.data.mode == "onthefly" or config.data.empty_prompt_prob > 0
+  needs_frozen = (config.sample_every > 0 or bool(config.judge) or config.data.mode == "onthefly"
+                  or config.data.empty_prompt_prob > 0)
   pipe = family.load_pipeline(config.pipeline, (family.FROZEN if needs_frozen else ()) + ("scheduler",),
                               vae=config.vae or None)
 
@@ -234,6 +235,19 @@ def main(argv) -> None:
     if lead:
       save_grid(images, workdir / "samples" / f"step_{step:06d}.png")
 
+  def judge_samples(step: int) -> None:
+    """Samples judge_prompts on fixed seeds (as sample_grid does) and judges them (process 0)."""
+    prompts = [p for p in config.judge_prompts for _ in range(config.judge_samples_per_prompt)]
+    images, _ = sampling.generate_images(
+        pipe, prompts, steps=config.sample_steps, guidance=config.sample_guidance, seed=config.seed,
+        height=config.resolution, width=config.resolution, unet=(graphdef, state.params, frozen.policy), mesh=mesh)
+    if lead:
+      scores = judging.JUDGES[config.judge](images, prompts)
+      judge_log.write(step, scores, images, cols=config.judge_samples_per_prompt)
+      metrics_writer.write_scalars(step, {f"judge/{k}": v for k, v in scores.items()})
+      progress.write(f"judge at step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()),
+                     file=sys.stderr)
+
   # ----------------------------------------------------------------------------------------------
   # Loop. Only logging steps wait for the devices; SIGTERM/SIGINT and --stop-after-step end the run
   # after a step with a checkpoint, as a preemption would. A step's checkpoint is started before its
@@ -249,12 +263,15 @@ def main(argv) -> None:
   signal.signal(signal.SIGTERM, on_signal)
   signal.signal(signal.SIGINT, on_signal)
   metrics_writer = MetricsWriter(workdir, first_step=first_step, enabled=lead)
+  judge_log = judging.JudgeLog(workdir, first_step=first_step, enabled=lead and bool(config.judge))
   progress = tqdm(total=config.steps, initial=first_step, unit="step", disable=not lead, dynamic_ncols=True)
   last_log, last_time = first_step, time.perf_counter()
   skip_history = [(first_step, int(state.skipped))]
   step = first_step
   compiled_step = compiled_eval = None
   try:
+    if config.judge and step == 0:
+      judge_samples(0)  # the base, before any update
     while step < config.steps:
       batch = next(data_iterator)
       if compiled_step is None:
@@ -288,6 +305,8 @@ def main(argv) -> None:
         checkpointer.save(step, state, data_iterator)
       if config.sample_every and (step % config.sample_every == 0 or step == config.steps):
         sample_grid(step)
+      if config.judge and ((config.judge_every and step % config.judge_every == 0) or step == config.steps):
+        judge_samples(step)
       if stop:
         break
     checkpointer.wait()
@@ -309,6 +328,11 @@ def main(argv) -> None:
     logging.info("stopped after step %d of %d; run again with --workdir %s to resume", step, config.steps, workdir)
     print(f"stopped after step {step}; checkpoint in {workdir / CHECKPOINTS}")
     return
+  judged = judge_log.finish()
+  if judged:
+    first, last = judged
+    print(f"judge ({config.judge}), step {first['step']} -> {last['step']}: " + ", ".join(
+        f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in first if k != "step"))
   check_exportable(state.params, initial_norm, config.max_param_norm_ratio)
   params = convert.host_params(state.params)  # one parameter at a time; every process takes part
   if lead:
@@ -320,8 +344,10 @@ def main(argv) -> None:
         export_denoiser(nnx.merge(graphdef, params, convert.host_params(frozen.policy)), config.pipeline,
                         workdir / "export", dtype=config.export_dtype)
     print(f"done: {config.steps} steps in {workdir}\n  checkpoints  {workdir / CHECKPOINTS}\n"
-          f"  export       {workdir / 'export'}\n  samples      {workdir / 'samples'}\n"
-          f"  metrics      {workdir / 'metrics.jsonl'} (TensorBoard: {workdir / 'tensorboard'})")
+          f"  export       {workdir / 'export'}\n"
+          + (f"  samples      {workdir / 'samples'}\n" if config.sample_every else "")
+          + f"  metrics      {workdir / 'metrics.jsonl'} (TensorBoard: {workdir / 'tensorboard'})"
+          + (f"\n  judge        {workdir / 'judge'} (curve.png, before_after.png)" if config.judge else ""))
   multihost_utils.sync_global_devices("export")
 
 

@@ -263,12 +263,13 @@ def trainer_env():
   return env
 
 
-def run_trainer(env, workdir, assets, *args, config="configs/demo.py", timeout=600, check=True):
-  """`python -m mapo_jax.train` on the demo config (assets at `assets`); returns the CompletedProcess."""
+def run_trainer(env, workdir, assets, *args, config="configs/demo.py", timeout=600, check=True, judge=False):
+  """`python -m mapo_jax.train` on the demo config (assets at `assets`); returns the CompletedProcess.
+  Without `judge` the run judges no samples (config.judge=''): most tests are about something else."""
   import subprocess
   import sys
   cmd = [sys.executable, "-m", "mapo_jax.train", "--config", os.path.join(REPO, config), "--workdir", str(workdir),
-         f"--config.demo_assets={assets}", *args]
+         f"--config.demo_assets={assets}", *([] if judge else ["--config.judge="]), *args]
   proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode != 0:
     raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-5000:]}")
@@ -279,5 +280,5 @@ def run_trainer(env, workdir, assets, *args, config="configs/demo.py", timeout=6
 def demo_run(tmp_path_factory, demo_assets, trainer_env):
   """The whole demo (configs/demo.py as written) in one workdir, shared by the train/export tests."""
   workdir = tmp_path_factory.mktemp("demo_run")
-  proc = run_trainer(trainer_env(), workdir, demo_assets)
+  proc = run_trainer(trainer_env(), workdir, demo_assets, judge=True)
   return workdir, proc

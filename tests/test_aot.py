@@ -11,7 +11,6 @@ import math
 import os
 import subprocess
 import sys
-import shutil
 
 import jax
 import numpy as np
@@ -113,14 +112,17 @@ def test_abstract_batch_matches_the_sdxl_and_sd15_caches():
   assert sd.preset_latents(SDXL_BASE_UNET).scale == 0.13025 and sd.preset_latents(SD15_UNET).scale == 0.18215
 
 
-def test_a_pipeline_folder_gives_its_own_vae_factor(demo_assets, tmp_path):
-  """Latents are resolution / 2^(VAE blocks - 1): 8 for the demo's four-block VAE, 4 with three blocks."""
+def test_a_pipeline_folder_gives_its_own_vae_factor(tmp_path):
+  """Latents are resolution / 2^(VAE blocks - 1): 8 for the random demo pipeline's four-block VAE, 4 with
+  three blocks (the toy world's)."""
+  from mapo_jax import demo
   from mapo_jax.config import base_config
   mesh = sharding.make_mesh((1, -1, 1), jax.devices()[:4])
   pipeline = tmp_path / "pipeline"
-  shutil.copytree(demo_assets / "pipeline", pipeline)
+  demo.write_pipeline(pipeline)
+  original = json.loads((pipeline / "vae" / "config.json").read_text())
   for blocks, factor in ((4, 8), (3, 4)):
-    vae = json.loads((demo_assets / "pipeline" / "vae" / "config.json").read_text())
+    vae = dict(original)
     for key in ("block_out_channels", "down_block_types", "up_block_types"):
       vae[key] = vae[key][:blocks]
     (pipeline / "vae" / "config.json").write_text(json.dumps(vae))
@@ -165,7 +167,7 @@ def expected_shard_bytes(unet_config, mesh_shape, dtype_bytes):
 def test_cli_mapo_fits_v5e_2x2_with_the_splash_kernel(tmp_path):
   hlo = tmp_path / "step.hlo"
   cmd = [sys.executable, "-m", "mapo_jax.aot", "--config", os.path.join(REPO, "configs/demo.py"),
-         "--config.resolution=256", "--architecture", "micro", "--topology", "v5e:2x2", "--dump-hlo", str(hlo)]
+         "--config.resolution=256", "--config.global_batch_size=8", "--architecture", "micro", "--topology", "v5e:2x2", "--dump-hlo", str(hlo)]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -191,6 +193,7 @@ def test_run_dpo_fits_v5p_2x2x1_with_a_bf16_reference():
   spec.loader.exec_module(module)
   config = module.get_config()
   config.objective, config.resolution, config.ref_param_dtype = "dpo", 256, "bfloat16"
+  config.global_batch_size = 8  # 8 pairs, 2 micro-batches, 4 chips: one pair per chip per micro-batch
   report = aot.run(config, "v5p:2x2x1", "micro")
   assert report.fits and report.error is None, report.error
   assert report.attention == "pallas" and report.hbm_bytes == 95 * GIB and report.chips == 4

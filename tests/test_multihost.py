@@ -10,7 +10,7 @@ from conftest import REPO, rel_l2, run_trainer
 from PIL import Image
 from safetensors.numpy import load_file
 
-ARGS = ["--config.steps=4", "--config.log_every=1", "--config.sample_every=0", "--config.checkpoint_every=2"]
+ARGS = ["--config.judge=", "--config.steps=4", "--config.log_every=1", "--config.sample_every=0", "--config.checkpoint_every=2"]
 
 
 def free_port():

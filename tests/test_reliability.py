@@ -114,7 +114,7 @@ def test_the_trainer_stops_at_once_when_a_save_fails(demo_run, demo_assets, trai
   steps = lambda: {p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()}
   before = steps()
   cmd = [sys.executable, "-m", "mapo_jax.train", "--config", f"{REPO}/configs/demo.py", "--workdir", str(workdir),
-         f"--config.demo_assets={demo_assets}", "--config.steps=40", "--config.sample_every=0"]
+         f"--config.demo_assets={demo_assets}", "--config.steps=80", "--config.sample_every=0", "--config.judge="]
   # No file may grow past 64 KiB, as on a full disk: `ulimit -f` (Python ignores SIGXFSZ, writes fail EFBIG).
   proc = subprocess.run(["bash", "-c", 'ulimit -f 64 && exec "$@"', "bash", *cmd], env=trainer_env(), cwd=REPO,
                         capture_output=True, text=True, timeout=300)
@@ -122,10 +122,10 @@ def test_the_trainer_stops_at_once_when_a_save_fails(demo_run, demo_assets, trai
   error = proc.stderr.strip().splitlines()[-1]
   assert "error: saving the last checkpoint to" in error and "File too large" in error
   assert "Traceback" not in proc.stderr
-  # 20 and 30 untouched; the failed save's temporary folder is never renamed into a checkpoint (orbax
+  # 40 and 60 untouched; the failed save's temporary folder is never renamed into a checkpoint (orbax
   # removes it at the next start).
   assert steps() == before
-  assert Checkpointer(workdir / "checkpoints").latest_step() == 30
+  assert Checkpointer(workdir / "checkpoints").latest_step() == 60
 
 
 # --- divergence and sampling crashes --------------------------------------------------------------------
@@ -143,7 +143,8 @@ def test_a_diverged_run_stops_with_an_error_and_exports_nothing(demo_assets, tra
 
 def test_a_crash_while_sampling_keeps_that_steps_checkpoint(demo_assets, trainer_env, tmp_path):
   (tmp_path / "samples").write_text("a file where the sample folder should be")  # saving the grid fails
-  proc = run_trainer(trainer_env(), tmp_path, demo_assets, "--config.sample_every=10", check=False)
+  proc = run_trainer(trainer_env(), tmp_path, demo_assets, "--config.sample_every=10", "--config.checkpoint_every=10",
+                     check=False)
   assert proc.returncode != 0
   assert "compiled the train step in" in proc.stderr
   assert Checkpointer(tmp_path / "checkpoints").latest_step() == 10  # saved before the grid was drawn
@@ -166,6 +167,8 @@ def test_resuming_with_another_objective_is_refused_unless_allowed(demo_run, dem
     (["--config.optim.learning_rat=1"], "config.optim.learning_rat: unknown key; did you mean config.optim."),
     (["--config.nonexistent=1"], "config.nonexistent: unknown key"),
     (["--config.sample_prompts=()", "--config.sample_every=5"], "config.sample_prompts: is empty"),
+    (["--config.judge=toy"], "config.judge: 'toy' is not one of ('toy_world',)"),
+    (["--config.judge=toy_world", "--config.judge_prompts=()"], "config.judge_prompts: is empty"),
 ])
 def test_config_errors_are_one_line_before_anything_loads(args, message, demo_assets, trainer_env, tmp_path):
   proc = run_trainer(trainer_env(), tmp_path, demo_assets, *args, check=False, timeout=60)
@@ -184,7 +187,7 @@ def test_command_line_usage_errors_and_help(trainer_env, tmp_path):
   help_ = run("--help")
   assert help_.returncode == 0 and "config.optim.lr = 1e-05" in help_.stdout and "--print-config" in help_.stdout
   printed = run("--config", "configs/demo.py", "--print-config")
-  assert printed.returncode == 0 and "config.resolution = 64" in printed.stdout
+  assert printed.returncode == 0 and "config.resolution = 32" in printed.stdout
 
 
 def test_encode_and_generate_reject_bad_sizes_before_writing(demo_assets, trainer_env, tmp_path):

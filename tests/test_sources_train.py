@@ -5,17 +5,20 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow as pa
 from conftest import REPO, run_trainer
 from PIL import Image
 
-from mapo_jax import demo
+from mapo_jax import demo, toy_world
 
 
 def drawn(shape, color, seed):
-  """A 64 px demo-world image (demo._draw): JPEG bytes."""
-  import numpy as np
-  return demo._draw(shape, demo.COLORS[color], np.random.default_rng(seed))
+  """A filled toy-world drawing at the demo pipeline's size: PNG bytes."""
+  image = toy_world.draw(toy_world.Scene(shape, color, "filled"), np.random.default_rng(seed), demo.TOY_SIZE)
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  return buf.getvalue()
 
 
 def save(data: bytes, path):
@@ -42,7 +45,7 @@ def test_every_new_source_is_encoded_and_trained_on(demo_assets, trainer_env, tm
   save(drawn("circle", "red", 6), tmp_path / "prefs" / "l" / "p0.png")
   (tmp_path / "prefs" / "p0.txt").write_text("a green circle")
 
-  encode = [sys.executable, "-m", "mapo_jax.encode", "--pipeline", str(demo_assets / "pipeline"), "--resolution", "64"]
+  encode = [sys.executable, "-m", "mapo_jax.encode", "--pipeline", str(demo_assets / "pipeline"), "--resolution", str(demo.TOY_SIZE)]
   parts = []
   for name, data, pairs in (("arrow", tmp_path / "pickapic-train.arrow", 4), ("hpd", tmp_path / "hpd" / "train.json", 3),
                             ("prefs", tmp_path / "prefs", 1)):
@@ -54,10 +57,11 @@ def test_every_new_source_is_encoded_and_trained_on(demo_assets, trainer_env, tm
   merged = tmp_path / "merged"
   subprocess.run([sys.executable, "-m", "mapo_jax.encode", "--merge", *parts, "--out", str(merged)],
                  env=trainer_env(), cwd=REPO, check=True, capture_output=True, timeout=120)
-  assert json.loads((merged / "manifest.json").read_text())["pairs"] == 8  # one global batch of the demo config
+  assert json.loads((merged / "manifest.json").read_text())["pairs"] == 8
 
   workdir = tmp_path / "run"
   run_trainer(trainer_env(), workdir, demo_assets, f"--config.data.cache_dir={merged}", "--config.steps=2",
+              "--config.global_batch_size=8",
               "--config.log_every=1", "--config.sample_every=0", "--config.checkpoint_every=2")
   logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [m["step"] for m in logged] == [1, 2] and all(m["loss"] is not None for m in logged)

@@ -8,7 +8,10 @@ import time
 
 import numpy as np
 from conftest import REPO, run_trainer
+from PIL import Image
 from safetensors.numpy import load_file
+
+from mapo_jax import judging
 
 UNET_WEIGHTS = "export/unet/diffusion_pytorch_model.safetensors"
 
@@ -17,14 +20,28 @@ def metrics(workdir):
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_demo_leaves_checkpoints_export_samples_and_metrics(demo_run):
+def judged(workdir):
+  return [json.loads(line) for line in (workdir / "judge/judge.jsonl").read_text().splitlines()]
+
+
+def test_demo_leaves_checkpoints_export_judged_samples_and_metrics(demo_run):
   workdir, proc = demo_run
   logged = metrics(workdir)
-  assert [m["step"] for m in logged] == list(range(5, 31, 5))
+  assert [m["step"] for m in logged] == list(range(5, 61, 5))
   assert all(np.isfinite(m["loss"]) and m["skipped_steps"] == 0 for m in logged)
-  assert logged[-1]["loss"] < logged[0]["loss"]
-  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["20", "30"]  # keep_checkpoints=2
-  assert sorted(p.name for p in (workdir / "samples").iterdir()) == ["step_000015.png", "step_000030.png"]
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["40", "60"]  # keep_checkpoints=2
+  records = judged(workdir)
+  assert [r["step"] for r in records] == list(range(0, 61, 10))
+  grids = sorted(p.name for p in (workdir / "judge").glob("step_*.png"))
+  assert grids == [f"step_{s:06d}.png" for s in range(0, 61, 10)]
+  before_after = Image.open(workdir / "judge/before_after.png")
+  grid = Image.open(workdir / "judge/step_000000.png")
+  assert before_after.size == (2 * grid.size[0] + judging.GAP, grid.size[1])
+  assert Image.open(workdir / "judge/curve.png").size[0] > 0
+  first, last = records[0], records[-1]
+  printed = f"filled_rate {first['filled_rate']:.3f} -> {last['filled_rate']:.3f}"
+  assert printed in proc.stdout
+  assert not (workdir / "samples").exists()  # sample_every=0: the judge's grids show the samples
   assert list((workdir / "tensorboard").iterdir())
   assert (workdir / UNET_WEIGHTS).exists() and (workdir / "export/vae/config.json").exists()
   assert str(workdir / "export") in proc.stdout and str(workdir / "metrics.jsonl") in proc.stdout
@@ -32,11 +49,14 @@ def test_demo_leaves_checkpoints_export_samples_and_metrics(demo_run):
 
 def test_stopped_and_resumed_run_is_bit_identical(demo_run, demo_assets, trainer_env, tmp_path):
   reference, _ = demo_run
-  proc = run_trainer(trainer_env(), tmp_path, demo_assets, "--stop-after-step", "12")  # the dashed spelling
+  # the dashed spelling
+  proc = run_trainer(trainer_env(), tmp_path, demo_assets, "--stop-after-step", "12", judge=True)
   assert "stopped after step 12" in proc.stdout
-  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["10", "12"]
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["12"]
   assert not (tmp_path / "export").exists()
-  run_trainer(trainer_env(), tmp_path, demo_assets)
+  assert [r["step"] for r in judged(tmp_path)] == [0, 10]
+  run_trainer(trainer_env(), tmp_path, demo_assets, judge=True)
+  assert judged(tmp_path) == judged(reference)  # the same samples judged the same: nothing judged twice
   want, got = load_file(reference / UNET_WEIGHTS), load_file(tmp_path / UNET_WEIGHTS)
   assert want.keys() == got.keys()
   for k in want:
@@ -51,7 +71,7 @@ def test_stopped_and_resumed_run_is_bit_identical(demo_run, demo_assets, trainer
 def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(demo_assets, trainer_env, tmp_path):
   cmd = [sys.executable, "-m", "mapo_jax.train", "--config", f"{REPO}/configs/demo.py", "--workdir", str(tmp_path),
          f"--config.demo_assets={demo_assets}", "--config.steps=100000", "--config.log_every=1",
-         "--config.sample_every=0", "--config.checkpoint_every=100000"]
+         "--config.sample_every=0", "--config.checkpoint_every=100000", "--config.judge="]
   proc = subprocess.Popen(cmd, env=trainer_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
   while not ((tmp_path / "metrics.jsonl").exists() and metrics(tmp_path)):  # training has started
