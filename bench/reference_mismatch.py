@@ -149,12 +149,15 @@ def main(argv=None) -> None:
       log(f"{key}: final {json.dumps({k: round(v, 3) for k, v in r.final.items()})}")
     return results[key]
 
-  # The base, judged as every run's final point is (its step 0 is every run's first curve point).
-  base = run(args.regimes[0], "sft", args.lrs[0], args.tune_seed)["curve"][0]
+  # The base, judged as the curves' points are (every run's step 0) and as their final points are.
+  base, _ = toy_pretrain.judge_samples(aligner.pipe, per_caption=10, seed=0)
   base_final, _ = toy_pretrain.judge_samples(aligner.pipe, per_caption=30, seed=1)
   chosen = {}
   for regime in args.regimes:
     for name in args.objectives:
+      if len(args.lrs) == 1:  # nothing to choose: no tuning runs
+        chosen.setdefault(regime, {})[name] = args.lrs[0]
+        continue
       for lr in args.lrs:
         run(regime, name, lr, args.tune_seed)
       chosen.setdefault(regime, {})[name] = choose_lr(results, regime, name, args.lrs, args.tune_seed,
@@ -168,7 +171,7 @@ def main(argv=None) -> None:
   (args.out / "table.md").write_text(table + "\n")
   (args.out / "summary.json").write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v
                                                                for k, v in vars(args).items()},
-                                                      "base": base_final, "base_curve_point": base,
+                                                      "base": base_final, "base_curve_point": {"step": 0, **base},
                                                       "chosen_lr": chosen, "summary": summary}, indent=1) + "\n")
   plot(results, chosen, args.regimes, args.objectives, args.seeds, args.out / "curves.png")
   print(table)
