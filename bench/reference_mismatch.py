@@ -4,7 +4,7 @@ pretrained base (assets/toy_world), on the same pairs, batches and noise, in two
   mismatch  the pairs prefer filled shapes, which the base draws ~7 % of the time;
   match     the pairs prefer outlined shapes, which the base already draws ~93 % of the time.
 
-    python bench/reference_mismatch.py --out bench/reference_mismatch        # ~40 min on 2 CPU cores
+    python bench/reference_mismatch.py --out bench/reference_mismatch        # about an hour on 2 CPU cores
 
 Protocol (mapo_jax/toy_preference.py runs each training):
 1. Learning rate, searched evenly: every objective and regime tries every --lrs value on the tuning seed
@@ -18,8 +18,8 @@ Protocol (mapo_jax/toy_preference.py runs each training):
 Reported per objective and regime, mean ± standard deviation over the seeds: the preferred-style rate and
 caption accuracy after --steps steps (judged on 270 samples, sampling seeds unseen in the curves), and the
 steps taken to reach the target rate, halfway from the base's preferred-style rate to 100 % (judged every
---eval-every steps on 90 samples). Writes results.json (every run; an interrupted bench resumes from it),
-table.md and curves.png to --out.
+--eval-every steps on --curve-samples per caption, default 10: 90 samples). Writes results.json (every run;
+an interrupted bench resumes from it), summary.json, table.md and curves.png to --out.
 """
 from __future__ import annotations
 
@@ -128,6 +128,7 @@ def main(argv=None) -> None:
   parser.add_argument("--steps", type=int, default=100)
   parser.add_argument("--batch", type=int, default=16, help="pairs per step")
   parser.add_argument("--eval-every", type=int, default=10)
+  parser.add_argument("--curve-samples", type=int, default=10, help="samples per caption at each curve point")
   parser.add_argument("--max-caption-drop", type=float, default=0.05)
   args = parser.parse_args(argv)
   if args.tune_seed in args.seeds:
@@ -143,14 +144,14 @@ def main(argv=None) -> None:
     key = run_key(regime, name, lr, seed)
     if key not in results:
       r = aligner.run(name, preferred=REGIMES[regime], lr=lr, steps=args.steps, seed=seed,
-                      eval_every=args.eval_every)
+                      eval_every=args.eval_every, per_caption=args.curve_samples)
       results[key] = {"curve": r.curve, "final": r.final}
       results_path.write_text(json.dumps(results, indent=1) + "\n")
       log(f"{key}: final {json.dumps({k: round(v, 3) for k, v in r.final.items()})}")
     return results[key]
 
   # The base, judged as the curves' points are (every run's step 0) and as their final points are.
-  base, _ = toy_pretrain.judge_samples(aligner.pipe, per_caption=10, seed=0)
+  base, _ = toy_pretrain.judge_samples(aligner.pipe, per_caption=args.curve_samples, seed=0)
   base_final, _ = toy_pretrain.judge_samples(aligner.pipe, per_caption=30, seed=1)
   chosen = {}
   for regime in args.regimes:

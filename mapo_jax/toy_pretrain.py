@@ -52,7 +52,7 @@ VAE_KL_WEIGHT = 1e-4  # keeps the posterior's log-variance from running off; rec
 UNET = {**MICRO_SDXL_UNET, "sample_size": SIZE // 4}
 FILLED_RATE = 0.1  # the base is biased: filled shapes are rare, outlined ones common
 EMPTY_PROMPT_PROB = 0.1  # so that classifier-free guidance has an unconditional model to push from
-# The sampling settings the checks use (20 Euler steps; configs/demo.py, for the random pipeline, samples 4).
+# The sampling settings the checks use; configs/demo.py judges its samples with the same (sample_steps, sample_guidance).
 SAMPLE_STEPS, GUIDANCE = 20, 3.0
 VAE_STEPS, UNET_STEPS, BATCH = 1000, 5000, 32  # the shipped assets/toy_world
 EMA_DECAY = 0.999

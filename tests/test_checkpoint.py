@@ -54,6 +54,10 @@ CRASH = textwrap.dedent("""
     checkpointer.save(1, state(1))
     checkpointer.wait()
     checkpointer.save(2, state(2))
+    import pathlib, time
+    deadline = time.time() + 60  # under load the save's thread may not have started writing yet: wait for it
+    while not any("tmp" in p.name for p in pathlib.Path(sys.argv[1]).iterdir()) and time.time() < deadline:
+      time.sleep(0.001)
     os._exit(3)  # a crash (preemption, OOM kill) in the middle of the save of step 2
 """)
 

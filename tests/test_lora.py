@@ -421,7 +421,7 @@ def test_trainer_exports_adapters_and_the_export_cli_writes_kohya_and_fused(
   from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
   from mapo_jax import export
   workdir = tmp_path / "run"
-  run_trainer(trainer_env(), workdir, demo_assets, "--config.objective=dpo", "--config.lora.rank=4",
+  run_trainer(trainer_env(fast_compile=True), workdir, demo_assets, "--config.objective=dpo", "--config.lora.rank=4",
               "--config.lora.alpha=2.0", "--config.steps=4", "--config.sample_every=0", "--config.log_every=2",
               "--config.checkpoint_every=4", "--config.optim.lr=1e-2")
   assert sorted(p.name for p in (workdir / "export").iterdir()) == [lora.DIFFUSERS_FILE]

@@ -37,11 +37,11 @@ def losses(workdir):
 
 def test_two_processes_match_one_process_and_resume(demo_assets, trainer_env, tmp_path):
   single, multi = tmp_path / "single", tmp_path / "multi"
-  run_trainer(trainer_env(devices=4), single, demo_assets, *ARGS, "--config.sample_every=4")
-  run_two_processes(trainer_env(devices=2), multi, demo_assets, "--stop-after-step=2")
+  run_trainer(trainer_env(devices=4, fast_compile=True), single, demo_assets, *ARGS, "--config.sample_every=4")
+  run_two_processes(trainer_env(devices=2, fast_compile=True), multi, demo_assets, "--stop-after-step=2")
   assert sorted(p.name for p in (multi / "checkpoints").iterdir()) == ["2"]
   # Both processes restore step 2; at step 4 both sample on the global mesh and process 0 writes the grid.
-  run_two_processes(trainer_env(devices=2), multi, demo_assets, "--config.sample_every=4")
+  run_two_processes(trainer_env(devices=2, fast_compile=True), multi, demo_assets, "--config.sample_every=4")
   want, got = losses(single), losses(multi)
   assert sorted(got) == [1, 2, 3, 4]
   for step in want:

@@ -163,7 +163,7 @@ def test_two_processes_score_as_one(hps, trainer_env, tmp_path):
   np.save(tmp_path / "images.npy", images)
   port = free_port()
   procs = [subprocess.Popen([sys.executable, "-c", SCORE_IN_PROCESS, str(port), str(rank), str(path), str(tmp_path)],
-                            env=trainer_env(devices=2), cwd=REPO, stderr=subprocess.PIPE, text=True)
+                            env=trainer_env(devices=2, fast_compile=True), cwd=REPO, stderr=subprocess.PIPE, text=True)
            for rank in range(2)]
   for p in procs:
     _, err = p.communicate(timeout=300)

@@ -50,17 +50,17 @@ def test_every_new_source_is_encoded_and_trained_on(demo_assets, trainer_env, tm
   for name, data, pairs in (("arrow", tmp_path / "pickapic-train.arrow", 4), ("hpd", tmp_path / "hpd" / "train.json", 3),
                             ("prefs", tmp_path / "prefs", 1)):
     out = tmp_path / f"cache_{name}"
-    subprocess.run([*encode, "--data", str(data), "--out", str(out), "--strict"], env=trainer_env(), cwd=REPO,
+    subprocess.run([*encode, "--data", str(data), "--out", str(out), "--strict"], env=trainer_env(fast_compile=True), cwd=REPO,
                    check=True, capture_output=True, timeout=300)
     assert json.loads((out / "manifest.json").read_text())["pairs"] == pairs, name
     parts.append(str(out))
   merged = tmp_path / "merged"
   subprocess.run([sys.executable, "-m", "mapo_jax.encode", "--merge", *parts, "--out", str(merged)],
-                 env=trainer_env(), cwd=REPO, check=True, capture_output=True, timeout=120)
+                 env=trainer_env(fast_compile=True), cwd=REPO, check=True, capture_output=True, timeout=120)
   assert json.loads((merged / "manifest.json").read_text())["pairs"] == 8
 
   workdir = tmp_path / "run"
-  run_trainer(trainer_env(), workdir, demo_assets, f"--config.data.cache_dir={merged}", "--config.steps=2",
+  run_trainer(trainer_env(fast_compile=True), workdir, demo_assets, f"--config.data.cache_dir={merged}", "--config.steps=2",
               "--config.global_batch_size=8",
               "--config.log_every=1", "--config.sample_every=0", "--config.checkpoint_every=2")
   logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -25,6 +25,7 @@ CAPTION_POINTS = 0.05  # "within a few points": ~4 standard errors of a 270-samp
 def test_mapo_raises_the_filled_rate_significantly_and_keeps_captions(tmp_path):
   cmd = [sys.executable, os.path.join(REPO, "bench", "reference_mismatch.py"), "--out", str(tmp_path),
          "--objectives", "mapo", "--regimes", "mismatch", "--lrs", LR, "--steps", STEPS, "--eval-every", STEPS,
+         "--curve-samples", "1",  # the test reads the final points only
          "--seeds", *map(str, SEEDS)]
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": REPO,
          "JAX_COMPILATION_CACHE_DIR": XLA_CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
