@@ -34,12 +34,10 @@ class MetricsWriter:
       return
     with open(self.path, "a") as f:
       f.write(json.dumps({k: _json_value(v) for k, v in metrics.items()} | {"step": step}, allow_nan=False) + "\n")
-    for k, v in metrics.items():
-      self.tensorboard.add_scalar(k, v, step)
-    self.tensorboard.flush()
+    self.write_scalars(step, metrics)
 
   def write_scalars(self, step: int, metrics: dict[str, float]) -> None:
-    """TensorBoard only: numbers that are not the train step's (the judge's, mapo_jax/judging.py)."""
+    """TensorBoard only (write's second half): also for numbers that are not the train step's (the judge's)."""
     if not self.enabled:
       return
     for k, v in metrics.items():

@@ -225,22 +225,24 @@ def main(argv) -> None:
       logging.info("resumed from %s/%s/%d", workdir, CHECKPOINTS, int(state.step))
   first_step = int(state.step)
 
-  def sample_grid(step: int) -> None:
-    """Every process samples on the global mesh (the trained parameters are sharded over all of them);
-    process 0 writes the grid."""
+  def sample(prompts: list[str]) -> np.ndarray:
+    """The current model's images for `prompts` on fixed seeds. Every process samples on the global mesh
+    (the trained parameters are sharded over all of them)."""
     images, _ = sampling.generate_images(
-        pipe, list(config.sample_prompts), steps=config.sample_steps, guidance=config.sample_guidance,
-        seed=config.seed, height=config.resolution, width=config.resolution,
-        unet=(graphdef, state.params, frozen.policy), mesh=mesh)
+        pipe, prompts, steps=config.sample_steps, guidance=config.sample_guidance, seed=config.seed,
+        height=config.resolution, width=config.resolution, unet=(graphdef, state.params, frozen.policy), mesh=mesh)
+    return images
+
+  def sample_grid(step: int) -> None:
+    """Process 0 writes the grid of sample_prompts."""
+    images = sample(list(config.sample_prompts))
     if lead:
       save_grid(images, workdir / "samples" / f"step_{step:06d}.png")
 
   def judge_samples(step: int) -> None:
-    """Samples judge_prompts on fixed seeds (as sample_grid does) and judges them (process 0)."""
+    """Samples judge_prompts and judges them (process 0)."""
     prompts = [p for p in config.judge_prompts for _ in range(config.judge_samples_per_prompt)]
-    images, _ = sampling.generate_images(
-        pipe, prompts, steps=config.sample_steps, guidance=config.sample_guidance, seed=config.seed,
-        height=config.resolution, width=config.resolution, unet=(graphdef, state.params, frozen.policy), mesh=mesh)
+    images = sample(prompts)
     if lead:
       scores = judging.JUDGES[config.judge](images, prompts)
       judge_log.write(step, scores, images, cols=config.judge_samples_per_prompt)
