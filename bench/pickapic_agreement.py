@@ -19,7 +19,8 @@ import json
 import os
 import time
 
-from mapo_jax import relabel, rewards, scoring
+from mapo_jax import relabel, rewards
+from mapo_jax.rewards import scoring
 from mapo_jax.data.sources import open_source
 
 

@@ -1,17 +1,17 @@
 """MaPO's reference-mismatch claim (arXiv 2406.06424), tested in the toy world: every objective, from the same
-pretrained base (assets/toy_world), on the same pairs, batches and noise, in two regimes:
+pretrained base (mapo_jax/toy/base), on the same pairs, batches and noise, in two regimes:
 
   mismatch  the pairs prefer filled shapes, which the base draws ~7 % of the time;
   match     the pairs prefer outlined shapes, which the base already draws ~93 % of the time.
 
     python bench/reference_mismatch.py --out bench/reference_mismatch        # about an hour on 2 CPU cores
 
-Protocol (mapo_jax/toy_preference.py runs each training):
+Protocol (mapo_jax/toy/preference.py runs each training):
 1. Learning rate, searched evenly: every objective and regime tries every --lrs value on the tuning seed
    (--tune-seed: its own pairs, batches and noise); the chosen rate has the highest final preferred-style
    rate among those whose caption accuracy stays within --max-caption-drop of the base's (ties: the
    smaller rate); if none does, the rate with the best caption accuracy. Nothing else is searched: each
-   objective keeps its paper's defaults (mapo_jax/objectives.py), SmPO's score scale set for the toy
+   objective keeps its paper's defaults (mapo_jax/training/objectives.py), SmPO's score scale set for the toy
    scores (toy_preference.TOY_HPARAMS).
 2. Evaluation: each objective at its chosen rate on --seeds (pairs, batches and noise differ by seed; every
    objective sees the same ones).
@@ -35,7 +35,9 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mapo_jax import objectives, toy_pretrain, toy_preference  # noqa: E402
+from mapo_jax.training import objectives
+from mapo_jax.toy import demo, pretrain as toy_pretrain
+from mapo_jax.toy import preference as toy_preference
 from mapo_jax.pipelines import load_pipeline  # noqa: E402
 
 REGIMES = {"mismatch": "filled", "match": "outlined"}  # regime -> the preferred style
@@ -118,7 +120,7 @@ def plot(results: dict, chosen: dict, regimes, names, seeds, path: Path) -> None
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", type=Path, required=True)
-  parser.add_argument("--pipeline", type=Path, default=toy_pretrain.ASSETS)
+  parser.add_argument("--pipeline", type=Path, default=demo.BASE)
   parser.add_argument("--objectives", nargs="+", default=sorted(objectives.OBJECTIVES),
                       choices=sorted(objectives.OBJECTIVES))
   parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))

@@ -20,11 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mapo_jax import diffusion, objectives, optim, sharding
+from mapo_jax import diffusion, sharding
+from mapo_jax.training import objectives
+from mapo_jax.training import optim
 from mapo_jax.models import init_unet, presets
 from mapo_jax.models.layers import Options
 from mapo_jax.pipelines import sd
-from mapo_jax.train_step import Frozen, StepConfig, create_sharded_state, jit_train_step, make_train_step
+from mapo_jax.training.train_step import Frozen, StepConfig, create_sharded_state, jit_train_step, make_train_step
 
 CONFIGS = {"sdxl": presets.SDXL_BASE_UNET, "sd15": presets.SD15_UNET, "tiny": presets.BENCH_TINY_UNET}
 SCHEDULE = diffusion.NoiseSchedule.from_config(dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,

@@ -1,12 +1,12 @@
 """The embedded demo: MaPO on the pretrained toy world (docs/toy_world.md). The base, a tiny SDXL-architecture
-pipeline (assets/toy_world), draws the shape and colour its caption names but outlines ~93 % of them; the
+pipeline (mapo_jax/toy/base), draws the shape and colour its caption names but outlines ~93 % of them; the
 512 preference pairs prefer filled shapes. Every 10 steps the toy world's judge reads 90 samples on fixed
 seeds; the run writes WORKDIR/judge/before_after.png and curve.png and prints the numbers. CPU, minutes:
 
     python -m mapo_jax.train --config configs/demo.py --workdir /tmp/mapo_demo
 
 The pipeline copy, the pairs and their encoded cache are created under `demo_assets` on first use
-(mapo_jax/demo.py, deterministic); `--config.demo_assets=DIR` puts them elsewhere.
+(mapo_jax/toy/demo.py, deterministic); `--config.demo_assets=DIR` puts them elsewhere.
 """
 import os
 import tempfile
@@ -43,7 +43,7 @@ def get_config():
   config.checkpoint_every = 20
   config.keep_checkpoints = 2
   config.sample_every = 0  # the judge's grids show the samples
-  config.sample_steps = 20  # the toy base's sampling settings (mapo_jax/toy_pretrain.py)
+  config.sample_steps = 20  # the toy base's sampling settings (mapo_jax/toy/pretrain.py)
   config.sample_guidance = 3.0
   config.judge = "toy_world"
   config.judge_every = 10

@@ -32,10 +32,10 @@ Where ours deviates, and why:
   (`ref_param_dtype`); the launcher runs `--mixed_precision="fp16"` (fp16 weights for the reference).
   bf16 is the TPU-native format and needs no loss scaling.
 - accum_steps 64 over 8 devices (4 pairs per device per micro-batch) instead of 1 pair x 128 on 16 GPUs:
-  the same 2048 pairs per step; per-pair objectives are invariant to the split (mapo_jax/train_step.py).
-- Adafactor from optax parts, as transformers' Adafactor where it maps (mapo_jax/optim.py lists the
+  the same 2048 pairs per step; per-pair objectives are invariant to the split (mapo_jax/training/train_step.py).
+- Adafactor from optax parts, as transformers' Adafactor where it maps (mapo_jax/training/optim.py lists the
   differences: which axes the second moment is factored over for conv kernels and small tensors).
-- The empty prompt is drawn per pair from the step's key (mapo_jax/train_step.py `augment_batch`) instead
+- The empty prompt is drawn per pair from the step's key (mapo_jax/training/train_step.py `augment_batch`) instead
   of Python's `random`, so a resumed run takes the same choices.
 """
 from mapo_jax.config import base_config, use_dpo_recipe

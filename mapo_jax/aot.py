@@ -3,12 +3,12 @@
     python -m mapo_jax.aot --config configs/sdxl_mapo.py --topology v5p-8 [--config.KEY=VALUE ...]
         [--architecture PIPELINE_FOLDER_OR_PRESET] [--max-batch] [--dump_hlo FILE]
 
-The step is the one `mapo_jax.train` runs (mapo_jax/build.py: same state, shardings, objective, optimizer,
+The step is the one `mapo_jax.train` runs (mapo_jax/training/build.py: same state, shardings, objective, optimizer,
 attention kernel), built from abstract models (shapes only): no weights or data are read, only the
 architecture: `--architecture` is a diffusers pipeline folder (its config.json files and scheduler config) or a
 preset of models/presets.py (UNETS); by default config.pipeline, else the config file's name (sdxl_* →
 "sdxl", sd15_* → "sd15"). The reference of DPO/RPO has the model's architecture. `--topology` is a gcloud
-accelerator type (v5p-8, v5litepod-16, v6e-8, v4-32) or a raw topology (v5e:2x2, v5p:2x2x1), mapo_jax/tpu.py.
+accelerator type (v5p-8, v5litepod-16, v6e-8, v4-32) or a raw topology (v5e:2x2, v5p:2x2x1), mapo_jax/training/tpu.py.
 Needs libtpu (`pip install "jax[tpu]"`), not a TPU: XLA's TPU compiler runs on the host.
 
 Prints per chip: parameters, optimizer state and reference (the shards the logical-axis rules give each
@@ -157,10 +157,10 @@ class Report:
 
 def compile_report(built, mesh, slc, config, model: Model, attention: str, global_batch_size: int) -> Report:
   """Compiles the step for a global batch of `global_batch_size` pairs and measures it per chip."""
-  from mapo_jax.build import compile_step
+  from mapo_jax.training.build import compile_step
   batch = model.family.abstract_batch(model.denoiser_config, config.resolution, global_batch_size, mesh,
                                       config.data.rpo_embedding, vae_downsample=model.vae_downsample)
-  from mapo_jax import objectives
+  from mapo_jax.training import objectives
   if objectives.get_objective(config.objective).needs_scores:  # SmPO: the pairs' reward scores
     score = batch["time_ids"].update(shape=(global_batch_size,))
     batch.update(score_w=score, score_l=score)
@@ -283,8 +283,9 @@ def run(config, topology: str, model_name: str | None = None, *, config_file: st
   import jax.numpy as jnp
 
   from mapo_jax import config as config_lib
-  from mapo_jax import sharding, tpu
-  from mapo_jax.build import build, denoiser_param_dtype, model_options, needs_reference_model
+  from mapo_jax import sharding
+  from mapo_jax.training import tpu
+  from mapo_jax.training.build import build, denoiser_param_dtype, model_options, needs_reference_model
 
   check_config(config)
   slc = tpu.parse(topology)

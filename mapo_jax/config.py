@@ -15,7 +15,10 @@ from typing import Any
 
 import ml_collections
 
-from mapo_jax import judging, objectives, optim, sharding
+from mapo_jax import sharding
+from mapo_jax.toy import judging
+from mapo_jax.training import objectives
+from mapo_jax.training import optim
 from mapo_jax.convert.files import EXPORT_DTYPES
 from mapo_jax.models.attention import IMPLEMENTATIONS
 from mapo_jax.models.layers import REMAT_POLICIES
@@ -100,7 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.dtype = "bfloat16"
   config.param_dtype = "float32"
   config.ref_param_dtype = "bfloat16"
-  # LoRA (mapo_jax/lora.py, docs/lora.md): rank 0 = full fine-tune. rank > 0 trains only adapters on the
+  # LoRA (mapo_jax/training/lora.py, docs/lora.md): rank 0 = full fine-tune. rank > 0 trains only adapters on the
   # linear layers `targets` select (PEFT target_modules rule), scaled by alpha / rank; the base stays frozen in
   # `base_dtype`, and DPO/RPO's reference is the base with the adapters switched off (no second UNet).
   # init_from: a diffusers or kohya LoRA file to start from (same targets and rank). alpha 8 is PEFT's
@@ -125,7 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
   )
   config.sample_steps = 25
   config.sample_guidance = 5.0
-  # Judged samples (mapo_jax/judging.py): "" = none, else a judge in judging.JUDGES that reads samples of
+  # Judged samples (mapo_jax/toy/judging.py): "" = none, else a judge in judging.JUDGES that reads samples of
   # judge_prompts (each judge_samples_per_prompt times, fixed seeds, the sample_* settings) at step 0, every
   # judge_every steps (0: only then and at the end) and at the last step.
   config.judge = ""
@@ -140,7 +143,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.max_skipped_fraction = 0.1
   config.max_param_norm_ratio = 10.0
 
-  # Demo only: a folder where `mapo_jax.demo` creates its tiny pipeline, dataset and cache if missing.
+  # Demo only: a folder where `mapo_jax.toy.demo` creates its tiny pipeline, dataset and cache if missing.
   config.demo_assets = ""
   return config
 

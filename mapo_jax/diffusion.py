@@ -1,8 +1,20 @@
-"""DDPM noise schedules, the training-side forward process, and Euler / DDIM samplers.
+"""Noise schedules, the training-side forward process, and samplers: DDPM (Euler / DDIM) and flow matching.
 
-Formulas follow diffusers (DDPMScheduler, EulerDiscreteScheduler, DDIMScheduler, v0.42) and are checked
-against them in tests/test_diffusion.py. Layout is NHWC; timesteps are integer indices into the
+DDPM formulas follow diffusers (DDPMScheduler, EulerDiscreteScheduler, DDIMScheduler, v0.42) and are checked
+against them in tests/test_diffusion.py. Layout is NHWC; DDPM timesteps are integer indices into the
 `num_train_timesteps`-long training schedule.
+
+Flow matching (rectified flow, SD3 / FLUX; Esser et al. 2024, arXiv 2403.03206) follows diffusers'
+FlowMatchEulerDiscreteScheduler (schedulers/scheduling_flow_match_euler_discrete.py: __init__, set_timesteps,
+time_shift, stretch_shift_to_terminal, step), the way FluxPipeline (pipelines/flux/pipeline_flux.py:
+calculate_shift, `sigmas=np.linspace(1, 1/n, n)`, `mu` from the packed latents' token count) and
+StableDiffusion3Pipeline (no sigmas, `mu` only with use_dynamic_shifting) call it, and the training draws of
+examples/dreambooth/train_dreambooth_lora_{flux,sd3}.py with training_utils.py's
+compute_density_for_timestep_sampling / compute_loss_weighting_for_sd3. Checked in tests/test_flow_matching.py.
+x_sigma = (1 - sigma) x0 + sigma noise, sigma in [0, 1]; the model predicts the velocity noise - x0 and is
+called with t = sigma * num_train_timesteps (the pipelines' `timestep`; FLUX's transformer takes t / 1000).
+The host-side tables reproduce diffusers' float32 / float64 arithmetic step by step, so they equal its
+values bit for bit, not just closely.
 
 Sampling runs the whole denoising loop as one `jax.lax.scan` over per-step tables (timesteps, sigmas or
 alphas) computed on the host in numpy from the schedule's static fields, so `sample` can be traced inside
@@ -81,24 +93,113 @@ class NoiseSchedule:
     """float64 alphas_cumprod rebuilt from the static fields, usable while `self` is being traced."""
     return _alphas_cumprod(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule)
 
+  # Family-neutral tags shared with FlowMatchSchedule, so a train step can branch on the schedule alone.
+  @property
+  def kind(self) -> str:
+    return "ddpm"
+
+  @property
+  def is_flow(self) -> bool:
+    return False
+
 
 jax.tree_util.register_dataclass(
     NoiseSchedule, data_fields=["alphas_cumprod"],
     meta_fields=[f.name for f in dataclasses.fields(NoiseSchedule)[1:]])
 
 
-def load_schedule(path: str) -> NoiseSchedule:
+# ------------------------------------------------------------------------------------------------------
+# Flow matching: FlowMatchEulerDiscreteScheduler's configuration.
+# ------------------------------------------------------------------------------------------------------
+_FLOW_CHOICES = {"time_shift_type": ("exponential", "linear")}
+# Sampling variants we do not implement (stochastic_sampling re-noises each step): any truthy value raises.
+_FLOW_UNSUPPORTED = ("stochastic_sampling", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+FLOW_CLASS_NAME = "FlowMatchEulerDiscreteScheduler"
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowMatchSchedule:
+  """FlowMatchEulerDiscreteScheduler's configuration (diffusers' defaults); every field static.
+
+  Frozen and compared / hashed by value, and a pytree with no leaves: passed to a jitted function it is part
+  of the compilation key, like NoiseSchedule's static fields. All tables (training sigmas, sampler steps) are
+  rebuilt on the host from these fields.
+  """
+  num_train_timesteps: int = 1000
+  shift: float = 1.0
+  use_dynamic_shifting: bool = False
+  base_shift: float = 0.5
+  max_shift: float = 1.15
+  base_image_seq_len: int = 256
+  max_image_seq_len: int = 4096
+  invert_sigmas: bool = False
+  shift_terminal: float | None = None
+  time_shift_type: str = "exponential"
+
+  @classmethod
+  def from_config(cls, cfg: dict[str, Any]) -> FlowMatchSchedule:
+    """Builds the schedule from a diffusers scheduler config dict (scheduler_config.json contents).
+
+    Keys of other scheduler classes are ignored; unsupported values of the keys that matter raise
+    ValueError naming the key and value. A missing or null key keeps diffusers' default.
+    """
+    for key in _FLOW_UNSUPPORTED:
+      if cfg.get(key):
+        raise ValueError(f"scheduler config {key}={cfg[key]!r} is not supported")
+    for key, allowed in _FLOW_CHOICES.items():
+      if cfg.get(key) is not None and cfg[key] not in allowed:
+        raise ValueError(f"scheduler config {key}={cfg[key]!r} is not supported; expected one of {allowed}")
+    cast = {int: int, float: float, bool: bool, "int": int, "float": float, "bool": bool}
+    fields = {}
+    for f in dataclasses.fields(cls):
+      if cfg.get(f.name) is None:
+        continue
+      kind = f.type.split(" |")[0] if isinstance(f.type, str) else f.type
+      fields[f.name] = cast.get(kind, lambda v: v)(cfg[f.name])
+    self = cls(**fields)
+    if self.num_train_timesteps < 1:
+      raise ValueError(f"scheduler config num_train_timesteps={self.num_train_timesteps} must be >= 1")
+    return self
+
+  @property
+  def kind(self) -> str:
+    return "flow"
+
+  @property
+  def is_flow(self) -> bool:
+    return True
+
+
+jax.tree_util.register_dataclass(
+    FlowMatchSchedule, data_fields=[], meta_fields=[f.name for f in dataclasses.fields(FlowMatchSchedule)])
+
+Schedule = NoiseSchedule | FlowMatchSchedule
+
+
+def is_flow_config(cfg: dict[str, Any]) -> bool:
+  """A FlowMatchEulerDiscreteScheduler config: named so, or carrying its `shift` / `use_dynamic_shifting`
+  keys (which no DDPM scheduler has)."""
+  return cfg.get("_class_name") == FLOW_CLASS_NAME or "shift" in cfg or "use_dynamic_shifting" in cfg
+
+
+def load_schedule(path: str) -> Schedule:
   """Reads a scheduler_config.json, given as the file, its folder, or a checkpoint root with scheduler/."""
   for candidate in (path, os.path.join(path, "scheduler_config.json"),
                     os.path.join(path, "scheduler", "scheduler_config.json")):
     if os.path.isfile(candidate):
       with open(candidate) as f:
-        return NoiseSchedule.from_config(json.load(f))
+        return as_schedule(json.load(f))
   raise FileNotFoundError(f"no scheduler_config.json at {path}")
 
 
-def as_schedule(schedule: NoiseSchedule | dict[str, Any]) -> NoiseSchedule:
-  return schedule if isinstance(schedule, NoiseSchedule) else NoiseSchedule.from_config(schedule)
+def as_schedule(schedule: Schedule | dict[str, Any]) -> Schedule:
+  """The one entry point from a config dict: a FlowMatchSchedule for flow-matching configs (see
+  `is_flow_config`), else a NoiseSchedule; schedules pass through."""
+  if isinstance(schedule, (NoiseSchedule, FlowMatchSchedule)):
+    return schedule
+  if is_flow_config(schedule):
+    return FlowMatchSchedule.from_config(schedule)
+  return NoiseSchedule.from_config(schedule)
 
 
 @functools.lru_cache(maxsize=16)

@@ -33,7 +33,7 @@ from flax import nnx
 
 from mapo_jax.data.cache import EncodeFn, EncodeSettings, merge_caches, write_cache
 from mapo_jax.data.sources import open_source
-from mapo_jax.objectives import RPO_EMBEDDINGS
+from mapo_jax.training.objectives import RPO_EMBEDDINGS
 from mapo_jax.pipelines import family, load_pipeline
 
 

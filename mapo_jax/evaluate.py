@@ -9,7 +9,7 @@
 export/). Both sample every prompt from the same noise (image i from (--seed, i)), so the images differ by
 the model only and the comparison is paired. --rewards: KIND=PATH items (`mapo_jax.rewards.load_reward`).
 --prompts: a PartiPrompts .tsv, an HPS v2 benchmark style .json or a folder of them, a Pick-a-Pic parquet
-(unique captions) or a .txt, one prompt per line (`mapo_jax.prompts`).
+(unique captions) or a .txt, one prompt per line (`mapo_jax.rewards.prompts`).
 
 For each reward: the mean ± standard error of each model's scores, and the win rate of B over A (the share
 of prompts where B scores higher, a tie counting one half) with a 95 % percentile bootstrap interval over
@@ -29,8 +29,9 @@ from absl import app, logging
 from absl.flags import argparse_flags
 from PIL import Image
 
-from mapo_jax import generate, rewards, sampling, scoring
-from mapo_jax.prompts import FORMATS, read_prompt_set
+from mapo_jax import generate, rewards, sampling
+from mapo_jax.rewards import scoring
+from mapo_jax.rewards.prompts import FORMATS, read_prompt_set
 
 GRID_ROWS = 16
 BOOTSTRAP_SAMPLES = 10_000

@@ -29,10 +29,11 @@ from absl import app, logging
 from absl.flags import argparse_flags
 from flax import nnx
 
-from mapo_jax import lora, pipelines
-from mapo_jax.checkpoint import CHECKPOINTS, EMA, Checkpointer, abstract_like
+from mapo_jax import pipelines
+from mapo_jax.training import lora
+from mapo_jax.run.checkpoint import CHECKPOINTS, EMA, Checkpointer, abstract_like
 from mapo_jax.convert.files import EXPORT_DTYPES
-from mapo_jax.workdir import previous_config, remove_stale_temporaries
+from mapo_jax.run.workdir import previous_config, remove_stale_temporaries
 
 
 def export_denoiser(model: nnx.Module, base: str | os.PathLike, out: str | os.PathLike, *,

@@ -32,7 +32,7 @@ from absl import app, logging
 from absl.flags import argparse_flags
 from PIL import Image
 
-from mapo_jax import lora as lora_lib
+from mapo_jax.training import lora as lora_lib
 from mapo_jax import sampling
 from mapo_jax.pipelines import load_pipeline
 

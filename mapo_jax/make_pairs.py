@@ -4,7 +4,7 @@
         [--pairing best-worst|all|curriculum] [--seed 0] [--steps 50] [--guidance 5] [--height H --width W]
         [--negative-prompt TEXT] [--sampler euler|ddim] [--batch-size 8]
 
---model: as `mapo_jax.generate --model`. --prompts: any prompt set of `mapo_jax.prompts`. Image k of prompt p
+--model: as `mapo_jax.generate --model`. --prompts: any prompt set of `mapo_jax.rewards.prompts`. Image k of prompt p
 (both counted from 0) has its own seed, --seed + p·K + k, and starts from the noise `mapo_jax.generate
 --seed SEED` gives its first image, so `generate --prompt P --seed SEED` (same size, steps, guidance,
 sampler) reproduces it. Sampling runs through `mapo_jax.sampling` over all devices (and processes: then
@@ -41,9 +41,10 @@ from absl import app, logging
 from absl.flags import argparse_flags
 from PIL import Image
 
-from mapo_jax import generate, rewards, sampling, scoring
+from mapo_jax import generate, rewards, sampling
+from mapo_jax.rewards import scoring
 from mapo_jax.pipelines import load_pipeline
-from mapo_jax.prompts import FORMATS, read_prompt_set
+from mapo_jax.rewards.prompts import FORMATS, read_prompt_set
 
 PAIRINGS = ("best-worst", "all", "curriculum")
 SETTINGS = ("model", "prompts", "per_prompt", "reward", "seed", "steps", "guidance", "height", "width",

@@ -35,7 +35,8 @@ import pyarrow.parquet as pq
 from absl import app, logging
 from absl.flags import argparse_flags
 
-from mapo_jax import rewards, scoring
+from mapo_jax import rewards
+from mapo_jax.rewards import scoring
 from mapo_jax.data import sources
 from mapo_jax.data.pairs import BadPair, _winner_is_jpg1, decode_image
 

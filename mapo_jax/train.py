@@ -37,19 +37,23 @@ from PIL import Image
 from tqdm import tqdm
 
 from mapo_jax import config as config_lib
-from mapo_jax import convert, demo, judging, objectives, optim, pipelines, sampling, sharding
-from mapo_jax import workdir as workdir_lib
-from mapo_jax.build import build, compile_step, denoiser_param_dtype, model_options, needs_reference_model
-from mapo_jax.checkpoint import CHECKPOINTS, CheckpointSaveError, Checkpointer, NoGoodCheckpointError, abstract_like
+from mapo_jax import convert, pipelines, sampling, sharding
+from mapo_jax.toy import demo
+from mapo_jax.toy import judging
+from mapo_jax.training import objectives
+from mapo_jax.training import optim
+from mapo_jax.run import workdir as workdir_lib
+from mapo_jax.training.build import build, compile_step, denoiser_param_dtype, model_options, needs_reference_model
+from mapo_jax.run.checkpoint import CHECKPOINTS, CheckpointSaveError, Checkpointer, NoGoodCheckpointError, abstract_like
 from mapo_jax.data import (cached_eval_batch, cached_loader, onthefly_eval_batch, onthefly_loader,
                            open_source, read_manifest)
 from mapo_jax.data.cache import RecordLayout
 from mapo_jax.encode import make_encoder
 from mapo_jax.export import export_denoiser, export_lora
-from mapo_jax.guards import (DivergedError, check_cache_vae, check_exportable, check_skipped,
+from mapo_jax.run.guards import (DivergedError, check_cache_vae, check_exportable, check_skipped,
                              global_norm)
-from mapo_jax.metrics import MetricsWriter
-from mapo_jax.workdir import WorkdirLock
+from mapo_jax.run.metrics import MetricsWriter
+from mapo_jax.run.workdir import WorkdirLock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output folder; an existing one is resumed (required)")

@@ -253,8 +253,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory):
-  """The demo's tiny pipeline, pairs and cache (mapo_jax/demo.py), created once per session."""
-  from mapo_jax import demo
+  """The demo's tiny pipeline, pairs and cache (mapo_jax/toy/demo.py), created once per session."""
+  from mapo_jax.toy import demo
   path = tmp_path_factory.mktemp("demo_assets")
   demo.ensure_assets(path)
   return path

@@ -1,4 +1,4 @@
-"""Ahead-of-time compiles for TPU slices on this CPU host (mapo_jax/aot.py) and the slice table (mapo_jax/tpu.py).
+"""Ahead-of-time compiles for TPU slices on this CPU host (mapo_jax/aot.py) and the slice table (mapo_jax/training/tpu.py).
 
 Two compiles in all (about a minute each): MaPO on a v5e 2x2 slice through the CLI, DPO on a v5p 2x2x1 slice
 through `aot.run`. Both use the micro SDXL-layout UNet at 256 px: its one attention level sits after one
@@ -18,7 +18,8 @@ import pytest
 from conftest import REPO
 from flax import nnx
 
-from mapo_jax import aot, sharding, tpu
+from mapo_jax import aot, sharding
+from mapo_jax.training import tpu
 from mapo_jax.models.presets import MICRO_SDXL_UNET, SD15_UNET, SDXL_BASE_UNET
 from mapo_jax.pipelines import sd
 
@@ -115,7 +116,7 @@ def test_abstract_batch_matches_the_sdxl_and_sd15_caches():
 def test_a_pipeline_folder_gives_its_own_vae_factor(tmp_path):
   """Latents are resolution / 2^(VAE blocks - 1): 8 for the random demo pipeline's four-block VAE, 4 with
   three blocks (the toy world's)."""
-  from mapo_jax import demo
+  from mapo_jax.toy import demo
   from mapo_jax.config import base_config
   mesh = sharding.make_mesh((1, -1, 1), jax.devices()[:4])
   pipeline = tmp_path / "pipeline"

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from mapo_jax import config as config_lib
-from mapo_jax import optim
+from mapo_jax.training import optim
 from mapo_jax.data.loader import holdout_split
-from mapo_jax.train_step import StepConfig, augment_batch, prepare_batch
+from mapo_jax.training.train_step import StepConfig, augment_batch, prepare_batch
 
 PAIRS, STEPS = 8, 200
 EMPTY = {"prompt_embeds": np.full((5, 24), -7.0, np.float32), "pooled_prompt_embeds": np.full((16,), -7.0, np.float32)}
@@ -106,7 +106,7 @@ def test_adafactor_matches_transformers():
 
 
 def test_cache_encoded_by_another_vae_is_refused():
-  from mapo_jax.guards import check_cache_vae
+  from mapo_jax.run.guards import check_cache_vae
   check_cache_vae({}, "/c", "")  # older caches, no `vae`: the pipeline's own
   check_cache_vae({"vae": "/models/fix"}, "/c", "/models/fix/")
   for manifest, vae in (({}, "/models/fix"), ({"vae": "/models/fix"}, ""), ({"vae": "/a"}, "/b")):

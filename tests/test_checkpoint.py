@@ -9,12 +9,13 @@ import numpy as np
 from conftest import REPO
 from flax import nnx
 
-from mapo_jax import optim, sharding
-from mapo_jax.checkpoint import Checkpointer, abstract_like
-from mapo_jax.demo import random_model
+from mapo_jax import sharding
+from mapo_jax.training import optim
+from mapo_jax.run.checkpoint import Checkpointer, abstract_like
+from mapo_jax.toy.demo import random_model
 from mapo_jax.models.presets import MICRO_SDXL_UNET
 from mapo_jax.models.unet import UNet2DConditionModel
-from mapo_jax.train_step import create_sharded_state
+from mapo_jax.training.train_step import create_sharded_state
 
 
 def sharded_state(mesh_shape, seed):
@@ -45,8 +46,8 @@ def test_restore_reshards_onto_another_mesh_and_keeps_int_keys(tmp_path):
 CRASH = textwrap.dedent("""
     import os, sys
     import jax.numpy as jnp
-    from mapo_jax.checkpoint import Checkpointer
-    from mapo_jax.train_step import TrainState
+    from mapo_jax.run.checkpoint import Checkpointer
+    from mapo_jax.training.train_step import TrainState
     def state(value):  # ~200 MB, so the asynchronous write is still running when the process dies
       return TrainState(step=jnp.int32(value), params={"w": [jnp.full((50_000_000,), float(value))]},
                         opt_state=(), rng=jnp.zeros(2, jnp.uint32), skipped=jnp.int32(0))

@@ -7,7 +7,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from mapo_jax import demo, toy_pretrain, toy_world
+from mapo_jax.toy import demo
+from mapo_jax.toy import world as toy_world
 
 
 def digest(path):
@@ -28,7 +29,7 @@ def test_random_pipeline_is_deterministic_and_loads_in_diffusers(tmp_path):
 
 
 def test_demo_assets_are_the_toy_pipeline_and_judged_pairs(demo_assets, tmp_path):
-  shipped = {k: v for k, v in digest(toy_pretrain.ASSETS).items() if "/" in k or k == "model_index.json"}
+  shipped = {k: v for k, v in digest(demo.BASE).items() if "/" in k or k == "model_index.json"}
   assert digest(demo_assets / "pipeline") == shipped
   demo.write_pairs(tmp_path / "again.parquet")
   assert (tmp_path / "again.parquet").read_bytes() == (demo_assets / "pairs.parquet").read_bytes()

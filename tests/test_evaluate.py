@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import make_clip_reward_dir, make_micro_sdxl_pipeline, rel_l2
 from mapo_jax import evaluate
-from mapo_jax.models.reward import load_reward_model, preprocess
+from mapo_jax.rewards.clip import load_reward_model, preprocess
 
 PROMPTS = ["a cat", "the red dog!", "a dog on the red | cat", "red", "dog, dog", "the cat."]  # padded to 8
 

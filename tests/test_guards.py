@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mapo_jax.guards import SKIP_WINDOW, DivergedError, check_exportable, check_skipped
+from mapo_jax.run.guards import SKIP_WINDOW, DivergedError, check_exportable, check_skipped
 
 
 def test_more_than_the_fraction_of_the_last_window_stops():

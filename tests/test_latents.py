@@ -10,11 +10,11 @@ from conftest import TINY_VAE
 from flax import nnx
 
 from mapo_jax import sampling
-from mapo_jax.demo import random_model
+from mapo_jax.toy.demo import random_model
 from mapo_jax.models.vae import AutoencoderKL, save_vae
 from mapo_jax.pipelines import load_pipeline
 from mapo_jax.pipelines.sd import Latents
-from mapo_jax.train_step import training_latents
+from mapo_jax.training.train_step import training_latents
 
 MEAN, STD = [0.5, -0.25, 0.1, 0.3], [2.0, 0.5, 1.5, 0.8]
 

@@ -18,14 +18,15 @@ from test_train_step import LATENTS, SCHEDULE, first_step_errors, global_batch, 
 from test_unet import random_inputs, torch_forward
 
 from mapo_jax import config as config_lib
-from mapo_jax import generate, lora
-from mapo_jax.build import build
-from mapo_jax.checkpoint import Checkpointer, abstract_like
+from mapo_jax import generate
+from mapo_jax.training import lora
+from mapo_jax.training.build import build
+from mapo_jax.run.checkpoint import Checkpointer, abstract_like
 from mapo_jax.models import load_unet
 from mapo_jax.models.presets import MICRO_SDXL_UNET, TINY_SD15_UNET
 from mapo_jax.models.unet import init_unet
 from mapo_jax.pipelines import sd
-from mapo_jax.train_step import draw_noise, per_sample_errors
+from mapo_jax.training.train_step import draw_noise, per_sample_errors
 
 TARGETS = lora.DEFAULT_TARGETS + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 RANK, ALPHA = 4, 2.0  # scale 1/2: a reader that dropped alpha / r would be off by 2x
@@ -228,7 +229,7 @@ def test_config_errors(key, value, message):
 
 
 def test_resume_refuses_a_changed_rank_but_not_a_run_from_before_lora(tmp_path):
-  from mapo_jax import workdir as workdir_lib
+  from mapo_jax.run import workdir as workdir_lib
   config = config_lib.base_config()
   config.pipeline, config.data.cache_dir = "/p", "/c"
   before_lora = json.loads(config.to_json())

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mapo_jax import objectives as obj
+from mapo_jax.training import objectives as obj
 
 LOG2 = math.log(2.0)
 # Jitted once per module: the functions must trace, and compiling whole functions is faster than eager.

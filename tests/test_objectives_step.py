@@ -12,10 +12,12 @@ import pytest
 from conftest import rel_l2
 from flax import nnx
 
-from mapo_jax import diffusion, objectives, optim, sharding
-from mapo_jax.checkpoint import Checkpointer, abstract_like
+from mapo_jax import diffusion, sharding
+from mapo_jax.training import objectives
+from mapo_jax.training import optim
+from mapo_jax.run.checkpoint import Checkpointer, abstract_like
 from mapo_jax.pipelines import sd
-from mapo_jax.train_step import (Frozen, StepConfig, branches, create_sharded_state, draw_noise, jit_train_step,
+from mapo_jax.training.train_step import (Frozen, StepConfig, branches, create_sharded_state, draw_noise, jit_train_step,
                                  make_loss_fn, make_train_step, min_snr_weights, pairs_as_unpaired, per_sample_errors,
                                  per_sample_statistics, predictions)
 

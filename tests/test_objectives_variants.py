@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mapo_jax import objectives as obj
+from mapo_jax.training import objectives as obj
 
 LOG2 = math.log(2.0)
 # float32 inputs with float64 references: a few ulps per operation, amplified by at most beta * |error|

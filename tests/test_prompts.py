@@ -1,11 +1,11 @@
-"""Prompt sets in their published formats (mapo_jax/prompts.py): tiny files written here in each format."""
+"""Prompt sets in their published formats (mapo_jax/rewards/prompts.py): tiny files written here in each format."""
 import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mapo_jax.prompts import PromptSet, read_prompt_set
+from mapo_jax.rewards.prompts import PromptSet, read_prompt_set
 
 
 def test_partiprompts_tsv(tmp_path):

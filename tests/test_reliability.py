@@ -13,10 +13,10 @@ import pytest
 from conftest import REPO, run_trainer
 from test_checkpoint import sharded_state
 
-from mapo_jax import demo
-from mapo_jax.checkpoint import CORRUPT, Checkpointer, NoGoodCheckpointError, abstract_like
-from mapo_jax.metrics import MetricsWriter
-from mapo_jax.workdir import WorkdirBusyError, WorkdirLock, remove_stale_temporaries
+from mapo_jax.toy import demo
+from mapo_jax.run.checkpoint import CORRUPT, Checkpointer, NoGoodCheckpointError, abstract_like
+from mapo_jax.run.metrics import MetricsWriter
+from mapo_jax.run.workdir import WorkdirBusyError, WorkdirLock, remove_stale_temporaries
 
 
 def dead_pid() -> int:
@@ -76,8 +76,8 @@ FULL_DISK = textwrap.dedent("""
     import resource, sys
     import jax
     import jax.numpy as jnp
-    from mapo_jax.checkpoint import CheckpointSaveError, Checkpointer
-    from mapo_jax.train_step import TrainState
+    from mapo_jax.run.checkpoint import CheckpointSaveError, Checkpointer
+    from mapo_jax.training.train_step import TrainState
     def state(value):  # random values: constant arrays would compress to nothing
       w = jax.random.normal(jax.random.key(value), (1_000_000,)).at[-1].set(value)
       return TrainState(step=jnp.int32(value), params={"w": [w]}, opt_state=(), rng=jnp.zeros(2, jnp.uint32),

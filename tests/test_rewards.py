@@ -13,8 +13,8 @@ from PIL import Image
 
 from conftest import make_clip_reward_dir, perturb_
 from mapo_jax import rewards
-from mapo_jax.models import open_clip as oc
-from mapo_jax.models.image_transforms import OPENAI_MEAN, OPENAI_STD
+from mapo_jax.rewards import open_clip as oc
+from mapo_jax.rewards.image_transforms import OPENAI_MEAN, OPENAI_STD
 
 
 PROMPTS = ["a cat", "The RED dog!", "two  dogs &amp; a cat, 3 birds", "café au lait", "", "a dog on a red mat"]
@@ -280,7 +280,7 @@ def image_reward_reference(folder, vision, text, head, prompts, images):
   """ImageReward.score_gard: the [CLS] state of the text encoder cross-attending to all image tokens, through
   the MLP, standardised with ImageReward's mean and std; OpenAI CLIP's preprocess; 35 BERT tokens."""
   from transformers import BertTokenizer
-  from mapo_jax.models.image_reward import SCORE_MEAN, SCORE_STD
+  from mapo_jax.rewards.image_reward import SCORE_MEAN, SCORE_STD
   transform = torchvision_transform(32, OPENAI_MEAN, OPENAI_STD, tensor_first=False)
   pixels = torch.stack([transform(Image.fromarray(i)) for i in images])
   tokens = BertTokenizer(str(folder / "vocab.txt"))(prompts, padding="max_length", truncation=True, max_length=35,

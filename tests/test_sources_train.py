@@ -10,7 +10,8 @@ import pyarrow as pa
 from conftest import REPO, run_trainer
 from PIL import Image
 
-from mapo_jax import demo, toy_world
+from mapo_jax.toy import demo
+from mapo_jax.toy import world as toy_world
 
 
 def drawn(shape, color, seed):

@@ -1,4 +1,4 @@
-"""MaPO changes what the pretrained toy base draws (issue 17): from the shipped base (assets/toy_world, ~5 %
+"""MaPO changes what the pretrained toy base draws (issue 17): from the shipped base (mapo_jax/toy/base, ~5 %
 filled), MaPO on pairs that prefer filled shapes raises the judged filled rate by a margin the seeds make
 significant, and caption accuracy stays within a few points.
 

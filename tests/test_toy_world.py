@@ -1,11 +1,11 @@
-"""The toy world's judge against drawings whose truth is known (mapo_jax/toy_world.py)."""
+"""The toy world's judge against drawings whose truth is known (mapo_jax/toy/world.py)."""
 import io
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from mapo_jax import toy_world as tw
+from mapo_jax.toy import world as tw
 
 ATTRIBUTES = ("shape", "color", "style")
 

@@ -11,7 +11,7 @@ from conftest import REPO, run_trainer
 from PIL import Image
 from safetensors.numpy import load_file
 
-from mapo_jax import judging
+from mapo_jax.toy import judging
 
 UNET_WEIGHTS = "export/unet/diffusion_pytorch_model.safetensors"
 

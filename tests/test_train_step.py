@@ -10,11 +10,13 @@ from conftest import rel_l2
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from mapo_jax import diffusion, objectives, optim, sharding
+from mapo_jax import diffusion, sharding
+from mapo_jax.training import objectives
+from mapo_jax.training import optim
 from mapo_jax.models.presets import MICRO_SDXL_UNET
 from mapo_jax.models.unet import init_unet
 from mapo_jax.pipelines import sd
-from mapo_jax.train_step import (Frozen, StepConfig, create_sharded_state, draw_noise, jit_train_step, make_loss_fn,
+from mapo_jax.training.train_step import (Frozen, StepConfig, create_sharded_state, draw_noise, jit_train_step, make_loss_fn,
                                  make_train_step, per_sample_errors)
 
 SCHEDULE = diffusion.NoiseSchedule.from_config(dict(

@@ -12,7 +12,8 @@ from safetensors.numpy import load_file
 
 from mapo_jax.data import cache, loader, open_source
 from mapo_jax.data.pairs import BadPair
-from mapo_jax.data.unpaired import UnpairedFolderSource, UnpairedJsonlSource, prepare_sample
+from mapo_jax.data.sources import UnpairedFolderSource, UnpairedJsonlSource
+from mapo_jax.data.unpaired import prepare_sample
 
 R = 16  # resolution
 

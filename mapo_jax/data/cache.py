@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from mapo_jax.data import unpaired
 from mapo_jax.data.pairs import Counts, prepare_pair, prepare_rows
-from mapo_jax.data.sources import SCORE_KEYS, Source
+from mapo_jax.data.sources import SCORE_KEYS, Source, UnpairedFolderSource, UnpairedJsonlSource
 
 # Batch format shared with the train step: moments are NHWC [mean, logvar] on the channel axis.
 BATCH_KEYS = ("moments_w", "moments_l", "prompt_embeds", "pooled_prompt_embeds", "time_ids", "rpo_emb")
@@ -81,8 +81,8 @@ SAMPLES = RecordKind(unpaired.prepare_sample, unpaired.encode_samples)
 
 
 def record_kind(source: Source) -> RecordKind:
-  """SAMPLES for the unpaired sources (mapo_jax/data/unpaired.py), else PAIRS."""
-  return SAMPLES if isinstance(source, (unpaired.UnpairedJsonlSource, unpaired.UnpairedFolderSource)) else PAIRS
+  """SAMPLES for the unpaired sources (unpaired labelled samples), else PAIRS."""
+  return SAMPLES if isinstance(source, (UnpairedJsonlSource, UnpairedFolderSource)) else PAIRS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ Problems with the source as a whole (no files, no rows, a missing column) raise 
                               ArrowSource: `datasets.save_to_disk` output or HF cache Arrow files
   a folder with w/ and l/     PreferenceFolderSource: w/NAME.png, l/NAME.png, NAME.txt caption
   FILE.jsonl of {"prompt", "image", "label"}, or a folder with desirable/ and undesirable/
-                              unpaired labelled samples (Diffusion-KTO): mapo_jax/data/unpaired.py
+                              unpaired labelled samples (Diffusion-KTO): UnpairedJsonlSource, UnpairedFolderSource
   anything else               ParquetSource: a .parquet file or a folder of them
 """
 
@@ -94,11 +94,10 @@ def open_source(spec: str, **options: Any) -> Source:
   else:
     path, spec_options = parse_spec(spec)
     p = Path(path)
-    from mapo_jax.data import unpaired  # unpaired sources build on this module's rows
-    if path.endswith(".jsonl") and unpaired.is_unpaired_jsonl(p):
-      kind, allowed = unpaired.UnpairedJsonlSource, ()
-    elif p.is_dir() and unpaired.is_unpaired_folder(p):
-      kind, allowed = unpaired.UnpairedFolderSource, ()
+    if path.endswith(".jsonl") and is_unpaired_jsonl(p):
+      kind, allowed = UnpairedJsonlSource, ()
+    elif p.is_dir() and is_unpaired_folder(p):
+      kind, allowed = UnpairedFolderSource, ()
     elif path.endswith(".jsonl"):
       kind, allowed = JsonlSource, ()
     elif path.endswith(".json"):
@@ -538,3 +537,79 @@ class PreferenceFolderSource:
         yield RawRow(index, where, problem=problem)
         continue
       yield RawRow(index, where, caption, sides["w"][0], sides["l"][0], label_0=1.0, label_1=0.0)
+
+
+# Unpaired labelled samples (Diffusion-KTO; their preparation is mapo_jax/data/unpaired.py).
+UNPAIRED_JSONL_KEYS = ("prompt", "image", "label")
+LABELS = (1, -1)
+FOLDERS = {"desirable": 1.0, "undesirable": -1.0}
+
+
+def is_unpaired_jsonl(path: Path) -> bool:
+  """Whether the first non-blank line of a JSONL file is an unpaired sample (has "image" and "label")."""
+  with path.open("rb") as f:
+    for line in f:
+      if line.strip():
+        try:
+          obj = json.loads(line)
+        except json.JSONDecodeError:
+          return False  # the pair source reports the bad line
+        return isinstance(obj, dict) and "image" in obj and "label" in obj
+  return False
+
+
+def is_unpaired_folder(path: Path) -> bool:
+  return all((path / name).is_dir() for name in FOLDERS)
+
+
+def label_value(value: Any) -> float | None:
+  """An unpaired sample's label as float +1 / -1, or None when it is neither."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in LABELS:
+    return None
+  return float(value)
+
+
+class UnpairedJsonlSource(JsonLines):
+  """{"prompt", "image", "label"} per line (module docstring). Row problems (bad JSON, a missing key, a
+  label other than 1 / -1) travel with the row, as for pairs."""
+
+  def _object_row(self, index: int, where: str, obj: dict, prompt_key: str) -> RawRow:
+    missing = [k for k in (prompt_key, "image", "label") if k not in obj]
+    if missing:
+      return RawRow(index, where, problem=f"missing key(s) {missing}; need {list(UNPAIRED_JSONL_KEYS)}")
+    if not isinstance(obj["image"], str):
+      return RawRow(index, where, problem=f"'image' must be a path string, got {obj['image']!r}")
+    label = label_value(obj["label"])
+    if label is None:
+      return RawRow(index, where, problem=f"'label' must be 1 (desirable) or -1 (undesirable), got {obj['label']!r}")
+    return RawRow(index, where, obj[prompt_key], self._path.parent / obj["image"], label_0=label)
+
+
+class UnpairedFolderSource:
+  """ROOT/desirable/ and ROOT/undesirable/ images with NAME.txt captions beside them (module docstring)."""
+
+  def __init__(self, path: str | Path):
+    self.name = str(path)
+    self._root = Path(path)
+    self._rows = [(folder, f) for folder in FOLDERS
+                  for f in sorted((self._root / folder).iterdir(), key=lambda f: f.name)
+                  if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+    _require_rows(self.name, len(self._rows))
+
+  def __len__(self) -> int:
+    return len(self._rows)
+
+  def read(self, start: int, stop: int) -> Iterator[RawRow]:
+    for index in range(start, stop):
+      folder, image = self._rows[index]
+      where = f"{self._root} {folder}/{image.name}"
+      caption_file = next((image.with_suffix(ext) for ext in CAPTION_EXTENSIONS if image.with_suffix(ext).is_file()),
+                          None)
+      if caption_file is None:
+        yield RawRow(index, where, problem=f"no caption file {image.stem}.txt beside the image")
+        continue
+      caption, problem = read_caption(caption_file)
+      if problem:
+        yield RawRow(index, where, problem=problem)
+        continue
+      yield RawRow(index, where, caption, image, label_0=FOLDERS[folder])

@@ -42,7 +42,7 @@ def _param(rngs: nnx.Rngs, init, shape, param_dtype, axes) -> nnx.Param:
 class Linear(nnx.Module):
   """y = x @ kernel + bias, kernel (in, out). `axes` names the (in, out) logical axes.
 
-  `lora`: an optional low-rank adapter (mapo_jax/lora.py) whose output is added; None unless attached.
+  `lora`: an optional low-rank adapter (mapo_jax/training/lora.py) whose output is added; None unless attached.
   """
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
@@ -136,6 +136,25 @@ class LayerNorm(nnx.Module):
     return y.astype(self.dtype)
 
 
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm over the last axis with float32 statistics: x / sqrt(mean(x²) + eps) · scale
+  (diffusers' `RMSNorm`, transformers' `T5LayerNorm`: no mean subtraction, no bias). Without
+  `use_scale`, no parameter (diffusers' elementwise_affine=False)."""
+
+  def __init__(self, num_features: int, *, eps: float = 1e-6, use_scale: bool = True,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    self.scale = (_param(rngs, jax.nn.initializers.ones, (num_features,), param_dtype, ("norm",))
+                  if use_scale else None)
+    self.eps, self.dtype = eps, dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps)
+    if self.scale is not None:
+      y = y * self.scale[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
 class Embed(nnx.Module):
   """Lookup table (num_embeddings, features)."""
 
@@ -182,10 +201,16 @@ class Options:
 
 
 def remat_call(module: nnx.Module, policy: str, *args):
-  """Calls `module(*args)`, rematerialising its activations in the backward pass per `policy`."""
+  """Calls `module(*args)`, rematerialising its activations in the backward pass per `policy`.
+
+  `jax.checkpoint` of a pure function of the module's state (split here, merged inside), not `nnx.remat`:
+  nnx.remat updates the module's variables in place, which fails when the module was merged at an outer
+  trace level and is called inside `jax.lax.scan` (the sampling loop). The module must not be mutated by
+  its call. Without a gradient, checkpointing changes nothing: sampling a remat model costs the same."""
   if policy == "none":
     return module(*args)
-  return nnx.remat(lambda m, *a: m(*a), policy=REMAT_POLICIES[policy])(module, *args)
+  graphdef, state = nnx.split(module)
+  return jax.checkpoint(lambda s, *a: nnx.merge(graphdef, s)(*a), policy=REMAT_POLICIES[policy])(state, *args)
 
 
 class Downsample2D(nnx.Module):

@@ -1,12 +1,12 @@
-"""Pretrains the toy world's pipeline (mapo_jax/toy_world.py), deterministically, on CPU:
+"""Pretrains the toy world's pipeline (mapo_jax/toy/world.py), deterministically, on CPU:
 
-    python -m mapo_jax.toy_pretrain --out assets/toy_world
+    python -m mapo_jax.toy.pretrain --out mapo_jax/toy/base
 
 1. a tiny VAE (/4: 32 px images, 8 x 8 x 4 latents) trained to reconstruct the world's drawings, its
    scaling_factor set to 1 / std of its latents;
-2. the demo's two CLIP text towers, random and frozen (mapo_jax/demo.py);
+2. the demo's two CLIP text towers, random and frozen (mapo_jax/toy/demo.py);
 3. a tiny SDXL-architecture UNet (the demo's MICRO layout) trained with the trainer's own step
-   (mapo_jax/train_step.py, objective "sft": the denoising loss) on a deliberately biased world where
+   (mapo_jax/training/train_step.py, objective "sft": the denoising loss) on a deliberately biased world where
    ~10 % of the shapes are filled and the rest outlined, with 10 % empty prompts so that classifier-free
    guidance works.
 The folder is a diffusers SDXL pipeline in fp16 (`StableDiffusionXLPipeline.from_pretrained` loads it), with
@@ -32,8 +32,9 @@ import optax
 from flax import nnx
 from PIL import Image
 
-from mapo_jax import toy_world, train_step
-from mapo_jax.demo import random_model, write_pipeline
+from mapo_jax.toy import world as toy_world
+from mapo_jax.training import train_step
+from mapo_jax.toy.demo import random_model, write_pipeline
 from mapo_jax.models import AutoencoderKL, save_unet
 from mapo_jax.models.presets import MICRO_SDXL_UNET
 from mapo_jax.models.unet import UNet2DConditionModel
@@ -41,7 +42,6 @@ from mapo_jax.pipelines import empty_prompt_rows, load_pipeline, sd
 from mapo_jax.pipelines.sd import FROZEN
 from mapo_jax.sampling import generate_images, make_grid
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets" / "toy_world"  # where the built pipeline ships
 SIZE = 32  # px: small enough to pretrain on 2 CPU cores; the judge reads 32 px drawings (tests/test_toy_world.py)
 VAE = dict(  # three blocks: /4, 8 x 8 x 4 latents
     in_channels=3, out_channels=3, block_out_channels=[16, 32, 32], down_block_types=["DownEncoderBlock2D"] * 3,
@@ -54,7 +54,7 @@ FILLED_RATE = 0.1  # the base is biased: filled shapes are rare, outlined ones c
 EMPTY_PROMPT_PROB = 0.1  # so that classifier-free guidance has an unconditional model to push from
 # The sampling settings the checks use; configs/demo.py judges its samples with the same (sample_steps, sample_guidance).
 SAMPLE_STEPS, GUIDANCE = 20, 3.0
-VAE_STEPS, UNET_STEPS, BATCH = 1000, 5000, 32  # the shipped assets/toy_world
+VAE_STEPS, UNET_STEPS, BATCH = 1000, 5000, 32  # the shipped mapo_jax/toy/base
 EMA_DECAY = 0.999
 
 
@@ -146,7 +146,7 @@ def with_scaling_factor(vae: AutoencoderKL, scaling_factor: float) -> Autoencode
 
 def train_unet(pipe, steps: int, batch: int, seed: int = 0, lr: float = 2e-3, num_images: int = 8192,
                log=print) -> UNet2DConditionModel:
-  """SFT (the denoising loss) with the trainer's own step (mapo_jax/train_step.py) on `num_images` biased
+  """SFT (the denoising loss) with the trainer's own step (mapo_jax/training/train_step.py) on `num_images` biased
   world drawings (FILLED_RATE filled), encoded once by `pipe`'s VAE and text towers; a caption is swapped
   for the empty prompt with probability EMPTY_PROMPT_PROB, as config.data.empty_prompt_prob does.
   Returns the exponential moving average of the parameters (decay min(EMA_DECAY, (1 + i) / (10 + i)) at

@@ -18,7 +18,7 @@ from flax import nnx
 from mapo_jax import convert
 from mapo_jax.convert import torch_pickle
 from mapo_jax.models.layers import Dropout, Linear, Options
-from mapo_jax.models.reward import CLIPModel, load_clip_model
+from mapo_jax.rewards.clip import CLIPModel, load_clip_model
 
 HIDDEN = (1024, 128, 64, 16)
 HEAD_KEYS = tuple(f"layers.{i}.{leaf}" for i in (0, 2, 4, 6, 7) for leaf in ("weight", "bias"))

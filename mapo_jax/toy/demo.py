@@ -1,8 +1,8 @@
 """The embedded demo's assets, created locally and deterministically, without PyTorch or diffusers:
 
-  pipeline/      the pretrained toy-world pipeline (assets/toy_world, mapo_jax/toy_pretrain.py: a tiny
+  pipeline/      the pretrained toy-world pipeline (mapo_jax/toy/base, mapo_jax/toy/pretrain.py: a tiny
                  SDXL-architecture UNet, a /4 VAE, frozen random CLIP towers; 32 px), copied;
-  pairs.parquet  toy-world preference pairs (mapo_jax/toy_world.py) in Pick-a-Pic's columns: the preferred
+  pairs.parquet  toy-world preference pairs (mapo_jax/toy/world.py) in Pick-a-Pic's columns: the preferred
                  image shows the captioned shape and colour filled, the other the same shape outlined or a
                  wrong shape or colour; the base draws ~7 % filled shapes;
   cache/         the pairs encoded by the pipeline's VAE and text towers (`mapo_jax.encode`'s format);
@@ -32,16 +32,17 @@ import pyarrow.parquet as pq
 from flax import nnx
 from PIL import Image
 
-from mapo_jax import toy_world
+from mapo_jax.toy import world as toy_world
 from mapo_jax.data.cache import EncodeSettings, read_manifest, write_cache
 from mapo_jax.data.sources import ParquetSource, open_source
 from mapo_jax.encode import make_encoder
 from mapo_jax.models import AutoencoderKL, CLIPTextModel, save_text_encoder, save_unet, save_vae
 from mapo_jax.pipelines import family, load_pipeline
-from mapo_jax.workdir import remove_stale_temporaries
+from mapo_jax.run.workdir import remove_stale_temporaries
 from mapo_jax.models.presets import MICRO_SDXL_UNET
 from mapo_jax.models.unet import UNet2DConditionModel
 
+BASE = Path(__file__).resolve().parent / "base"  # the pretrained toy base that ships (mapo_jax/toy/pretrain.py builds it)
 RESOLUTION = 64  # the random pipeline's
 NUM_PAIRS = 512
 # The UNet's cross_attention_dim (24) = tower 1 width (8) + tower 2 width (16); the pooled embedding (16)
@@ -109,7 +110,7 @@ def write_pipeline(out: Path, seed: int = 0, *, unet: UNet2DConditionModel | Non
                    vae: AutoencoderKL | None = None, dtype: str | None = None,
                    force_zeros_for_empty_prompt: bool = True) -> None:
   """Random weights, saved with our own writers; `unet` and `vae`, when given, are saved instead of random
-  ones (the pretrained toy world, mapo_jax/toy_pretrain.py). `dtype`: the saved weights' dtype ("fp16")."""
+  ones (the pretrained toy world, mapo_jax/toy/pretrain.py). `dtype`: the saved weights' dtype ("fp16")."""
   if unet is None:
     unet = random_model(lambda: UNet2DConditionModel(UNET, rngs=nnx.Rngs(0)), seed)
   if vae is None:
@@ -172,8 +173,7 @@ def write_unpaired(out: Path, num_samples: int = 2 * NUM_PAIRS, seed: int = 1) -
 
 
 def copy_toy_pipeline(out: Path) -> None:
-  from mapo_jax.toy_pretrain import ASSETS  # here: toy_pretrain itself imports this module
-  shutil.copytree(ASSETS, out, ignore=shutil.ignore_patterns("samples.png", "metrics.json", "README.md"))
+  shutil.copytree(BASE, out, ignore=shutil.ignore_patterns("samples.png", "metrics.json", "README.md"))
 
 
 def _build(final: Path, write) -> None:

@@ -33,7 +33,7 @@ from absl import logging
 from flax import serialization
 
 from mapo_jax import sharding
-from mapo_jax.train_step import TrainState
+from mapo_jax.training.train_step import TrainState
 
 CHECKPOINTS = "checkpoints"  # the trainer's checkpoint folder inside its workdir
 CORRUPT = "corrupt"  # where checkpoints that fail to restore are moved, inside CHECKPOINTS

@@ -32,7 +32,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from mapo_jax import diffusion, lora, objectives, sharding
+from mapo_jax import diffusion, sharding
+from mapo_jax.training import lora
+from mapo_jax.training import objectives
 
 Params = Any
 Batch = dict[str, jax.Array]

@@ -14,9 +14,12 @@ import numpy as np
 import ml_collections
 from flax import nnx
 
-from mapo_jax import lora, objectives, optim, sharding
+from mapo_jax import sharding
+from mapo_jax.training import lora
+from mapo_jax.training import objectives
+from mapo_jax.training import optim
 from mapo_jax.models.attention import default_implementation, mesh_platform
-from mapo_jax.train_step import (Frozen, StepConfig, create_sharded_state, jit_eval_step, jit_train_step, make_eval_step,
+from mapo_jax.training.train_step import (Frozen, StepConfig, create_sharded_state, jit_eval_step, jit_train_step, make_eval_step,
                                  make_train_step)
 
 

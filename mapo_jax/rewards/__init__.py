@@ -127,7 +127,7 @@ def _folder(kind: str, path: str | os.PathLike, what: str) -> Path:
 
 
 def _load_clip_folder(kind: str, path, **options) -> Scorer:
-  from mapo_jax.models.reward import load_reward_model, preprocess
+  from mapo_jax.rewards.clip import load_reward_model, preprocess
   folder = _folder(kind, path, "a transformers CLIPModel folder")
   reward = load_reward_model(folder)
   length = reward.model.text_cfg.max_position_embeddings
@@ -143,8 +143,8 @@ HPS_CONFIG_FILE = "open_clip_config.json"
 def _load_hps(path, **options) -> Scorer:
   """HPS v2 / v2.1: the state-dict file; an open_clip_config.json beside it (open_clip's hub format,
   {"model_cfg": ..., "preprocess_cfg": {"mean", "std"}}) overrides the ViT-H-14 architecture."""
-  from mapo_jax.models import open_clip
-  from mapo_jax.models.image_transforms import OPENAI_MEAN, OPENAI_STD, clip_eval_transform
+  from mapo_jax.rewards import open_clip
+  from mapo_jax.rewards.image_transforms import OPENAI_MEAN, OPENAI_STD, clip_eval_transform
   path = Path(path)
   if not path.is_file():
     raise ValueError(f"hps: {path} is not a file; expected the HPS v2 checkpoint (HPS_v2.1_compressed.pt, "
@@ -175,8 +175,8 @@ def _aesthetic_files(path: Path) -> tuple[Path, Path]:
 
 
 def _load_aesthetic(path, **options) -> Scorer:
-  from mapo_jax.models.aesthetic import load_aesthetic, read_head
-  from mapo_jax.models.image_transforms import OPENAI_MEAN, OPENAI_STD, clip_eval_transform
+  from mapo_jax.rewards.aesthetic import load_aesthetic, read_head
+  from mapo_jax.rewards.image_transforms import OPENAI_MEAN, OPENAI_STD, clip_eval_transform
   head, folder = _aesthetic_files(Path(path))
   read_head(head)  # a checkpoint of another kind is named as such before its folder is looked at
   _folder("aesthetic", folder, "the head file inside a transformers CLIP ViT-L/14 folder")
@@ -202,8 +202,8 @@ def _load_image_reward(path, **options) -> Scorer:
   """ImageReward: the checkpoint file (ImageReward.pt, or a .safetensors copy), or the folder holding
   ImageReward.pt; beside it med_config.json and bert-base-uncased's vocab.txt."""
   from transformers import BertTokenizer
-  from mapo_jax.models import image_reward
-  from mapo_jax.models.image_transforms import clip_eval_transform
+  from mapo_jax.rewards import image_reward
+  from mapo_jax.rewards.image_transforms import clip_eval_transform
   path = Path(path)
   file = path / IMAGE_REWARD_FILE if path.is_dir() else path
   if not file.is_file():

@@ -31,7 +31,7 @@ from flax import nnx
 
 from mapo_jax import convert
 from mapo_jax.convert import torch_pickle
-from mapo_jax.models.aesthetic import AestheticHead
+from mapo_jax.rewards.aesthetic import AestheticHead
 from mapo_jax.models.clip import ACTIVATIONS
 from mapo_jax.models.layers import Embed, LayerNorm, Linear, Options
 

@@ -1,8 +1,8 @@
-"""Preference training in the toy world (mapo_jax/toy_world.py) from the pretrained, biased base
-(assets/toy_world/, mapo_jax/toy_pretrain.py), with the trainer's own step (mapo_jax/train_step.py), fast
+"""Preference training in the toy world (mapo_jax/toy/world.py) from the pretrained, biased base
+(mapo_jax/toy/base/, mapo_jax/toy/pretrain.py), with the trainer's own step (mapo_jax/training/train_step.py), fast
 enough to run every objective many times (bench/reference_mismatch.py, tests/test_toy_preference.py):
 
-    aligner = Aligner(load_pipeline(toy_pretrain.ASSETS))
+    aligner = Aligner(load_pipeline(demo.BASE))
     run = aligner.run("mapo", preferred="filled", lr=1e-4, steps=100, seed=0)
     run.curve    # [{"step", "caption_accuracy", "filled_rate", "outlined_rate"}, ...] on fixed sampling seeds
 
@@ -25,8 +25,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mapo_jax import objectives, toy_world, train_step
-from mapo_jax import toy_pretrain as tp
+from mapo_jax.training import objectives
+from mapo_jax.toy import world as toy_world
+from mapo_jax.training import train_step
+from mapo_jax.toy import pretrain as tp
 from mapo_jax.pipelines import empty_prompt_rows, sd
 
 NUM_PAIRS = 2048

@@ -37,7 +37,7 @@ from mapo_jax import convert
 from mapo_jax.convert import torch_pickle
 from mapo_jax.models.clip import ACTIVATIONS
 from mapo_jax.models.layers import Embed, LayerNorm, Linear, Options
-from mapo_jax.models.reward import LogitScale
+from mapo_jax.rewards.clip import LogitScale
 
 VIT_H_14: dict[str, Any] = {
     "embed_dim": 1024,

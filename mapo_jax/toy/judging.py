@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mapo_jax import toy_world
+from mapo_jax.toy import world as toy_world
 from mapo_jax.sampling import make_grid
 
 # (uint8 images (N, H, W, 3), the N prompts they were sampled for) -> {name: number}
@@ -30,7 +30,7 @@ GAP = 8  # px of white between the two grids of before_after.png
 
 class JudgeLog:
   """WORKDIR/judge/: records and grids; on resume, drops the records of steps after `first_step` (they run
-  again), as mapo_jax.metrics does. A no-op unless `enabled` (process 0)."""
+  again), as mapo_jax.run.metrics does. A no-op unless `enabled` (process 0)."""
 
   def __init__(self, workdir: Path, *, first_step: int, enabled: bool):
     self.folder, self.enabled = workdir / "judge", enabled

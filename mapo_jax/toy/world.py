@@ -15,7 +15,7 @@ reads, with the pieces' convex hull (all three shapes are convex, and a hull doe
   - shape: the hull's area over its bounding box (square ≈ 1, circle ≈ π/4, upright triangle ≈ 1/2).
 Thresholds sit halfway between the ideal values, so blur and JPEG noise move no drawing across them.
 Drawings scale with `size` (shape extent and outline width); the judge is tested at 64 and 32 px, the size
-of the pretrained toy pipeline (mapo_jax/toy_pretrain.py).
+of the pretrained toy pipeline (mapo_jax/toy/pretrain.py).
 """
 from __future__ import annotations
 

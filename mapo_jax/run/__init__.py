@@ -1,0 +1,1 @@
+"""A run's housekeeping: checkpoints, the workdir (lock, configs), divergence guards and metrics."""
