@@ -26,7 +26,8 @@ from mapo_jax.training import optim
 from mapo_jax.models import init_unet, presets
 from mapo_jax.models.layers import Options
 from mapo_jax.pipelines import sd
-from mapo_jax.training.train_step import Frozen, StepConfig, create_sharded_state, jit_train_step, make_train_step
+from mapo_jax.training.train_step import (Frozen, StepConfig, create_sharded_state, jit_train_step, make_train_step,
+                                          step_compiler_options)
 
 CONFIGS = {"sdxl": presets.SDXL_BASE_UNET, "sd15": presets.SD15_UNET, "tiny": presets.BENCH_TINY_UNET}
 SCHEDULE = diffusion.NoiseSchedule.from_config(dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -74,9 +75,10 @@ def run_jax(a):
     ref, ref_sh = sharding.place(ref_unet, mesh)
   frozen, frozen_sh = Frozen(policy=frozen, reference=ref), Frozen(policy=frozen_sh, reference=ref_sh)
   cfg = StepConfig(objective=a.objective, hparams=objective.hparams(num_timesteps=SCHEDULE.num_train_timesteps),
-                   latents=sd.Latents(scale=0.13025), accum_steps=a.accum)
+                   latents=sd.Latents(scale=0.13025), accum_steps=a.accum,
+                   reference_param_dtype="bfloat16" if objective.needs_reference else None)
   step = jit_train_step(make_train_step(sd.denoise, graphdef, ref_graphdef, tx, SCHEDULE, cfg, mesh),
-                        state_sh, mesh, frozen_sh)
+                        state_sh, mesh, frozen_sh, step_compiler_options(cfg, mesh))
   batch = sharding.global_batch(random_batch(unet_cfg, a.batch, a.res), mesh)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, frozen).compile()

@@ -2,6 +2,8 @@
 # Train on several GPU nodes under SLURM: one process per node, each driving its node's GPUs.
 #   sbatch --nodes=4 launch/slurm_multi_node.sh CONFIG WORKDIR [extra train flags...]
 # WORKDIR and the config's paths must be on a filesystem every node sees.
+# A worker that dies makes the others exit within --config.peer_timeout_s (default 100 s) naming it;
+# rerun this script to resume from the last complete checkpoint (README, "What a pod does when it fails").
 #SBATCH --job-name=mapo_jax
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8

@@ -3,6 +3,8 @@
 #   bash launch/tpu_pod.sh TPU_NAME ZONE CONFIG WORKDIR [extra train flags...]
 # WORKDIR and the config's pipeline/data paths must be on a filesystem every worker mounts (NFS,
 # Filestore, a gcsfuse mount); paths are local paths. The repository is copied to each worker first.
+# A worker that dies makes the others exit within --config.peer_timeout_s (default 100 s) naming it;
+# rerun this script to resume from the last complete checkpoint (README, "What a pod does when it fails").
 set -euo pipefail
 TPU_NAME=$1 ZONE=$2 CONFIG=$3 WORKDIR=$4
 shift 4

@@ -41,7 +41,8 @@ _DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "write the compiled step's HLO
 DASHED_FLAGS = ("max-batch", "dump-hlo")
 
 FITS, DOES_NOT_FIT, ERROR = 0, 1, 2
-PREFIX_PRESETS = {"sdxl": "sdxl", "sd15": "sd15"}  # config file name prefix → preset
+# config file name prefix → preset
+PREFIX_PRESETS = {"sdxl": "sdxl", "sd15": "sd15", "flux": "flux1_dev", "sd35": "sd35_medium"}
 
 
 @dataclasses.dataclass
@@ -58,28 +59,29 @@ class Model:
 def resolve_model(name: str | None, config, config_file: str | None) -> Model:
   from mapo_jax import diffusion, pipelines
   from mapo_jax.convert import model_folder, read_config
-  from mapo_jax.models import presets
-  from mapo_jax.pipelines import sd
   source = "--architecture"
   if not name and config.pipeline:
     name, source = config.pipeline, "config.pipeline"
   if not name and config_file:
     prefix = Path(config_file).name.split("_")[0]
     name, source = PREFIX_PRESETS.get(prefix), f"the config file name ({Path(config_file).name})"
+  presets = {preset: family for family in pipelines.FAMILIES for preset in family.PRESETS}
   if not name:
-    raise ValueError(f"which architecture? pass --architecture PIPELINE_FOLDER or a preset ({', '.join(presets.UNETS)})")
-  if name in presets.UNETS:
-    unet = dict(presets.UNETS[name])
-    return Model(name, sd, unet, sd.preset_latents(unet), diffusion.NoiseSchedule.from_config(sd.SCHEDULER_CONFIG))
+    raise ValueError(f"which architecture? pass --architecture PIPELINE_FOLDER or a preset ({', '.join(presets)})")
+  if name in presets:
+    family = presets[name]
+    denoiser = dict(family.PRESETS[name])
+    return Model(name, family, denoiser, family.preset_latents(denoiser),
+                 diffusion.as_schedule(family.SCHEDULER_CONFIG))
   path = Path(name)
   if not path.is_dir():
-    raise ValueError(f"{source}={name!r} is neither a folder nor a preset ({', '.join(presets.UNETS)}); "
+    raise ValueError(f"{source}={name!r} is neither a folder nor a preset ({', '.join(presets)}); "
                      "pass --architecture")
   family = pipelines.family(path)
   scheduler = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
   vae = read_config(path / "vae")
   return Model(str(path), family, read_config(model_folder(path, family.DENOISER)),
-               family.Latents.from_vae_config(vae), diffusion.NoiseSchedule.from_config(scheduler),
+               family.Latents.from_vae_config(vae), diffusion.as_schedule(scheduler),
                vae_downsample=2 ** (len(vae["block_out_channels"]) - 1))
 
 
@@ -155,19 +157,15 @@ class Report:
     return json.dumps({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "compiled"})
 
 
-def compile_report(built, mesh, slc, config, model: Model, attention: str, global_batch_size: int) -> Report:
+def compile_report(target: Target, config, global_batch_size: int) -> Report:
   """Compiles the step for a global batch of `global_batch_size` pairs and measures it per chip."""
   from mapo_jax.training.build import compile_step
-  batch = model.family.abstract_batch(model.denoiser_config, config.resolution, global_batch_size, mesh,
-                                      config.data.rpo_embedding, vae_downsample=model.vae_downsample)
-  from mapo_jax.training import objectives
-  if objectives.get_objective(config.objective).needs_scores:  # SmPO: the pairs' reward scores
-    score = batch["time_ids"].update(shape=(global_batch_size,))
-    batch.update(score_w=score, score_l=score)
+  built, mesh, slc, model = target.built, target.mesh, target.slc, target.model
+  batch = abstract_batch(target, config, global_batch_size)
   data, fsdp = mesh.shape["data"], mesh.shape["fsdp"]
   report = Report(
       topology=slc.topology, chips=slc.chips, hosts=slc.hosts, mesh=dict(mesh.shape), model=model.name,
-      objective=config.objective, attention=attention, resolution=config.resolution,
+      objective=config.objective, attention=target.attention, resolution=config.resolution,
       global_batch_size=global_batch_size, accum_steps=config.accum_steps,
       micro_pairs_per_chip=global_batch_size / config.accum_steps / (data * fsdp), hbm_bytes=slc.hbm_bytes,
       params_bytes=shard_bytes(built.state.params) + shard_bytes(built.frozen.policy),
@@ -274,10 +272,19 @@ def search_max_batch(probe, unit: int, limit: int = 1 << 14):
   return best, failed
 
 
-def run(config, topology: str, model_name: str | None = None, *, config_file: str | None = None,
-        max_batch: bool = False, log=print) -> Report:
-  """Builds the config's step from abstract models on `topology`'s devices and compiles it (with
-  `max_batch`: the largest fitting batch; its report, or the smallest probe's when none fits)."""
+@dataclasses.dataclass
+class Target:
+  """A config's step built from abstract models on a slice's devices, ready to lower and compile."""
+  built: Any
+  mesh: Any
+  slc: Any
+  model: Model
+  attention: str
+
+
+def build_target(config, topology: str, model_name: str | None = None, *, config_file: str | None = None) -> Target:
+  """The config's train step (mapo_jax/training/build.py: state, shardings, objective, optimizer, LoRA,
+  attention kernel) from abstract models on `topology`'s devices; nothing is read but config files."""
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # the topology's libtpu beside any other
   import jax
   import jax.numpy as jnp
@@ -291,8 +298,7 @@ def run(config, topology: str, model_name: str | None = None, *, config_file: st
   slc = tpu.parse(topology)
   model = resolve_model(model_name, config, config_file)
   config_lib.validate_for_devices(config, slc.chips, slc.hosts)
-  devices = slc.devices()
-  mesh = sharding.make_mesh(config.mesh, devices)
+  mesh = sharding.make_mesh(config.mesh, slc.devices())
   options = model_options(config, mesh)
   family = model.family
   abstract = family.abstract_denoiser(model.denoiser_config, param_dtype=denoiser_param_dtype(config), **options)
@@ -306,8 +312,30 @@ def run(config, topology: str, model_name: str | None = None, *, config_file: st
                                 vae_downsample=model.vae_downsample)
     empty_prompt = {k: jax.ShapeDtypeStruct(one[k].shape[1:], one[k].dtype) for k in family.PROMPT_KEYS}
   built = build(config, family, abstract, reference, model.schedule, model.latents, mesh, empty_prompt)
-  attention = options["attention"]
-  probe = lambda size: compile_report(built, mesh, slc, config, model, attention, size)
+  return Target(built, mesh, slc, model, options["attention"])
+
+
+def abstract_batch(target: Target, config, global_batch_size: int) -> dict:
+  """A training batch of `global_batch_size` pairs as sharded ShapeDtypeStructs, with the keys the objective
+  reads (SmPO: the pairs' reward scores)."""
+  from mapo_jax.training import objectives
+  model = target.model
+  batch = model.family.abstract_batch(model.denoiser_config, config.resolution, global_batch_size, target.mesh,
+                                      config.data.rpo_embedding, vae_downsample=model.vae_downsample)
+  if objectives.get_objective(config.objective).needs_scores:
+    score = batch["time_ids"].update(shape=(global_batch_size,))
+    batch.update(score_w=score, score_l=score)
+  return batch
+
+
+def run(config, topology: str, model_name: str | None = None, *, config_file: str | None = None,
+        max_batch: bool = False, log=print) -> Report:
+  """Builds the config's step from abstract models on `topology`'s devices and compiles it (with
+  `max_batch`: the largest fitting batch; its report, or the smallest probe's when none fits)."""
+  from mapo_jax import config as config_lib
+  target = build_target(config, topology, model_name, config_file=config_file)
+  slc = target.slc
+  probe = lambda size: compile_report(target, config, size)
   if not max_batch:
     return probe(config.global_batch_size)
 
@@ -321,6 +349,7 @@ def run(config, topology: str, model_name: str | None = None, *, config_file: st
     verdict = ("fits" if r.fits else "error" if status(r) == ERROR else "does not fit")
     log(f"probe: global_batch_size={size}: {verdict}, peak {gib(r.peak_bytes).strip()} of "
         f"{gib(r.hbm_bytes).strip()}, {r.compile_seconds:.0f} s")
+    log(r.json())  # each probe's row as it finishes: a search cut short keeps what it measured
     return r
 
   best, failed = search_max_batch(logged, unit)

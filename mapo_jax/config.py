@@ -9,19 +9,22 @@ GPU x 2 accumulation steps on 8 GPUs = 128 pairs per optimizer step (`global_bat
 from __future__ import annotations
 
 import difflib
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 
-from mapo_jax import sharding
+from mapo_jax import diffusion, sharding
 from mapo_jax.toy import judging
 from mapo_jax.training import objectives
 from mapo_jax.training import optim
 from mapo_jax.convert.files import EXPORT_DTYPES
 from mapo_jax.models.attention import IMPLEMENTATIONS
 from mapo_jax.models.layers import REMAT_POLICIES
+from mapo_jax.run.metrics import WANDB_MODES
 
 DATA_MODES = ("cached", "onthefly")
 TIME_IDS = ("original", "fixed")
@@ -70,7 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.resolution = 1024
 
   # Objective: `objective` picks one; its hyper-parameters live in the block of the same name, with the
-  # defaults that objectives.OBJECTIVES gives them.
+  # defaults that objectives.OBJECTIVES gives them. DSPO has one beta per form, as its launchers set them:
+  # `dspo.form` picks which of `dspo.beta_sd15` (0.001) and `dspo.beta_sdxl` (5000) applies.
   config.objective = "mapo"
   for name, objective in objectives.OBJECTIVES.items():
     if objective.defaults:
@@ -85,6 +89,18 @@ def base_config() -> ml_collections.ConfigDict:
   # ema <- decay * ema + (1 - decay) * params, checkpointed (`export --ema` writes it); < 0 = no EMA.
   config.min_snr_gamma = 0.0
   config.ema_decay = -1.0
+  # Flow matching (FLUX.1, SD3 / SD3.5: a FlowMatchEulerDiscreteScheduler pipeline; docs/objectives.md "Flow
+  # matching"). weighting_scheme: diffusers' `--weighting_scheme`, which drives both the density of the training
+  # sigmas and the per-sample loss weights: "logit_normal" (sigma looked up at u = sigmoid(N(logit_mean,
+  # logit_std^2))) and "mode" (SD3's mode density, mode_scale) weigh 1; "sigma_sqrt" (sigma^-2) and "cosmap"
+  # (2 / (pi (1 - 2 sigma + 2 sigma^2))) draw u uniformly and weigh; "none" (or "uniform") neither. Its default
+  # here is train_dreambooth_lora_flux.py's ("none"); train_dreambooth_lora_sd3.py's is "logit_normal" (the SD3
+  # recipes set it). guidance: the embedded guidance scale a guidance-distilled transformer (FLUX.1-dev) is
+  # trained at, train_dreambooth_lora_flux.py's `--guidance_scale` default; models without a guidance input
+  # ignore it. On a DDPM schedule these keys must keep their defaults, and min_snr_gamma / data.time_ids "fixed"
+  # (DDPM / SDXL only) fail on a flow-matching one (`validate_for_schedule`).
+  config.flow = ml_collections.ConfigDict(dict(
+      weighting_scheme="none", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, guidance=3.5))
 
   # Steps and batch. global_batch_size: preference pairs per optimizer step over all devices and
   # accumulation steps (official MaPO: 8 per GPU x 2 accumulation x 8 GPUs = 128, 64 per micro-batch).
@@ -112,7 +128,14 @@ def base_config() -> ml_collections.ConfigDict:
       rank=0, alpha=8.0, targets=("to_q", "to_k", "to_v", "to_out.0"), dropout=0.0, init_from="",
       base_dtype="bfloat16"))
   config.attention = ""  # "" = the backend's default (cudnn on GPU, pallas on TPU, einsum on CPU)
+  # XLA's persistent compilation cache ("" = off): a restart (preemption, resume) loads the compiled train step
+  # instead of compiling it again. A local folder per host (multi-host: each host keeps its own).
+  config.compile_cache = "~/.cache/mapo_jax/xla"
   config.remat = "full"  # rematerialisation policy of each UNet block (models/unet.py REMAT_POLICIES)
+  # Stacks of identical transformer blocks (SDXL: three ten-deep stacks) run as one jax.lax.scan over stacked
+  # parameters (models/layers.py ScannedBlocks): the same step, compiled once per stack instead of per block.
+  # Checkpoints then hold each stack's parameters stacked; exported files keep the diffusers layout.
+  config.scan_blocks = True
   config.seed = 0
 
   # Logging, checkpoints, samples and export.
@@ -136,12 +159,20 @@ def base_config() -> ml_collections.ConfigDict:
   config.judge_prompts = ()
   config.judge_samples_per_prompt = 8
   config.export_dtype = "fp16"  # UNet weights written to WORKDIR/export
+  # Weights & Biases (optional extra `wandb`): off while `project` is "". It records what metrics.jsonl holds,
+  # the sample and judge grids and the resolved config; a restart resumes the same W&B run (mapo_jax/run/metrics.py).
+  config.wandb = ml_collections.ConfigDict(dict(project="", entity="", name="", tags=(), mode="online"))
 
   # Divergence guards: the run stops (non-zero exit, no export) when more than this fraction of the last
   # 100 steps skipped their update for a non-finite loss or gradient, and export refuses parameters that
   # are not finite or whose global norm grew past `max_param_norm_ratio` times the initial model's.
   config.max_skipped_fraction = 0.1
   config.max_param_norm_ratio = 10.0
+  # Faults of a pod: a process that stops answering (crash, preemption) is declared lost after peer_timeout_s
+  # without a heartbeat (jax.distributed's), and every other process then exits non-zero naming it; a checkpoint
+  # save that has not finished after save_timeout_s (a stalled GCS-FUSE or NFS workdir) stops the run.
+  config.peer_timeout_s = 100
+  config.save_timeout_s = 900
 
   # Demo only: a folder where `mapo_jax.toy.demo` creates its tiny pipeline, dataset and cache if missing.
   config.demo_assets = ""
@@ -188,16 +219,37 @@ def underscore_dashed_flags(argv: list[str], dashed: tuple[str, ...]) -> list[st
   return out
 
 
+RECIPES = Path(__file__).resolve().parent / "configs"  # the recipes that ship with the package
+
+
+def recipe_names() -> list[str]:
+  return sorted(p.stem for p in RECIPES.glob("*.py") if not p.name.startswith("_"))
+
+
+def resolve_config_path(spec: str) -> str | None:
+  """`--config`'s value as a file path: an existing file as given (FILE or FILE:ARG), else a recipe name
+  (`sdxl_mapo`, `demo`, with or without `.py`) of the packaged recipes; None if it is neither."""
+  path, sep, arg = spec.partition(":")
+  if Path(path).is_file():
+    return spec
+  name = path.removesuffix(".py")
+  if os.sep not in path and (RECIPES / f"{name}.py").is_file():  # a bare name: a packaged recipe
+    return str(RECIPES / f"{name}.py") + sep + arg
+  return None
+
+
 def parse_command_line(argv: list[str], *, dashed: tuple[str, ...], doc: str) -> list[str]:
   """absl flag parsing for the programs that take `--config` (train, aot), with errors a user can act on:
   a missing or absent config file, an unknown `--config.KEY` (with the nearest keys), and `--help` that
-  lists every config key with its default. Errors print one line and exit 2."""
+  lists the packaged recipes and every config key with its default. `--config` takes a file or a recipe
+  name (`--config sdxl_mapo`). Errors print one line and exit 2."""
   from absl import flags  # the programs' flags are defined in their own modules
   argv = underscore_dashed_flags(argv, dashed)
   args = argv[1:]
   if any(a in ("--help", "-h", "--helpshort", "-?", "--helpfull") for a in args):
     print(doc)
     print(flags.FLAGS.main_module_help())
+    print(f"\nrecipes (--config NAME, or a file): {', '.join(recipe_names())} ({RECIPES})")
     print("\nconfig keys (override any with --config.KEY=VALUE), with their defaults:")
     print("\n".join(f"  config.{k} = {v!r}" for k, v in flatten(base_config()).items()))
     sys.exit(0)
@@ -206,13 +258,16 @@ def parse_command_line(argv: list[str], *, dashed: tuple[str, ...], doc: str) ->
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
-  paths = [args[i + 1] if a == "--config" and i + 1 < len(args) else a.partition("=")[2]
-           for i, a in enumerate(args) if a == "--config" or a.startswith("--config=")]
-  if not paths:
-    fail("--config is required: a configs/*.py file, e.g. --config configs/demo.py")
-  path = paths[-1].split(":")[0]  # config_flags takes FILE:ARG
-  if not Path(path).is_file():
-    fail(f"--config {path}: no such file")
+  positions = [(i + 1, args[i + 1]) if a == "--config" and i + 1 < len(args) else (i, a.partition("=")[2])
+               for i, a in enumerate(args) if a == "--config" or a.startswith("--config=")]
+  if not positions:
+    fail("--config is required: a recipe name or a config file, e.g. --config demo or --config configs/demo.py")
+  index, spec = positions[-1]
+  resolved = resolve_config_path(spec)
+  if resolved is None:
+    fail(f"--config {spec}: no such file, nor a recipe name (recipes: {', '.join(recipe_names())})")
+  args[index] = resolved if args[index] == spec else f"--config={resolved}"
+  argv = argv[:1] + args
   known = flatten(base_config())
   for a in args:
     if a.startswith("--config."):
@@ -288,6 +343,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not given["ema_decay"] < 1:
     raise ConfigError("ema_decay", f"{given['ema_decay']!r} must be < 1 (in [0, 1) keeps an EMA, < 0 keeps none)")
   at_least("min_snr_gamma", 0)
+  choice("flow.weighting_scheme", diffusion.FLOW_WEIGHTINGS)
+  if not math.isfinite(given["flow.logit_mean"]):
+    raise ConfigError("flow.logit_mean", f"{given['flow.logit_mean']!r} must be finite")
+  if not (given["flow.logit_std"] > 0 and math.isfinite(given["flow.logit_std"])):
+    raise ConfigError("flow.logit_std", f"{given['flow.logit_std']!r} must be finite and > 0")
+  # SD3 paper (arXiv 2403.03206) eq. 20: the mode density is a monotone map of u only for -1 <= s <= 2 / (pi - 2).
+  if not -1 <= given["flow.mode_scale"] <= 2 / (math.pi - 2):
+    raise ConfigError("flow.mode_scale", f"{given['flow.mode_scale']!r} must be in [-1, 2 / (pi - 2) = "
+                      f"{2 / (math.pi - 2):.4f}] (SD3 paper eq. 20)")
+  if not (given["flow.guidance"] >= 0 and math.isfinite(given["flow.guidance"])):
+    raise ConfigError("flow.guidance", f"{given['flow.guidance']!r} must be a finite scale >= 0")
   choice("data.mode", DATA_MODES)
   choice("data.rpo_embedding", objectives.RPO_EMBEDDINGS)
   choice("data.time_ids", TIME_IDS)
@@ -297,8 +363,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   choice("remat", tuple(REMAT_POLICIES))
   choice("optim.name", optim.OPTIMIZERS)
   choice("optim.schedule", optim.SCHEDULES)
+  choice("optim.mu_dtype", ("",) + DTYPES)
+  if given["optim.mu_dtype"] and given["optim.name"] != "adamw":
+    raise ConfigError("optim.mu_dtype", f"{given['optim.mu_dtype']!r}: only adamw keeps a first moment to store "
+                      f"in another dtype (optim.name={given['optim.name']!r})")
   choice("export_dtype", EXPORT_DTYPES)
-  for key in ("steps", "global_batch_size", "accum_steps", "log_every", "checkpoint_every",
+  choice("wandb.mode", WANDB_MODES)
+  if not all(isinstance(t, str) and t for t in given["wandb.tags"]):
+    raise ConfigError("wandb.tags", f"{given['wandb.tags']!r} must be non-empty strings")
+  for key in ("steps", "global_batch_size", "accum_steps", "log_every", "checkpoint_every", "peer_timeout_s",
+              "save_timeout_s",
               "keep_checkpoints", "sample_steps", "data.num_threads", "optim.total_steps"):
     at_least(key, 1)
   for key in ("data.empty_prompt_prob", "data.label_noise_prob"):
@@ -313,7 +387,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
               "seed"):
     at_least(key, 0)
   for key in ("optim.lr", "optim.eps", "mapo.beta", "mapo.snr", "dpo.beta", "rpo.beta", "rpo.tau", "dmpo.beta",
-              "dspo.beta", "smpo.beta", "smpo.k", "smpo.score_scale", "kto.beta", "sdpo.max_lambda"):
+              "dspo.beta_sd15", "dspo.beta_sdxl", "smpo.beta", "smpo.k", "smpo.score_scale", "kto.beta",
+              "sdpo.max_lambda"):
     if not given[key] > 0:
       raise ConfigError(key, f"{given[key]!r} must be > 0")
   validate_lora(given)
@@ -366,6 +441,25 @@ def validate_lora(given: dict[str, Any]) -> None:
       raise ConfigError("lora.init_from", "needs lora.rank > 0 (the rank of the file's adapters)")
     if not Path(given["lora.init_from"]).is_file():
       raise ConfigError("lora.init_from", f"{given['lora.init_from']!r} is not a file (a .safetensors LoRA)")
+
+
+def validate_for_schedule(config: ml_collections.ConfigDict, schedule) -> None:
+  """Keys that apply to one kind of noise schedule only (`schedule.is_flow`, from the pipeline's scheduler config):
+  on a flow-matching schedule min_snr_gamma (DDPM's SNR) and data.time_ids "fixed" (SDXL's micro-conditioning)
+  fail; on a DDPM schedule every config.flow key must keep its default. Raises ConfigError naming the key."""
+  if schedule.is_flow:
+    if config.min_snr_gamma > 0:
+      raise ConfigError("min_snr_gamma", f"{config.min_snr_gamma!r}: min-SNR weights come from a DDPM schedule's "
+                        "alphas; this pipeline's scheduler is flow matching: weigh with config.flow.weighting_scheme")
+    if config.data.time_ids == "fixed":
+      raise ConfigError("data.time_ids", "'fixed' sets SDXL's micro-conditioning; this flow-matching pipeline's "
+                        "model takes no time ids: use 'original'")
+    return
+  defaults = base_config().flow
+  for key, default in defaults.items():
+    if config.flow[key] != default:
+      raise ConfigError(f"flow.{key}", f"{config.flow[key]!r}: config.flow applies to flow-matching schedules "
+                        f"only; this pipeline's scheduler is DDPM ({schedule.kind}); leave it at {default!r}")
 
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:

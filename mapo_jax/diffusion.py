@@ -16,6 +16,11 @@ called with t = sigma * num_train_timesteps (the pipelines' `timestep`; FLUX's t
 The host-side tables reproduce diffusers' float32 / float64 arithmetic step by step, so they equal its
 values bit for bit, not just closely.
 
+The train step sees either schedule type through four functions that dispatch on it (`training_times`,
+`noisy_latents`, `regression_target`, `loss_weights`): DDPM's integer t ~ U{0..T-1}, q(x_t | x_0), epsilon or v
+target and min-SNR weights; flow matching's sigma draws and loss weights of the scripts' `--weighting_scheme`
+(`FlowTraining`), x_sigma and the velocity target.
+
 Sampling runs the whole denoising loop as one `jax.lax.scan` over per-step tables (timesteps, sigmas or
 alphas) computed on the host in numpy from the schedule's static fields, so `sample` can be traced inside
 the caller's `jax.jit` (pass model state as a jit argument and close over it in `denoise_fn`).
@@ -149,14 +154,11 @@ class FlowMatchSchedule:
     for key, allowed in _FLOW_CHOICES.items():
       if cfg.get(key) is not None and cfg[key] not in allowed:
         raise ValueError(f"scheduler config {key}={cfg[key]!r} is not supported; expected one of {allowed}")
-    cast = {int: int, float: float, bool: bool, "int": int, "float": float, "bool": bool}
-    fields = {}
-    for f in dataclasses.fields(cls):
-      if cfg.get(f.name) is None:
-        continue
-      kind = f.type.split(" |")[0] if isinstance(f.type, str) else f.type
-      fields[f.name] = cast.get(kind, lambda v: v)(cfg[f.name])
-    self = cls(**fields)
+    # JSON may give 3 for 3.0: cast to the field's type (annotations are strings here) so equal configs
+    # make equal, equally hashed schedules.
+    cast = {"int": int, "float": float, "bool": bool, "str": str}
+    self = cls(**{f.name: cast[f.type.split(" |")[0]](cfg[f.name]) for f in dataclasses.fields(cls)
+                  if cfg.get(f.name) is not None})
     if self.num_train_timesteps < 1:
       raise ValueError(f"scheduler config num_train_timesteps={self.num_train_timesteps} must be >= 1")
     return self
@@ -253,6 +255,163 @@ def sample_timesteps(key, batch: int, num_train_timesteps: int = 1000):
   return jax.random.randint(key, (batch,), 0, num_train_timesteps, dtype=jnp.int32)
 
 
+def flow_add_noise(x0, noise, sigma):
+  """x_sigma = (1 - sigma) x0 + sigma noise, sigma (B,) or scalar (FlowMatchEulerDiscreteScheduler.scale_noise,
+  and `noisy_model_input` in train_dreambooth_lora_flux.py / _sd3.py). Computed in float32, returned in
+  x0's dtype."""
+  sigma = jnp.asarray(sigma, jnp.float32)
+  sigma = _per_sample(sigma, x0) if sigma.ndim else sigma
+  xt = (1.0 - sigma) * x0.astype(jnp.float32) + sigma * noise.astype(jnp.float32)
+  return xt.astype(x0.dtype)
+
+
+def flow_target(x0, noise):
+  """The velocity the model regresses: noise - x0 (`target` in train_dreambooth_lora_flux.py / _sd3.py
+  without precondition_outputs). float32."""
+  return noise.astype(jnp.float32) - x0.astype(jnp.float32)
+
+
+# Names of diffusers' `weighting_scheme` (the scripts' --weighting_scheme choices) plus "uniform": the three
+# that are not "logit_normal" or "mode" draw u uniformly (compute_density_for_timestep_sampling's else).
+FLOW_DENSITIES = ("uniform", "logit_normal", "mode", "none", "sigma_sqrt", "cosmap")
+
+
+def flow_density(key, batch: int, density: str = "logit_normal", *, logit_mean: float = 0.0,
+                 logit_std: float = 1.0, mode_scale: float = 1.29):
+  """u in [0, 1] float32 (batch,) as diffusers' training_utils.compute_density_for_timestep_sampling draws it:
+  "logit_normal": sigmoid(N(logit_mean, logit_std^2)); "mode": u ~ U[0, 1) mapped by
+  1 - u - mode_scale (cos^2(pi u / 2) - 1 + u) (SD3 paper eq. 20); else U[0, 1). Unknown names raise
+  (diffusers silently falls back to uniform) so a typo cannot change the training distribution."""
+  if density not in FLOW_DENSITIES:
+    raise ValueError(f"density={density!r}; expected one of {FLOW_DENSITIES}")
+  if density == "logit_normal":
+    return jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(key, (batch,), jnp.float32))
+  u = jax.random.uniform(key, (batch,), jnp.float32)
+  return _mode_map(u, mode_scale) if density == "mode" else u
+
+
+def _mode_map(u, mode_scale):
+  """SD3's "mode" density as a map of u ~ U[0, 1): decreasing (so invertible) for mode_scale < 1 / (pi/2 - 1)."""
+  return 1 - u - mode_scale * (jnp.cos(math.pi * u / 2) ** 2 - 1 + u)
+
+
+def flow_lookup(schedule: FlowMatchSchedule | dict[str, Any], u):
+  """(sigmas, timesteps) float32 at u (B,) in [0, 1], as the training scripts pick them: index = (u * T).long()
+  into the tables of a FlowMatchEulerDiscreteScheduler built from the config with no set_timesteps call
+  (`flow_train_tables`). The index is clipped to [0, T - 1]: diffusers would fail on u = 1 (a sigmoid that
+  rounds to 1 in float32, or the mode map at u = 0)."""
+  s = _flow(schedule)
+  train_t, train_s = flow_train_tables(s)
+  T = s.num_train_timesteps
+  # float32 product then truncation toward zero, as torch's `(u * T).long()` on float32 u.
+  index = jnp.clip((jnp.asarray(u, jnp.float32) * T).astype(jnp.int32), 0, T - 1)
+  return jnp.asarray(train_s)[index], jnp.asarray(train_t)[index]
+
+
+def sample_flow_sigmas(key, batch: int, schedule: FlowMatchSchedule | dict[str, Any], *,
+                       density: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0,
+                       mode_scale: float = 1.29):
+  """Training draws for flow matching: (sigmas (B,), timesteps (B,)) float32, timesteps = sigma * T as the
+  model's t. `flow_density` (compute_density_for_timestep_sampling) then `flow_lookup` (the scripts'
+  `indices`, `timesteps[indices]`, get_sigmas), as train_dreambooth_lora_flux.py / _sd3.py do."""
+  u = flow_density(key, batch, density, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale)
+  return flow_lookup(schedule, u)
+
+
+# Loss weighting schemes: diffusers' weighting_scheme names; all but "sigma_sqrt" and "cosmap" weigh 1.
+FLOW_WEIGHTINGS = FLOW_DENSITIES
+
+
+def flow_loss_weights(sigmas, scheme: str = "none"):
+  """Per-sample loss weights float32 as diffusers' training_utils.compute_loss_weighting_for_sd3:
+  "sigma_sqrt": sigma^-2, "cosmap": 2 / (pi (1 - 2 sigma + 2 sigma^2)), the other names 1. Unknown names
+  raise (diffusers returns 1)."""
+  if scheme not in FLOW_WEIGHTINGS:
+    raise ValueError(f"weighting scheme={scheme!r}; expected one of {FLOW_WEIGHTINGS}")
+  sigmas = jnp.asarray(sigmas, jnp.float32)
+  if scheme == "sigma_sqrt":
+    return sigmas**-2.0
+  if scheme == "cosmap":
+    return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
+  return jnp.ones_like(sigmas)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The training step's view of either schedule type: draw training times, noise latents, the regression target
+# and per-sample loss weights. Each dispatches on the schedule's type, so the train step has one code path.
+# ------------------------------------------------------------------------------------------------------
+FLOW_WEIGHTED = ("sigma_sqrt", "cosmap")  # the weighting schemes whose loss weights are not all 1
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowTraining:
+  """How flow-matching training draws sigma and weighs its per-sample losses, as diffusers' training scripts
+  (train_dreambooth_lora_flux.py / _sd3.py) drive both from one `--weighting_scheme`: "logit_normal" and "mode"
+  shape the density of u and weigh 1; "sigma_sqrt" and "cosmap" draw u uniformly and weigh the losses; "none"
+  (and "uniform") do neither. `logit_mean`, `logit_std`, `mode_scale`: the scripts' flags of the same names
+  (defaults 0, 1, 1.29). The scripts' defaults differ: FLUX "none", SD3 "logit_normal" (config.flow)."""
+  weighting_scheme: str = "none"
+  logit_mean: float = 0.0
+  logit_std: float = 1.0
+  mode_scale: float = 1.29
+
+  def __post_init__(self):
+    if self.weighting_scheme not in FLOW_WEIGHTINGS:
+      raise ValueError(f"weighting_scheme={self.weighting_scheme!r}; expected one of {FLOW_WEIGHTINGS}")
+
+
+def training_times(key, batch: int, schedule: Schedule | int, flow: FlowTraining | None = None) -> dict[str, jax.Array]:
+  """One training time per sample, (batch,) each. DDPM: {"t": int32 t ~ U{0, ..., T-1}} (`schedule` may be T
+  alone). Flow matching: {"t": sigma * T float32, "sigma": sigma float32}, u drawn by `flow`'s density and looked
+  up as the training scripts do (`sample_flow_sigmas`). "t" is always the model's time (what `denoise` takes)."""
+  if isinstance(schedule, FlowMatchSchedule):
+    flow = flow or FlowTraining()
+    sigma, t = sample_flow_sigmas(key, batch, schedule, density=flow.weighting_scheme, logit_mean=flow.logit_mean,
+                                  logit_std=flow.logit_std, mode_scale=flow.mode_scale)
+    return {"t": t, "sigma": sigma}
+  return {"t": sample_timesteps(key, batch, schedule if isinstance(schedule, int) else schedule.num_train_timesteps)}
+
+
+def noisy_latents(schedule: Schedule, x0, noise, times: dict[str, jax.Array]):
+  """The forward process at `times` (`training_times`' dict): DDPM `add_noise` at t, flow matching
+  (1 - sigma) x0 + sigma noise (`flow_add_noise`)."""
+  if schedule.is_flow:
+    return flow_add_noise(x0, noise, times["sigma"])
+  return add_noise(schedule, x0, noise, times["t"])
+
+
+def regression_target(schedule: Schedule, x0, noise, times: dict[str, jax.Array]):
+  """What the model regresses, float32: DDPM `training_target` (epsilon or v), flow matching the velocity
+  noise - x0 (`flow_target`)."""
+  if schedule.is_flow:
+    return flow_target(x0, noise)
+  return training_target(schedule, x0, noise, times["t"])
+
+
+def min_snr_weights(schedule: NoiseSchedule, t, gamma: float):
+  """Min-SNR-gamma loss weights (Hang et al., arXiv 2303.09556; diffusers' training scripts, `--snr_gamma`):
+  min(SNR(t), gamma) / SNR(t) for epsilon targets, min(SNR(t), gamma) / (SNR(t) + 1) for v targets, with
+  SNR(t) = alphas_cumprod[t] / (1 - alphas_cumprod[t]). float32, shape of t. DDPM schedules only."""
+  a = schedule.alphas_cumprod[t].astype(jnp.float32)
+  snr = a / (1.0 - a)
+  clipped = jnp.minimum(snr, gamma)
+  return clipped / (snr + 1.0) if schedule.prediction_type == "v_prediction" else clipped / snr
+
+
+def loss_weights(schedule: Schedule, times: dict[str, jax.Array], *, min_snr_gamma: float = 0.0,
+                 flow: FlowTraining | None = None):
+  """Per-sample loss weights float32 (B,), or None where every weight is 1 (nothing to multiply). DDPM: min-SNR-
+  gamma weights when min_snr_gamma > 0. Flow matching: `flow_loss_weights` of flow's scheme (sigma_sqrt, cosmap);
+  min-SNR, defined by the DDPM schedule's alphas, is refused there."""
+  if schedule.is_flow:
+    if min_snr_gamma > 0:
+      raise ValueError("min_snr_gamma weighs by a DDPM schedule's SNR; a flow-matching schedule weighs by its "
+                       "weighting_scheme")
+    scheme = (flow or FlowTraining()).weighting_scheme
+    return flow_loss_weights(times["sigma"], scheme) if scheme in FLOW_WEIGHTED else None
+  return min_snr_weights(schedule, times["t"], min_snr_gamma) if min_snr_gamma > 0 else None
+
+
 # ------------------------------------------------------------------------------------------------------
 # Sampler tables, built on the host as diffusers' set_timesteps builds them.
 # ------------------------------------------------------------------------------------------------------
@@ -303,6 +462,108 @@ def ddim_tables(schedule: NoiseSchedule, num_steps: int):
   return ts, ac[ts].astype(np.float32), alpha_prev.astype(np.float32)
 
 
+def _flow(schedule) -> FlowMatchSchedule:
+  s = as_schedule(schedule)
+  if not s.is_flow:
+    raise ValueError(f"expected a flow-matching schedule, got a {s.kind} one")
+  return s
+
+
+def _static_shift(sigmas, shift):
+  """shift * sigma / (1 + (shift - 1) * sigma) (SD3 paper eq. 23), in sigmas' float dtype as diffusers."""
+  return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+@functools.lru_cache(maxsize=16)
+def flow_train_tables(schedule: FlowMatchSchedule) -> tuple[np.ndarray, np.ndarray]:
+  """(timesteps (T,), sigmas (T,)) float32, descending: FlowMatchEulerDiscreteScheduler.__init__'s tables.
+
+  sigma = (T, ..., 1) / T, shifted by the static `shift` unless use_dynamic_shifting (then the training
+  sigmas are not shifted at all: diffusers shifts only at set_timesteps); timesteps = sigma * T. Computed in
+  float32 like diffusers' torch code. Read-only arrays (cached).
+  """
+  T = schedule.num_train_timesteps
+  sigmas = np.linspace(1, T, T, dtype=np.float32)[::-1] / np.float32(T)
+  if not schedule.use_dynamic_shifting:
+    sigmas = _static_shift(sigmas, schedule.shift)
+  timesteps = sigmas * np.float32(T)
+  for a in (sigmas, timesteps):
+    a.flags.writeable = False
+  return timesteps, sigmas
+
+
+def calculate_shift(image_seq_len, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                    max_shift: float = 1.15) -> float:
+  """mu, linear in the image token count through (base_seq_len, base_shift) and (max_seq_len, max_shift)
+  (diffusers' pipelines/flux/pipeline_flux.py calculate_shift; the same in the SD3 pipeline)."""
+  m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+  b = base_shift - m * base_seq_len
+  return image_seq_len * m + b
+
+
+def linear_sigmas(num_steps: int) -> np.ndarray:
+  """FluxPipeline's default `sigmas`: np.linspace(1.0, 1 / n, n), before set_timesteps shifts them."""
+  return np.linspace(1.0, 1 / num_steps, num_steps)
+
+
+def flow_sigmas(schedule: FlowMatchSchedule | dict[str, Any], num_steps: int, *, image_seq_len: int | None = None,
+                sigmas=None, mu: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(timesteps (n,), sigmas (n+1,)) float32 as FlowMatchEulerDiscreteScheduler.set_timesteps(num_steps,
+  sigmas=sigmas, mu=mu) leaves scheduler.timesteps / scheduler.sigmas.
+
+  Pipelines: FluxPipeline passes `sigmas=linear_sigmas(n)` and mu = calculate_shift(image_seq_len, ...)
+  from the config (image_seq_len = packed latent tokens, (H/16) (W/16) for an H x W image);
+  StableDiffusion3Pipeline passes no sigmas, and mu only with use_dynamic_shifting. Here `mu`, when not
+  given, comes from `image_seq_len` and the config's base/max values; it is needed (and used) only with
+  use_dynamic_shifting. Without `sigmas` the schedule starts from set_timesteps' default
+  linspace(sigma_max, sigma_min, n) of the __init__ table (already shifted once when the shift is static,
+  so SD3's static shift applies twice, exactly as in diffusers). Then: the static or dynamic
+  (time_shift_type) shift, shift_terminal's stretch, invert_sigmas, and the final 0 (1 if inverted).
+  Arithmetic follows diffusers' dtypes: float64 numpy for its own grid, float32 for given `sigmas`.
+  """
+  s = _flow(schedule)
+  T = s.num_train_timesteps
+  if num_steps < 1:
+    raise ValueError(f"num_steps={num_steps} must be >= 1")
+  if s.use_dynamic_shifting and mu is None:
+    if image_seq_len is None:
+      raise ValueError("use_dynamic_shifting needs image_seq_len (or mu)")
+    mu = calculate_shift(image_seq_len, s.base_image_seq_len, s.max_image_seq_len, s.base_shift, s.max_shift)
+  if sigmas is None:
+    _, train = flow_train_tables(s)
+    sig = np.linspace(float(train[0]) * T, float(train[-1]) * T, num_steps) / T  # float64
+  else:
+    sig = np.asarray(sigmas).astype(np.float32)
+    if sig.shape != (num_steps,):
+      raise ValueError(f"sigmas has shape {sig.shape}; expected ({num_steps},)")
+  if s.use_dynamic_shifting:  # time_shift(mu, 1.0, sigmas): exponential or linear in mu
+    c = math.exp(mu) if s.time_shift_type == "exponential" else mu
+    sig = c / (c + (1 / sig - 1) ** 1.0)
+  else:
+    sig = _static_shift(sig, s.shift)
+  if s.shift_terminal:  # stretch_shift_to_terminal: the last sigma becomes shift_terminal
+    one_minus = 1 - sig
+    if one_minus[-1] == 0:  # diffusers returns NaN sigmas here (one step from sigma 1)
+      raise ValueError(f"shift_terminal={s.shift_terminal} needs a last sigma below 1; got num_steps={num_steps}")
+    sig = 1 - one_minus / (one_minus[-1] / (1 - s.shift_terminal))
+  sig = sig.astype(np.float32)
+  last = np.float32(0.0)
+  if s.invert_sigmas:  # Mochi: sigmas 1 - sigma, ending at 1
+    sig, last = 1 - sig, np.float32(1.0)
+  timesteps = sig * np.float32(T)
+  return timesteps, np.append(sig, last).astype(np.float32)
+
+
+def _image_seq_len(shape, patch_size: int) -> int:
+  """Image tokens of the latents: (H / p) (W / p) for NHWC latents (SD3Pipeline's formula; FluxPipeline's
+  packed latents.shape[1] is the same count for p = 2), or N for already packed (B, N, C) latents."""
+  if len(shape) == 3:
+    return int(shape[1])
+  if len(shape) != 4:
+    raise ValueError(f"latents of shape {shape}: pass image_seq_len")
+  return (shape[1] // patch_size) * (shape[2] // patch_size)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Sampling.
 # ------------------------------------------------------------------------------------------------------
@@ -322,23 +583,35 @@ def _guided_model(denoise_fn, cond, uncond, guidance_scale):
   return model
 
 
-def sample(denoise_fn: Callable, init_latents, schedule: NoiseSchedule | dict[str, Any], num_steps: int, *,
-           sampler: str = "euler", guidance_scale=1.0, cond, uncond=None):
-  """Deterministic sampling with diffusers' Euler (s_churn = 0) or DDIM (eta = 0) update.
+def sample(denoise_fn: Callable, init_latents, schedule: Schedule | dict[str, Any], num_steps: int, *,
+           sampler: str = "euler", guidance_scale=1.0, cond, uncond=None, image_seq_len: int | None = None,
+           patch_size: int = 2, sigmas=None):
+  """Deterministic sampling: diffusers' Euler (s_churn = 0) or DDIM (eta = 0) update for a DDPM schedule, or
+  FlowMatchEulerDiscreteScheduler.step (x + (sigma_next - sigma) v) for a flow-matching one. The schedule's
+  type picks the family.
 
   Args:
     denoise_fn: `(latents (N, H, W, C), t float32 (N,), cond) -> model output` (N, H, W, C), epsilon or v
-      as the schedule's prediction_type says. N is twice the batch under guidance.
+      as the schedule's prediction_type says, or the flow velocity (noise - x0) for a FlowMatchSchedule, whose
+      t is sigma * num_train_timesteps (the pipelines' `timestep`). N is twice the batch under guidance.
     init_latents: unit-variance Gaussian noise (B, H, W, C). Multiplied here by the sampler's
-      init_noise_sigma, as diffusers pipelines do in prepare_latents (1 for DDIM; sigma_max, or
-      sqrt(sigma_max^2 + 1) for "leading" spacing, for Euler).
-    schedule: a NoiseSchedule or a diffusers scheduler config dict.
+      init_noise_sigma, as diffusers pipelines do in prepare_latents (1 for DDIM and flow matching;
+      sigma_max, or sqrt(sigma_max^2 + 1) for "leading" spacing, for Euler).
+    schedule: a NoiseSchedule, a FlowMatchSchedule, or a diffusers scheduler config dict (`as_schedule`).
     num_steps: number of denoising steps (static).
-    sampler: "euler" (EulerDiscreteScheduler, SDXL's default) or "ddim" (DDIMScheduler).
+    sampler: "euler" (EulerDiscreteScheduler, SDXL's default; FlowMatchEulerDiscreteScheduler, the only
+      flow-matching sampler) or "ddim" (DDIMScheduler, DDPM only).
     guidance_scale: classifier-free guidance weight g; may be traced. Used only when `uncond` is given.
     cond: pytree of arrays with leading batch dim B, passed to denoise_fn.
     uncond: pytree like `cond` (e.g. empty-prompt embeddings). When given, the model runs once per step on
       the doubled batch [uncond; cond]. Leave it None for no guidance (diffusers skips CFG at g <= 1).
+    image_seq_len: flow matching with use_dynamic_shifting only (ignored otherwise): the image token count
+      that sets the shift mu. Default: computed from the latents' static shape, (H // patch_size) *
+      (W // patch_size), which is both SD3's and FLUX's count for their patch size 2 (or N for packed
+      (B, N, C) latents).
+    patch_size: the transformer's patch size, for the default image_seq_len.
+    sigmas: flow matching only: custom sigmas (n,) on the host, as a pipeline's `sigmas` argument; FluxPipeline
+      passes `linear_sigmas(n)`, StableDiffusion3Pipeline None (see `flow_sigmas`).
 
   Returns:
     Final latents (B, H, W, C) float32.
@@ -347,8 +620,23 @@ def sample(denoise_fn: Callable, init_latents, schedule: NoiseSchedule | dict[st
   if uncond is None and isinstance(guidance_scale, (int, float)) and guidance_scale != 1.0:
     raise ValueError(f"guidance_scale={guidance_scale} needs uncond")
   model = _guided_model(denoise_fn, cond, uncond, guidance_scale)
-  v_pred = s.prediction_type == "v_prediction"
   x = jnp.asarray(init_latents, jnp.float32)
+  if s.is_flow:
+    if sampler != "euler":
+      raise ValueError(f"sampler={sampler!r} is not supported by a flow-matching schedule; expected 'euler'")
+    if image_seq_len is None and s.use_dynamic_shifting:
+      image_seq_len = _image_seq_len(x.shape, patch_size)
+    ts, sig = flow_sigmas(s, num_steps, image_seq_len=image_seq_len, sigmas=sigmas)
+
+    def flow_step(x, xs):  # FlowMatchEulerDiscreteScheduler.step, stochastic_sampling off; init sigma 1
+      t, sigma, sigma_next = xs
+      return x + (sigma_next - sigma) * model(x, t), None
+
+    x, _ = jax.lax.scan(flow_step, x, jax.tree.map(jnp.asarray, (ts, sig[:-1], sig[1:])))
+    return x
+  if sigmas is not None:
+    raise ValueError("sigmas is supported for flow-matching schedules only")
+  v_pred = s.prediction_type == "v_prediction"
 
   if sampler == "euler":
     ts, sigmas, init_sigma = euler_tables(s, num_steps)

@@ -2,6 +2,7 @@
 
     python -m mapo_jax.encode --pipeline DIR --data SPEC --out DIR --resolution 1024 [--vae DIR] [--strict]
     python -m mapo_jax.encode --merge PART_DIR PART_DIR ... --out DIR [--copy_shards]
+    python -m mapo_jax.encode --verify --out DIR [--quick]
 
 --data is a Pick-a-Pic-style parquet file or folder, Arrow files or a `datasets.save_to_disk`
 folder (add ?split=NAME for a saved DatasetDict), a JSONL of {"prompt", "chosen", "rejected"},
@@ -15,14 +16,25 @@ madebyollin/sdxl-vae-fp16-fix of the official SDXL recipes); the manifest record
 refuses the cache unless its config.vae names the same folder.
 Run the same command on every host of a multi-host job (with --distributed): each encodes its
 share of the shards on its local devices; the last to finish writes manifest.json. Re-running
-skips finished shards. Bad rows are skipped and counted (logged with file and row) unless --strict.
+skips finished shards whose files still match their records (--resume_check full, the default: size,
+record count, every record read and its CRC-32; size: size and record count only) and re-encodes the
+others, e.g. a shard truncated by a bad copy. Bad rows are skipped and counted (logged with file and
+row) unless --strict. Out of disk space (checked before each shard against the largest one written so
+far, and caught where the writer writes), it stops with one line naming the path and the free space:
+the shards it finished are valid, and a re-run after freeing space encodes only the missing ones.
+
+--verify checks a cache: every shard's size and record count against the manifest, and every record
+read, decoded and its CRC-32 compared (--quick: sizes and record counts only, a stat and a footer read
+per shard). It lists bad shards and exits 1 if there is any (or if shards are not encoded yet), else 0.
 
 --merge joins caches encoded separately (same pipeline and settings) under one manifest in --out,
 which refers to the parts' shard files (or, with --copy_shards, hard-links or copies them).
 """
+from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +43,7 @@ from absl import app, logging
 from absl.flags import argparse_flags
 from flax import nnx
 
-from mapo_jax.data.cache import EncodeFn, EncodeSettings, merge_caches, write_cache
+from mapo_jax.data.cache import EncodeFn, EncodeSettings, OutOfDiskError, merge_caches, verify_cache, write_cache
 from mapo_jax.data.sources import open_source
 from mapo_jax.training.objectives import RPO_EMBEDDINGS
 from mapo_jax.pipelines import family, load_pipeline
@@ -85,6 +97,13 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
                  "(needs no --pipeline/--data/--resolution)")
   p.add_argument("--copy_shards", action="store_true",
                  help="with --merge: hard-link (or copy) the parts' shards into --out instead of referring to them")
+  p.add_argument("--verify", action="store_true", help="check the cache in --out (needs no --pipeline/--data/"
+                 "--resolution): list bad shards, exit 1 if any")
+  p.add_argument("--quick", action="store_true", help="with --verify: sizes and record counts only (fast), "
+                 "instead of reading every record")
+  p.add_argument("--resume_check", default="full", choices=["full", "size"],
+                 help="how a re-run checks finished shards before skipping them (a shard that fails is encoded "
+                 "again): full reads every record, size checks sizes and record counts")
   p.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
   p.add_argument("--batch_size", type=int, default=8, help="pairs per encoder call (padded to the local device count)")
   p.add_argument("--shard_size", type=int, default=1000, help="source rows per shard (unit of resume and host split)")
@@ -96,7 +115,13 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
                  help="pooled: the pooled prompt embedding; mean_tokens: prompt_embeds averaged over tokens")
   p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
   args = p.parse_args(argv[1:])
-  if args.merge is None:
+  if args.quick and not args.verify:
+    p.error("--quick goes with --verify")
+  if args.verify:
+    extra = [f"--{k}" for k in ("pipeline", "data", "merge") if getattr(args, k) is not None]
+    if extra:
+      p.error(f"--verify checks the cache in --out; it takes no {', '.join(extra)}")
+  elif args.merge is None:
     missing = [f"--{k}" for k in ("pipeline", "data", "resolution") if getattr(args, k) is None]
     if missing:
       p.error(f"the following arguments are required: {', '.join(missing)}")
@@ -113,11 +138,54 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
   return args
 
 
-def main(args: argparse.Namespace) -> None:
+def encode_cache(source, out: str, encode_fn: EncodeFn, settings: EncodeSettings, **kwargs) -> dict | None:
+  """`cache.write_cache` as the command runs it (kwargs are write_cache's), logging the outcome; out of disk space
+  it exits with the error's one line (status 1) instead of a traceback."""
+  try:
+    manifest = write_cache(source, out, encode_fn, settings, **kwargs)
+  except OutOfDiskError as e:
+    sys.exit(f"error: {e}")  # the progress bar has closed: this is the last line
+  if manifest is None:
+    logging.info("this host's shards are done; the last host to finish writes the manifest")
+  else:
+    logging.info("wrote %s/manifest.json: %d pairs, %d ties dropped, %d skipped", out,
+                 manifest["pairs"], manifest["ties_dropped"], manifest["skipped"])
+  return manifest
+
+
+def verify(cache_dir: str, *, full: bool = True) -> int:
+  """Prints what `cache.verify_cache` finds in `cache_dir`, one line per bad or missing shard; returns the exit
+  status: 0 if every shard is good and the cache is finished, else 1."""
+  how = ("size, record count, every record read and decoded, CRC-32 of the records" if full
+         else "size and record count only (--quick: records not read)")
+  print(f"verifying {cache_dir}: {how}", flush=True)
+  report = verify_cache(cache_dir, full=full)
+  for problem in report.bad:
+    print(f"BAD {problem.file}: {problem.problem}")
+  for path in report.missing:
+    print(f"MISSING {path}: not encoded yet")
+  for note in report.notes:
+    print(f"note: {note}")
+  total = len(report.good) + len(report.bad) + len(report.missing)
+  summary = [f"{len(report.good)} of {total} shards good"]
+  if report.bad:
+    summary.append(f"{len(report.bad)} of {total} shards bad")
+  if report.missing:
+    summary.append(f"{len(report.missing)} not encoded yet (no manifest.json)")
+  print("; ".join(summary))
+  if report.bad or report.missing:
+    print("re-run the encode command that wrote this cache (same flags and --out): it encodes only the missing "
+          "shards and those that fail verification")
+  return 0 if report.ok else 1
+
+
+def main(args: argparse.Namespace) -> int:
+  if args.verify:
+    return verify(args.out, full=not args.quick)
   if args.merge is not None:
     manifest = merge_caches(args.merge, args.out, copy=args.copy_shards)
     logging.info("wrote %s/manifest.json: %d pairs from %d caches", args.out, manifest["pairs"], len(args.merge))
-    return
+    return 0
   if args.distributed:
     jax.distributed.initialize()
   source = open_source(args.data, **({"best_worst": True} if args.best_worst else {}))
@@ -125,14 +193,10 @@ def main(args: argparse.Namespace) -> None:
   pipe = load_pipeline(args.pipeline, components=family(args.pipeline).FROZEN, vae=vae or None)
   settings = EncodeSettings(resolution=args.resolution, seed=args.seed, random_crop=args.random_crop,
                             cache_dtype=args.cache_dtype, shard_size=args.shard_size)
-  manifest = write_cache(source, args.out, make_encoder(pipe, rpo_embedding=args.rpo_embedding), settings,
-                         pipeline=args.pipeline, vae=vae, batch_size=args.batch_size, strict=args.strict,
-                         process_index=jax.process_index(), process_count=jax.process_count())
-  if manifest is None:
-    logging.info("this host's shards are done; the last host to finish writes the manifest")
-  else:
-    logging.info("wrote %s/manifest.json: %d pairs, %d ties dropped, %d skipped", args.out,
-                 manifest["pairs"], manifest["ties_dropped"], manifest["skipped"])
+  encode_cache(source, args.out, make_encoder(pipe, rpo_embedding=args.rpo_embedding), settings,
+               pipeline=args.pipeline, vae=vae, batch_size=args.batch_size, strict=args.strict,
+               process_index=jax.process_index(), process_count=jax.process_count(), resume_check=args.resume_check)
+  return 0
 
 
 if __name__ == "__main__":

@@ -17,11 +17,15 @@ prompts (BOOTSTRAP_SAMPLES resamples, seed BOOTSTRAP_SEED: reruns give the same 
 when the prompt set has categories. docs/evaluation.md gives the formulas.
 Writes OUT/results.json (settings, summary, per-prompt scores), OUT/results.md (the same as tables),
 OUT/a/NNNN.png, OUT/b/NNNN.png, and OUT/side_by_side.png (A left, B right, the first 16 prompts).
+--update-card: also writes the tables (without the per-prompt rows) into the model card (README.md) of model B
+(of the LoRA file's folder with --lora-b), as a section that a re-run with the same model A and prompt set
+replaces; a folder without a card gets a minimal one (mapo_jax/run/card.py, docs/model_cards.md).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +35,7 @@ from PIL import Image
 
 from mapo_jax import generate, rewards, sampling
 from mapo_jax.rewards import scoring
+from mapo_jax.run import card
 from mapo_jax.rewards.prompts import FORMATS, read_prompt_set
 
 GRID_ROWS = 16
@@ -97,7 +102,7 @@ def sample(model: str, prompts: list[str], args: argparse.Namespace, lora: str |
   negatives = None if args.negative_prompt is None else [args.negative_prompt] * len(prompts)
   images, _ = sampling.generate_images(
       pipe, prompts, negative_prompts=negatives, steps=args.steps, guidance=args.guidance, seed=args.seed,
-      height=args.height, width=args.width, sampler=args.sampler, batch_size=args.batch_size)
+      height=args.height, width=args.width, sampler=args.sampler, batch_size=args.batch_size, true_cfg=args.true_cfg)
   return images
 
 
@@ -107,7 +112,9 @@ def _row(label: str, r: dict) -> str:
           f"{r['win_rate_b']:.3f} [{lo:.3f}, {hi:.3f}] |")
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict, *, per_prompt: bool = True) -> str:
+  """results.md: the summary table, per category where there are categories, then (with `per_prompt`) each
+  prompt's scores."""
   s, summary = results["settings"], results["summary"]
   cell = lambda text: str(text).replace("|", "\\|")  # a literal | would end the table cell
   lines = [f"# A: `{s['model_a']}` vs B: `{s['model_b']}`", "",
@@ -120,6 +127,8 @@ def markdown(results: dict) -> str:
     lines += ["", "## Per category", "", "| reward / category | prompts | A | B | B win rate [95 % CI] |",
               "|---|---|---|---|---|"]
     lines += [_row(f"{kind} / {cell(c)}", rc) for kind, r in summary.items() for c, rc in r["categories"].items()]
+  if not per_prompt:
+    return "\n".join(lines) + "\n"
   kinds = list(summary)
   lines += ["", "| # | prompt | " + " | ".join(f"{k} A | {k} B" for k in kinds) + " |",
             "|---|---|" + "---|---|" * len(kinds)]
@@ -137,8 +146,23 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
                  help="KIND=PATH[,KIND=PATH...], e.g. pickscore=DIR,hps=FILE,aesthetic=FILE,clip=DIR")
   p.add_argument("--prompts", required=True, help=f"prompt set: {FORMATS}")
   p.add_argument("--out", required=True, help="output folder")
+  p.add_argument("--update-card", "--update_card", dest="update_card", action="store_true",
+                 help="write the result tables into model B's model card (README.md; with --lora-b the LoRA "
+                 "file's folder), replacing the section of an earlier run on the same model A and prompts")
   generate.add_sampling_flags(p)
   return p.parse_args(argv[1:])
+
+
+def update_card(args: argparse.Namespace, results: dict) -> Path:
+  """Puts the result tables into model B's card (`card.put_section`), keyed by model A and the prompt set, so a
+  re-run replaces its own section. B = --model-b, or the LoRA file's folder with --lora-b (then --model-b is
+  that card's base)."""
+  folder = Path(args.lora_b).parent if args.lora_b else generate.resolve_pipeline(args.model_b)
+  base = generate.resolve_pipeline(args.model_b) if args.lora_b else None
+  key = card.section_key(os.path.abspath(args.model_a), os.path.abspath(args.prompts))
+  text = (card.shift_headings(markdown(results, per_prompt=False))
+          + f"\n\nWritten by `mapo_jax.evaluate --update-card`; per-prompt scores: `{os.path.abspath(args.out)}`.")
+  return card.put_section(folder, f"evaluation-{key}", text, base=base, adapter=bool(args.lora_b))
 
 
 def main(args: argparse.Namespace) -> None:
@@ -167,6 +191,8 @@ def main(args: argparse.Namespace) -> None:
   results = {"settings": settings, "summary": summary, "per_prompt": per_prompt}
   (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
   (out / "results.md").write_text(markdown(results))
+  if args.update_card:
+    logging.info("wrote the results into %s", update_card(args, results))
   rows = min(len(prompts), GRID_ROWS)
   pairs = np.stack([images["a"][:rows], images["b"][:rows]], axis=1).reshape(2 * rows, *images["a"].shape[1:])
   Image.fromarray(sampling.make_grid(pairs, cols=2)).save(out / "side_by_side.png")

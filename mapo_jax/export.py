@@ -16,13 +16,19 @@ OUT/pytorch_lora_weights.safetensors in the diffusers format (`pipe.load_lora_we
 `--format kohya` OUT/lora_kohya.safetensors (`lora_unet_*` keys with alphas, for ComfyUI/A1111-style tools);
 `--fuse` instead writes the full pipeline with the adapters merged into the UNet (W + alpha/r · A B).
 See docs/lora.md.
+
+Every mode writes OUT/README.md, a model card (mapo_jax/run/card.py, docs/model_cards.md): Hub metadata
+(base_model, license from the base's card, tags) and how the run made the model, from the workdir's files.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from absl import app, logging
@@ -31,15 +37,35 @@ from flax import nnx
 
 from mapo_jax import pipelines
 from mapo_jax.training import lora
+from mapo_jax.run import card as card_lib
 from mapo_jax.run.checkpoint import CHECKPOINTS, EMA, Checkpointer, abstract_like
 from mapo_jax.convert.files import EXPORT_DTYPES
 from mapo_jax.run.workdir import previous_config, remove_stale_temporaries
 
 
+Card = Callable[[Path], Any]  # writes a model card into the (temporary) export folder it is given
+
+
+def _add_card(card: Card | None, folder: Path) -> None:
+  """The card is written into the folder before it is renamed into place; a failure to write it leaves the
+  weights exported, with a warning (the weights are what a finished run must not lose)."""
+  if card is None:
+    return
+  try:
+    card(folder)
+  except Exception:  # noqa: BLE001 (any failure of the card: logged with its traceback)
+    logging.exception("writing the model card into %s failed; the weights are exported without it", folder)
+
+
+def run_card(workdir: str | os.PathLike, base: str | os.PathLike, step: int, out: str | os.PathLike, **kwargs) -> Card:
+  """The card of the export of checkpoint `step` of the run in `workdir` to `out` (`card.write_card`)."""
+  return functools.partial(card_lib.write_card, workdir=workdir, base=base, step=step, location=out, **kwargs)
+
+
 def export_denoiser(model: nnx.Module, base: str | os.PathLike, out: str | os.PathLike, *,
-                    dtype: str = "fp32", denoiser_only: bool = False) -> Path:
+                    dtype: str = "fp32", denoiser_only: bool = False, card: Card | None = None) -> Path:
   """Writes `model` (weights cast to `dtype`) with the base pipeline's other components to `out`; with
-  `denoiser_only`, a bare model folder (for SD: a UNet folder)."""
+  `denoiser_only`, a bare model folder (for SD: a UNet folder). `card(folder)` adds a model card (`run_card`)."""
   if lora.adapted(model):  # the denoiser's weights alone would silently drop them
     raise ValueError("the model has LoRA adapters: merge them first (lora.fuse) or write them with export_lora")
   base, out = Path(base), Path(out)
@@ -56,19 +82,21 @@ def export_denoiser(model: nnx.Module, base: str | os.PathLike, out: str | os.Pa
         continue
       (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
     family.save_denoiser(model, tmp / family.DENOISER, dtype=dtype)
+  _add_card(card, tmp)  # replaces the base's own README.md, copied above
   shutil.rmtree(out, ignore_errors=True)
   os.replace(tmp, out)
   return out
 
 
-def export_lora(model: nnx.Module, out: str | os.PathLike, fmt: str = "diffusers") -> Path:
+def export_lora(model: nnx.Module, out: str | os.PathLike, fmt: str = "diffusers", *, card: Card | None = None) -> Path:
   """Writes `model`'s adapters (its base may be abstract) as OUT/<lora file> (`lora.save`), OUT written under a
-  temporary name and renamed, replacing an older OUT."""
+  temporary name and renamed, replacing an older OUT. `card(folder)` adds a model card (`run_card`)."""
   out = Path(out)
   remove_stale_temporaries(out.parent)
   tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
   name = lora.save(model, tmp, fmt).name
+  _add_card(card, tmp)
   shutil.rmtree(out, ignore_errors=True)
   os.replace(tmp, out)
   return out / name
@@ -144,10 +172,13 @@ def main(args: argparse.Namespace) -> None:
   model, step = load_checkpoint_denoiser(args.checkpoint, args.base, args.step,
                                          base_weights=not is_lora or args.fuse, ema=args.ema)
   if is_lora and not args.fuse:
-    out = export_lora(model, args.out, args.format or "diffusers")
+    out = export_lora(model, args.out, args.format or "diffusers",
+                      card=run_card(args.checkpoint, args.base, step, args.out, ema=args.ema))
   else:
     model = lora.fuse(model) if is_lora else model
-    out = export_denoiser(model, args.base, args.out, dtype=args.dtype, denoiser_only=args.unet_only)
+    out = export_denoiser(model, args.base, args.out, dtype=args.dtype, denoiser_only=args.unet_only,
+                          card=run_card(args.checkpoint, args.base, step, args.out, dtype=args.dtype,
+                                        fused=args.fuse, ema=args.ema))
   logging.info("exported step %d of %s to %s", step, args.checkpoint, out)
   print(f"exported step {step} to {out}")
 

@@ -6,17 +6,18 @@
         [--init-latents noise.npy] [--output-latents latents.npy] [--batch-size 8]
         [--lora FILE [--lora-scale S]]
 
---model: a diffusers pipeline folder (model_index.json; SDXL or SD 1.x/2.x), or a training workdir whose
+--model: a diffusers pipeline folder (model_index.json; any family of mapo_jax/pipelines/), or a training workdir whose
 export/ holds one. A workdir without export/ is refused: export it first with `python -m mapo_jax.export`.
 --prompts: a text file, one prompt per line (blank lines skipped).
 --lora: a LoRA file for the UNet, diffusers (pytorch_lora_weights.safetensors, what export writes) or kohya
 (`lora_unet_*`) format, applied with weight --lora-scale (default 1: as trained); see docs/lora.md.
 Writes OUT/0000.png, OUT/0001.png, ... (one per prompt, in order), OUT/grid.png and OUT/metadata.json
 (the settings, and the prompt of each file). Without --init-latents, image i starts from noise drawn
-from (--seed, i), whatever the batching. --init-latents: (N, H/8, W/8, 4) float32 NHWC unit-variance
-noise, one per prompt (it sets the size), to compare with other implementations from the same noise
-(diffusers: pass it as NCHW `latents=`; the pipeline scales it by the scheduler's init_noise_sigma).
---output-latents: the final latents (N, H/8, W/8, 4) float32 NHWC, before VAE decoding.
+from (--seed, i), whatever the batching. --init-latents: (N, H/8, W/8, C) float32 NHWC unit-variance
+noise, C the VAE's latent channels (4 for SD / SDXL, 16 for SD3 / FLUX), one per prompt (it sets the size),
+to compare with other implementations from the same noise (diffusers: pass it as NCHW `latents=`, packed for
+FLUX; the pipeline scales it by the scheduler's init_noise_sigma). --output-latents: the final latents
+(N, H/8, W/8, C) float32 NHWC, unpacked, before VAE decoding.
 Flags take dashes (--init-latents) or underscores (--init_latents).
 """
 from __future__ import annotations
@@ -57,7 +58,7 @@ def load_model(model: str | os.PathLike, lora: str | os.PathLike | None = None, 
   `lora_scale`: the one way generate and evaluate load what they sample."""
   pipe = load_pipeline(resolve_pipeline(model))
   if lora is not None:
-    lora_lib.load_into(pipe.unet, lora, scale=lora_scale)
+    lora_lib.load_into(pipe.denoiser, lora, scale=lora_scale)
   return pipe
 
 
@@ -87,9 +88,14 @@ def positive_int(text: str) -> int:
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
-  """Flags shared with mapo_jax.evaluate. Defaults are diffusers' StableDiffusionXLPipeline defaults."""
+  """Flags shared with mapo_jax.evaluate and make_pairs. Defaults are diffusers' (per family for guidance)."""
   p.add_argument("--steps", type=positive_int, default=50, help="denoising steps")
-  p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance weight (<= 1: none)")
+  p.add_argument("--guidance", type=float, default=None, help="guidance: the classifier-free weight (SD, SDXL, SD3; "
+                 "<= 1: none), or FLUX-dev's guidance embedding (default: the family's, as diffusers: SDXL 5, SD 1.x/2.x "
+                 "7.5, SD3 7, FLUX-dev 3.5, FLUX-schnell none)")
+  p.add_argument("--true-cfg", "--true_cfg", dest="true_cfg", type=float, default=1.0,
+                 help="FLUX only: true classifier-free guidance weight with --negative-prompt (diffusers' "
+                 "true_cfg_scale; 1: off)")
   p.add_argument("--seed", type=int, default=0, help="image i starts from noise drawn from (seed, i)")
   p.add_argument("--height", type=int, help="pixels (default: the UNet's sample_size x 8)")
   p.add_argument("--width", type=int, help="pixels (default: the UNet's sample_size x 8)")
@@ -108,14 +114,14 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
   prompts.add_argument("--prompt", help="one prompt")
   prompts.add_argument("--prompts", help="text file, one prompt per line")
   p.add_argument("--out", required=True, help="output folder")
-  p.add_argument("--lora", help="LoRA file (diffusers or kohya format) applied to the UNet")
+  p.add_argument("--lora", help="LoRA file (diffusers or kohya format) applied to the denoiser")
   p.add_argument("--lora-scale", "--lora_scale", dest="lora_scale", type=float, default=1.0,
                  help="the LoRA's weight (1: as trained)")
   add_sampling_flags(p)
   p.add_argument("--init-latents", "--init_latents", dest="init_latents",
-                 help=".npy of (N, H/8, W/8, 4) float32 NHWC unit-variance initial noise")
+                 help=".npy of (N, H/8, W/8, C) float32 NHWC unit-variance initial noise")
   p.add_argument("--output-latents", "--output_latents", dest="output_latents",
-                 help=".npy to save the final (N, H/8, W/8, 4) NHWC latents to, before decoding")
+                 help=".npy to save the final (N, H/8, W/8, C) NHWC latents to, before decoding")
   return p.parse_args(argv[1:])
 
 
@@ -127,12 +133,13 @@ def main(args: argparse.Namespace) -> None:
   negatives = None if args.negative_prompt is None else [args.negative_prompt] * len(prompts)
   images, latents = sampling.generate_images(
       pipe, prompts, negative_prompts=negatives, steps=args.steps, guidance=args.guidance, seed=args.seed,
-      height=args.height, width=args.width, init_latents=init, sampler=args.sampler, batch_size=args.batch_size)
+      height=args.height, width=args.width, init_latents=init, sampler=args.sampler, batch_size=args.batch_size,
+      true_cfg=args.true_cfg)
   out = Path(args.out)
   names = save_images(images, out)
   if args.output_latents:
     np.save(args.output_latents, latents)
-  settings = {k: getattr(args, k) for k in ("steps", "guidance", "seed", "negative_prompt", "sampler",
+  settings = {k: getattr(args, k) for k in ("steps", "guidance", "true_cfg", "seed", "negative_prompt", "sampler",
                                             "init_latents", "lora", "lora_scale")}
   metadata = {"model": str(model), **settings, "height": int(images.shape[1]), "width": int(images.shape[2]),
               "images": [{"file": name, "prompt": prompt} for name, prompt in zip(names, prompts)]}

@@ -162,11 +162,11 @@ def main(args: argparse.Namespace) -> None:
                len(todo))
   if todo:
     pipe = load_pipeline(model)
-    f = sampling.vae_scale_factor(pipe.vae)
+    f = pipe.vae_scale_factor
     height, width = args.height or sampling.default_size(pipe)[0], args.width or sampling.default_size(pipe)[1]
     if height % f or width % f:
       raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
-    shape = (height // f, width // f, pipe.vae.cfg.latent_channels)
+    shape = (height // f, width // f, pipe.latent_channels)
     reward = rewards.load_reward(kind, reward_path)
     (out / "images").mkdir(parents=True, exist_ok=True)
     chunk = max(1, args.batch_size // k)  # prompts per round: about one sampler batch of images
@@ -178,7 +178,7 @@ def main(args: argparse.Namespace) -> None:
       negatives = None if args.negative_prompt is None else [args.negative_prompt] * len(texts)
       images, _ = sampling.generate_images(pipe, texts, negative_prompts=negatives, steps=args.steps,
                                            guidance=args.guidance, init_latents=noise, sampler=args.sampler,
-                                           batch_size=args.batch_size)
+                                           batch_size=args.batch_size, true_cfg=args.true_cfg)
       scores = scoring.score(reward, texts, images)
       if not writer:
         continue

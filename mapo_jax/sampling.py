@@ -38,15 +38,10 @@ Cond = dict[str, jax.Array]  # the family's conditioning arrays (COND_KEYS), eac
 SAMPLERS = ("euler", "ddim")
 
 
-def vae_scale_factor(vae: AutoencoderKL) -> int:
-  """Pixels per latent along each axis (8 for SD/SDXL), as diffusers' pipelines compute it."""
-  return 2 ** (len(vae.cfg.block_out_channels) - 1)
-
-
 def default_size(pipe: Pipeline) -> tuple[int, int]:
-  """diffusers' default (height, width): the UNet's sample_size (128 when unset) × the VAE scale factor."""
+  """diffusers' default (height, width): the denoiser's sample_size (128 when unset) × the VAE scale factor."""
   size = pipe.denoiser_config.get("sample_size") or 128
-  return (size * vae_scale_factor(pipe.vae),) * 2
+  return (size * pipe.vae_scale_factor,) * 2
 
 
 def batch_mesh() -> Mesh:
@@ -67,31 +62,33 @@ def _place(tree, batch: int, mesh: Mesh):
   return jax.tree.map(put, tree)
 
 
-@functools.partial(jax.jit, static_argnames=("denoise", "graphdef", "steps", "sampler"))
-def _sample(denoise, graphdef, states, schedule, init_latents, cond, uncond, guidance, *, steps, sampler):
+@functools.partial(jax.jit, static_argnames=("denoise", "graphdef", "steps", "sampler", "options"))
+def _sample(denoise, graphdef, states, schedule, init_latents, cond, uncond, guidance, *, steps, sampler, options):
   model = nnx.merge(graphdef, *states)
   return diffusion.sample(functools.partial(denoise, model), init_latents, schedule, steps, sampler=sampler,
-                          guidance_scale=guidance, cond=cond, uncond=uncond)
+                          guidance_scale=guidance, cond=cond, uncond=uncond, **dict(options))
 
 
-def generate_latents(denoise, unet: UNet, schedule: diffusion.NoiseSchedule | dict[str, Any], cond: Cond,
+def generate_latents(denoise, unet: UNet, schedule: diffusion.Schedule | dict[str, Any], cond: Cond,
                      uncond: Cond | None, init_latents, *, steps: int, guidance: float, sampler: str = "euler",
-                     mesh: Mesh | None = None) -> jax.Array:
+                     mesh: Mesh | None = None, options: tuple = ()) -> jax.Array:
   """Final latents (B, h, w, C) float32 from unit-variance noise `init_latents` (B, h, w, C).
 
   `denoise(model, x, t, cond)` is the family's denoiser call (`pipe.denoise`). One compiled loop per
-  UNet structure, schedule options, step count, sampler and shapes; the guidance
-  weight is traced. `uncond` None runs without guidance (then `guidance` must be <= 1). `mesh`: where the
-  batch goes (default `batch_mesh()`; the trainer passes its own). Parameters stay where they are.
+  denoiser structure, schedule options, step count, sampler and shapes; the guidance weight is traced.
+  `uncond` None runs without guidance (then `guidance` must be <= 1). `options`: the family's extra static
+  arguments of `diffusion.sample` (`pipe.sample_options(steps)`, hashable (name, value) pairs). `mesh`: where
+  the batch goes (default `batch_mesh()`; the trainer passes its own). Parameters stay where they are.
   """
   graphdef, *states = unet if isinstance(unet, tuple) else nnx.split(unet)
   if uncond is None and guidance > 1:
     raise ValueError(f"guidance={guidance} needs uncond (negative) embeddings")
   batch = len(init_latents)
-  inputs = _place((jnp.asarray(init_latents, jnp.float32), cond, uncond), batch,
-                  batch_mesh() if mesh is None else mesh)
-  return _sample(denoise, graphdef, tuple(states), diffusion.as_schedule(schedule), *inputs,
-                 jnp.float32(guidance), steps=steps, sampler=sampler)
+  mesh = batch_mesh() if mesh is None else mesh
+  inputs = _place((jnp.asarray(init_latents, jnp.float32), cond, uncond), batch, mesh)
+  with jax.set_mesh(mesh):  # traced under the mesh, as the train step is (per-shard attention kernels)
+    return _sample(denoise, graphdef, tuple(states), diffusion.as_schedule(schedule), *inputs,
+                   jnp.float32(guidance), steps=steps, sampler=sampler, options=tuple(options))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "latents"))
@@ -129,42 +126,44 @@ def generate_images(pipe: Pipeline, prompts: Sequence[str], *, negative_prompts:
                     steps: int, guidance: float, seed: int = 0, height: int | None = None,
                     width: int | None = None, init_latents=None, sampler: str = "euler",
                     unet: UNet | None = None, batch_size: int | None = None,
-                    mesh: Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    mesh: Mesh | None = None, true_cfg: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
   """(images uint8 (N, H, W, 3), final latents float32 (N, h, w, C)) for N prompts, on the host.
 
-  `pipe` needs the VAE, text towers, tokenizers and scheduler; `unet` (default `pipe.unet`) may be a
-  module or (graphdef, state, ...). `init_latents` (N, h, w, C) unit-variance noise fixes the size
-  (height/width must then agree); without it the noise comes from `initial_noise(seed, ...)` at
-  height × width (default: `default_size`). `batch_size` prompts are sampled at a time (default: all);
-  the last batch is padded by repeating its last prompt, so every batch uses one compiled loop. `mesh`:
-  as for `generate_latents`. The trainer passes height and width when `pipe` holds no UNet.
+  `pipe` needs the VAE, text encoders, tokenizers and scheduler; `unet` (default `pipe.denoiser`) may be a
+  module or (graphdef, state, ...). `init_latents` (N, h, w, C) unit-variance noise, C the VAE's latent
+  channels, fixes the size (height/width must then agree); without it the noise comes from
+  `initial_noise(seed, ...)` at height × width (default: `default_size`). `guidance` is the family's guidance
+  (classifier-free for SD / SDXL / SD3, the guidance embedding for FLUX-dev); `true_cfg` FLUX's true
+  classifier-free guidance with the negative prompts. `batch_size` prompts are sampled at a time (default:
+  all); the last batch is padded by repeating its last prompt, so every batch uses one compiled loop. `mesh`:
+  as for `generate_latents`. The trainer passes height and width when `pipe` holds no denoiser.
   """
   if sampler not in SAMPLERS:
     raise ValueError(f"sampler={sampler!r}; expected one of {SAMPLERS}")
-  n, f = len(prompts), vae_scale_factor(pipe.vae)
+  n, f = len(prompts), pipe.vae_scale_factor
   if init_latents is not None:
     init_latents = np.asarray(init_latents, np.float32)
     size = (init_latents.shape[1] * f, init_latents.shape[2] * f)
-    if init_latents.shape[0] != n or (height or size[0], width or size[1]) != size:
+    if (init_latents.shape[0] != n or (height or size[0], width or size[1]) != size
+        or init_latents.shape[3] != pipe.latent_channels):
       raise ValueError(f"init_latents {init_latents.shape} do not fit {n} prompts at {height}x{width} px "
-                       f"(latents are 1/{f} of the image size)")
+                       f"(latents are 1/{f} of the image size, with {pipe.latent_channels} channels)")
   else:
     size = (height or default_size(pipe)[0], width or default_size(pipe)[1])
     if size[0] % f or size[1] % f:
       raise ValueError(f"height and width must be multiples of {f}, got {size[0]}x{size[1]}")
-  unet = pipe.unet if unet is None else unet
-  channels = pipe.vae.cfg.latent_channels
+  unet = pipe.denoiser if unet is None else unet
   bs = batch_size or n
   images, latents = [], []
   for start in range(0, n, bs):
     idx = [min(i, n - 1) for i in range(start, start + bs)]  # padded with the last prompt
     negatives = None if negative_prompts is None else [negative_prompts[i] for i in idx]
-    cond, uncond = pipe.conditioning([prompts[i] for i in idx], negatives, height=size[0], width=size[1],
-                                     guidance=guidance)
+    cond, uncond, cfg = pipe.conditioning([prompts[i] for i in idx], negatives, height=size[0], width=size[1],
+                                          guidance=guidance, true_cfg=true_cfg)
     noise = (init_latents[idx] if init_latents is not None else
-             initial_noise(seed, bs, (size[0] // f, size[1] // f, channels), first=start))
-    z = generate_latents(pipe.denoise, unet, pipe.scheduler_config, cond, uncond, noise, steps=steps, guidance=guidance,
-                         sampler=sampler, mesh=mesh)
+             initial_noise(seed, bs, (size[0] // f, size[1] // f, pipe.latent_channels), first=start))
+    z = generate_latents(pipe.denoise, unet, pipe.scheduler_config, cond, uncond, noise, steps=steps, guidance=cfg,
+                         sampler=sampler, mesh=mesh, options=pipe.sample_options(steps))
     keep = min(bs, n - start)
     z = np.asarray(multihost_utils.process_allgather(z, tiled=True))  # every process decodes all of them
     images.append(np.asarray(jax.device_get(decode(pipe.vae, pipe.latents, z)))[:keep])

@@ -15,6 +15,7 @@ JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); multi-host TPU slic
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging as pylogging
@@ -25,9 +26,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
@@ -38,22 +42,20 @@ from tqdm import tqdm
 
 from mapo_jax import config as config_lib
 from mapo_jax import convert, pipelines, sampling, sharding
-from mapo_jax.toy import demo
-from mapo_jax.toy import judging
-from mapo_jax.training import objectives
-from mapo_jax.training import optim
-from mapo_jax.run import workdir as workdir_lib
-from mapo_jax.training.build import build, compile_step, denoiser_param_dtype, model_options, needs_reference_model
-from mapo_jax.run.checkpoint import CHECKPOINTS, CheckpointSaveError, Checkpointer, NoGoodCheckpointError, abstract_like
-from mapo_jax.data import (cached_eval_batch, cached_loader, onthefly_eval_batch, onthefly_loader,
-                           open_source, read_manifest)
-from mapo_jax.data.cache import RecordLayout
+from mapo_jax.data import (cached_eval_batch, cached_loader, onthefly_eval_batch, onthefly_loader, open_source,
+                           read_manifest)
+from mapo_jax.data.cache import DamagedShardError, RecordLayout
 from mapo_jax.encode import make_encoder
-from mapo_jax.export import export_denoiser, export_lora
-from mapo_jax.run.guards import (DivergedError, check_cache_vae, check_exportable, check_skipped,
-                             global_norm)
+from mapo_jax.export import export_denoiser, export_lora, run_card
+from mapo_jax.run import workdir as workdir_lib
+from mapo_jax.run.checkpoint import CHECKPOINTS, CheckpointSaveError, Checkpointer, NoGoodCheckpointError, abstract_like
+from mapo_jax.run.guards import DivergedError, check_cache_vae, check_exportable, check_skipped, global_norm
 from mapo_jax.run.metrics import MetricsWriter
 from mapo_jax.run.workdir import WorkdirLock
+from mapo_jax.toy import demo, judging
+from mapo_jax.training import objectives, optim
+from mapo_jax.training.build import (Built, build, compile_step, denoiser_param_dtype, model_options,
+                                     needs_reference_model)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output folder; an existing one is resumed (required)")
@@ -76,27 +78,14 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "jax.distributed.initiali
 DASHED_FLAGS = ("stop-after-step", "allow-config-change", "print-config")  # absl only knows underscores
 
 
-def initialize_distributed() -> None:
-  """jax.distributed for multi-host runs: explicit coordinator (GPU/CPU clusters) or a TPU pod slice."""
-  if _COORDINATOR.value:
-    if jax.config.jax_platforms == "cpu":  # CPU collectives across processes need gloo
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif _DISTRIBUTED.value or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # several TPU hosts
-    jax.distributed.initialize()
-
-
-def barrier(name: str) -> None:
-  """Waits for every process at the coordination service. The first step's collectives must not start
-  while another process is still compiling: CPU (gloo) collectives give up after 30 s."""
-  if jax.process_count() > 1:
-    from jax._src import distributed  # the client jax.distributed.initialize() set up
-    distributed.global_state.client.wait_at_barrier(f"mapo_jax/{name}", 3_600_000)
-
-
-def save_grid(images: np.ndarray, path: Path) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(sampling.make_grid(images, cols=math.ceil(math.sqrt(len(images))))).save(path)
+def host_rss_mib() -> float:
+  """This process's resident memory now (not its peak), MiB: logged, so a slow leak shows in metrics.jsonl."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+  except (OSError, ValueError):  # no /proc (macOS): the peak instead
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
 def check_batch_keys(objective: str, keys: tuple[str, ...], cache_dir: str) -> None:
@@ -116,47 +105,132 @@ def place_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]
   return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
 
 
-def main(argv) -> None:
-  del argv
-  if _PRINT_CONFIG.value:
-    print("\n".join(f"config.{k} = {v!r}" for k, v in config_lib.flatten(_CONFIG.value).items()))
-    return
-  if not _WORKDIR.value:
-    raise config_lib.UsageError("--workdir is required: the run's output folder (an existing one is resumed)")
-  config, workdir = _CONFIG.value, Path(_WORKDIR.value).absolute()
-  # ----------------------------------------------------------------------------------------------
-  # Config and workdir: every value is checked before any model is loaded or anything compiles; one
-  # trainer per workdir; a resume may not change what the run trains.
-  # ----------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------
+# Phase 1. Config and workdir: every value checked before anything loads or compiles; one trainer per
+# workdir, its lock held as long as the run; a resume may not change what the run trains.
+# ------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Run:
+  """What lives as long as the run: the workdir's lock (process 0) and the checkpointer."""
+  config: ml_collections.ConfigDict
+  workdir: Path
+  lead: bool  # process 0: holds the lock, writes logs, grids and the export
+  lock: WorkdirLock | None
+  checkpointer: Checkpointer
+  resume_step: int | None  # the newest checkpoint's step, if any
+
+  def close(self) -> None:
+    """Closes the checkpointer (idempotent), then releases the workdir."""
+    self.checkpointer.close()
+    if self.lock is not None:
+      self.lock.release()
+
+
+def open_run(config: ml_collections.ConfigDict, workdir: Path, allow_config_change: bool) -> Run:
   config_lib.validate(config)
-  initialize_distributed()
+  use_compile_cache(config.compile_cache)
+  initialize_distributed(config.peer_timeout_s)
   config_lib.validate_for_devices(config, jax.device_count(), jax.process_count())
   lead = jax.process_index() == 0
-  if lead:
-    WorkdirLock(workdir).acquire()  # released by the kernel when this process ends, however it ends
-  checkpointer = Checkpointer(workdir / CHECKPOINTS, keep=config.keep_checkpoints)
-  resume_step = checkpointer.latest_step()
-  if lead:
-    if resume_step is not None:
-      workdir_lib.check_resume_config(workdir, json.loads(config.to_json()), allow_change=_ALLOW_CONFIG_CHANGE.value)
-    workdir_lib.record_config(workdir, config.to_json(indent=2), resume_step or 0)
+  lock = WorkdirLock(workdir) if lead else None
+  if lock is not None:
+    lock.acquire()
+  try:
+    checkpointer = Checkpointer(workdir / CHECKPOINTS, keep=config.keep_checkpoints,
+                                save_timeout_s=config.save_timeout_s)
+    resume_step = checkpointer.latest_step()
+    if lead:
+      if resume_step is not None:
+        workdir_lib.check_resume_config(workdir, json.loads(config.to_json()), allow_change=allow_config_change)
+      workdir_lib.record_config(workdir, config.to_json(indent=2), resume_step or 0)
+  except BaseException:
+    if lock is not None:
+      lock.release()
+    raise
   logging.info("config:\n%s", config)
+  return Run(config, workdir, lead, lock, checkpointer, resume_step)
 
-  # ----------------------------------------------------------------------------------------------
-  # Mesh and (demo only) assets.
-  # ----------------------------------------------------------------------------------------------
+
+def use_compile_cache(folder: str) -> None:
+  """XLA's persistent compilation cache in `folder` (config.compile_cache; "" = off): a restarted run loads
+  its compiled step instead of compiling it again. Keyed by the program, the devices and the jax/XLA
+  versions, so a stale entry is never used. On a multi-host slice each host keeps its own."""
+  if folder:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(folder))
+
+
+def initialize_distributed(peer_timeout_s: int) -> None:
+  """jax.distributed for multi-host runs: explicit coordinator (GPU/CPU clusters) or a TPU pod slice. A process
+  without a heartbeat for `peer_timeout_s` (config.peer_timeout_s) is declared lost by the coordination
+  service: every other process then stops (`lost_processes`) instead of waiting in a collective forever."""
+  timeouts = dict(heartbeat_timeout_seconds=peer_timeout_s)
+  if _COORDINATOR.value:
+    if jax.config.jax_platforms == "cpu":  # CPU collectives across processes need gloo
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, **timeouts)
+  elif _DISTRIBUTED.value or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # several TPU hosts
+    jax.distributed.initialize(**timeouts)
+
+
+class PeerLostError(RuntimeError):
+  """Another process of a multi-host run is gone (crashed, preempted, killed)."""
+
+
+def lost_processes(timeout_s: float) -> list[int] | None:
+  """The processes the coordination service no longer hears from, asked once a collective has failed; None
+  when it does not answer within `timeout_s`. Every live process asks (each sees the failed collective), and
+  the answer comes when the service has declared the lost ones dead (their heartbeat timeout)."""
+  from jax._src import distributed  # the client jax.distributed.initialize() set up
+  everyone, answer = list(range(jax.process_count())), []
+  asking = threading.Thread(target=lambda: answer.append(distributed.global_state.client.get_live_nodes(everyone)),
+                            daemon=True)
+  asking.start()
+  asking.join(timeout_s)
+  if not answer:
+    return None
+  return sorted(set(everyone) - {int(p) for p in answer[0]})
+
+
+def barrier(name: str) -> None:
+  """Waits for every process at the coordination service. The first step's collectives must not start
+  while another process is still compiling: CPU (gloo) collectives give up after 30 s."""
+  if jax.process_count() > 1:
+    from jax._src import distributed  # the client jax.distributed.initialize() set up
+    distributed.global_state.client.wait_at_barrier(f"mapo_jax/{name}", 3_600_000)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Phase 2. Mesh and (demo only) assets.
+# ------------------------------------------------------------------------------------------------------
+def make_mesh(run: Run) -> jax.sharding.Mesh:
+  config = run.config
   mesh = sharding.make_mesh(config.mesh)
+  try:
+    sharding.check_partitioning(mesh)
+  except sharding.MeshPartitioningError as e:
+    raise config_lib.ConfigError("mesh", str(e)) from None
   logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), jax.device_count(), jax.process_count())
   if config.demo_assets:
-    if lead:
+    if run.lead:
       demo.ensure_assets(config.demo_assets)
     multihost_utils.sync_global_devices("demo assets")
+  return mesh
 
-  # ----------------------------------------------------------------------------------------------
-  # Models, by the pipeline's family: the trained denoiser, the frozen reference (DPO/RPO), and the
-  # components that sample grids and on-the-fly encoding need. Weights go from safetensors straight
-  # into each device's shard: no device holds a whole model.
-  # ----------------------------------------------------------------------------------------------
+
+# ------------------------------------------------------------------------------------------------------
+# Phase 3. Models, by the pipeline's family: the trained denoiser, the frozen reference (DPO/RPO), and the
+# components that sample grids and on-the-fly encoding need. Weights go from safetensors straight into
+# each device's shard: no device holds a whole model.
+# ------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Models:
+  family: ModuleType
+  model: nnx.Module
+  reference: nnx.Module | None
+  pipe: Any  # the family's Pipeline: frozen encoders, VAE, tokenizers, scheduler
+
+
+def load_models(config: ml_collections.ConfigDict, mesh) -> Models:
   family = pipelines.family(config.pipeline)
   if config.vae and not Path(config.vae).exists():
     raise config_lib.ConfigError("vae", f"{config.vae!r} does not exist: a VAE folder (config.json and weights), "
@@ -175,11 +249,21 @@ def main(argv) -> None:
                   or config.data.empty_prompt_prob > 0)
   pipe = family.load_pipeline(config.pipeline, (family.FROZEN if needs_frozen else ()) + ("scheduler",),
                               vae=config.vae or None)
+  return Models(family, model, reference, pipe)
 
-  # ----------------------------------------------------------------------------------------------
-  # Input: global batches of `global_batch_size` pairs sharded over (data, fsdp); each process reads
-  # its own slice. The iterator's position is checkpointed with the state.
-  # ----------------------------------------------------------------------------------------------
+
+# ------------------------------------------------------------------------------------------------------
+# Phase 4. Input: global batches of `global_batch_size` pairs sharded over (data, fsdp); each process reads
+# its own slice. The iterator's position is checkpointed with the state.
+# ------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Input:
+  data_iterator: Any  # grain iterator of global batches (checkpointed)
+  eval_batch: dict[str, jax.Array] | None  # held-out pairs (config.data.eval_pairs), or None
+  empty_prompt: dict[str, np.ndarray] | None  # "" encoded once, for empty-prompt dropout in the step
+
+
+def open_input(config: ml_collections.ConfigDict, mesh, pipe) -> Input:
   loader_kwargs = dict(batch_size=config.global_batch_size // jax.process_count(), seed=config.seed,
                        sharding=sharding.batch_sharding(mesh), num_threads=config.data.num_threads,
                        holdout=config.data.eval_pairs)
@@ -206,149 +290,232 @@ def main(argv) -> None:
     cache_dtypes = None
   if eval_batch is not None:
     eval_batch = place_global(eval_batch, sharding.batch_sharding(mesh))
-  data_iterator = iter(dataset)
   # Empty-prompt dropout: "" encoded once here, swapped in per pair inside the step (train_step.augment_batch).
   empty_prompt = pipelines.empty_prompt_rows(pipe, cache_dtypes) if config.data.empty_prompt_prob > 0 else None
+  return Input(iter(dataset), eval_batch, empty_prompt)
 
-  # ----------------------------------------------------------------------------------------------
-  # Train state (float32 master params + optimizer state, sharded), frozen parameters and the step.
-  # ----------------------------------------------------------------------------------------------
-  built = build(config, family, model, reference, pipe.schedule, pipe.latents, mesh, empty_prompt)
-  del model, reference  # their arrays now live in `built` (the trainable ones donated to the state)
-  graphdef, state, frozen = built.graphdef, built.state, built.frozen
-  initial_norm = float(global_norm(state.params))  # the starting model's, for the export check
-  learning_rate = optim.learning_rate(config.optim)
 
-  # ----------------------------------------------------------------------------------------------
-  # Restore: the newest checkpoint that restores (onto this run's mesh), else start from the pipeline.
-  # ----------------------------------------------------------------------------------------------
-  if resume_step is not None:
-    restored = checkpointer.restore_latest(abstract_like(state, built.state_shardings), data_iterator)
+# ------------------------------------------------------------------------------------------------------
+# Phase 5 is `build` (training/build.py): the float32 master params and optimizer state, sharded; the
+# frozen parameters; the jitted step. Phase 6. Restore: the newest checkpoint that restores (onto this
+# run's mesh), else the pipeline's weights.
+# ------------------------------------------------------------------------------------------------------
+def restore(run: Run, built: Built, data_iterator) -> Any:
+  state = built.state
+  if run.resume_step is not None:
+    restored = run.checkpointer.restore_latest(abstract_like(state, built.state_shardings), data_iterator)
     if restored is not None:
       state = restored
-      logging.info("resumed from %s/%s/%d", workdir, CHECKPOINTS, int(state.step))
-  first_step = int(state.step)
+      logging.info("resumed from %s/%s/%d", run.workdir, CHECKPOINTS, int(state.step))
+  return state
 
-  def sample(prompts: list[str]) -> np.ndarray:
+
+# ------------------------------------------------------------------------------------------------------
+# Phase 7. The loop. Only logging steps wait for the devices; SIGTERM/SIGINT and --stop-after-step end the
+# run after a step with a checkpoint, as a preemption would. A step's checkpoint is started before its
+# sample grid, and any error first finishes the save in flight.
+# ------------------------------------------------------------------------------------------------------
+class Observers:
+  """Where a run reports: metrics.jsonl and TensorBoard, sample grids, the judge, the progress bar."""
+
+  def __init__(self, run: Run, pipe, mesh, built: Built, first_step: int):
+    config, self.run, self.pipe, self.mesh, self.built = run.config, run, pipe, mesh, built
+    self.metrics = MetricsWriter(run.workdir, first_step=first_step, enabled=run.lead, wandb=config.wandb,
+                                 config=json.loads(config.to_json()))
+    self.judge_log = judging.JudgeLog(run.workdir, first_step=first_step, enabled=run.lead and bool(config.judge))
+    self.progress = tqdm(total=config.steps, initial=first_step, unit="step", disable=not run.lead,
+                         dynamic_ncols=True)
+    self.judged = None  # (first, last) judge records, once the run has finished
+
+  def sample(self, params, prompts: list[str]) -> np.ndarray:
     """The current model's images for `prompts` on fixed seeds. Every process samples on the global mesh
     (the trained parameters are sharded over all of them)."""
+    config = self.run.config
     images, _ = sampling.generate_images(
-        pipe, prompts, steps=config.sample_steps, guidance=config.sample_guidance, seed=config.seed,
-        height=config.resolution, width=config.resolution, unet=(graphdef, state.params, frozen.policy), mesh=mesh)
+        self.pipe, prompts, steps=config.sample_steps, guidance=config.sample_guidance, seed=config.seed,
+        height=config.resolution, width=config.resolution,
+        unet=(self.built.graphdef, params, self.built.frozen.policy), mesh=self.mesh)
     return images
 
-  def sample_grid(step: int) -> None:
+  def sample_grid(self, step: int, params) -> None:
     """Process 0 writes the grid of sample_prompts."""
-    images = sample(list(config.sample_prompts))
-    if lead:
-      save_grid(images, workdir / "samples" / f"step_{step:06d}.png")
+    images = self.sample(params, list(self.run.config.sample_prompts))
+    if self.run.lead:
+      path = self.run.workdir / "samples" / f"step_{step:06d}.png"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      grid = sampling.make_grid(images, cols=math.ceil(math.sqrt(len(images))))
+      Image.fromarray(grid).save(path)
+      self.metrics.write_image(step, "samples", grid, caption=" | ".join(self.run.config.sample_prompts))
 
-  def judge_samples(step: int) -> None:
+  def judge(self, step: int, params) -> None:
     """Samples judge_prompts and judges them (process 0)."""
+    config = self.run.config
     prompts = [p for p in config.judge_prompts for _ in range(config.judge_samples_per_prompt)]
-    images = sample(prompts)
-    if lead:
+    images = self.sample(params, prompts)
+    if self.run.lead:
       scores = judging.JUDGES[config.judge](images, prompts)
-      judge_log.write(step, scores, images, cols=config.judge_samples_per_prompt)
-      metrics_writer.write_scalars(step, {f"judge/{k}": v for k, v in scores.items()})
-      progress.write(f"judge at step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()),
-                     file=sys.stderr)
+      self.judge_log.write(step, scores, images, cols=config.judge_samples_per_prompt)
+      self.metrics.write_scalars(step, {f"judge/{k}": v for k, v in scores.items()})
+      self.metrics.write_image(step, "judge/samples", sampling.make_grid(images, config.judge_samples_per_prompt))
+      self.progress.write(f"judge at step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()),
+                          file=sys.stderr)
 
-  # ----------------------------------------------------------------------------------------------
-  # Loop. Only logging steps wait for the devices; SIGTERM/SIGINT and --stop-after-step end the run
-  # after a step with a checkpoint, as a preemption would. A step's checkpoint is started before its
-  # sample grid, and any error first finishes the save in flight.
-  # ----------------------------------------------------------------------------------------------
-  stop_requested = []
+  def finish(self, step: int) -> None:
+    """At the end of the run: the judge's curve and before/after sheet (process 0), to the writers too."""
+    self.judged = self.judge_log.finish()
+    if self.judged:
+      sheet = np.asarray(Image.open(self.judge_log.folder / "before_after.png").convert("RGB"))
+      self.metrics.write_image(step, "judge/before_after", sheet, caption="left: the base; right: now")
 
-  def on_signal(signum, _frame):
+  def summary(self, step: int, metrics: dict[str, float], seconds_per_step: float) -> None:
+    """One log line per logged step (process 0), with the time left at the measured step rate: kept in
+    multi-host logs, where only process 0 prints its progress bar."""
+    if not self.run.lead:
+      return
+    steps = self.run.config.steps
+    left = (steps - step) * seconds_per_step
+    parts = [f"step {step}/{steps}", f"loss {metrics['loss']:.4g}"]
+    parts += [f"{k} {metrics[k]:.3f}" for k in ("accuracy", "eval_accuracy") if k in metrics]
+    parts += [f"pairs/s {metrics['pairs_per_s']:.3g}", f"ETA {time.strftime('%H:%M:%S', time.gmtime(left))}"
+              + (f" (+{int(left // 86400)} d)" if left >= 86400 else "")]
+    logging.info(", ".join(parts))
+
+  def close(self) -> None:
+    self.progress.close()
+    self.metrics.close()
+
+
+class StopSignal:
+  """SIGTERM / SIGINT ask the loop to stop after the current step (with a checkpoint); a second one ends
+  the process at once. Installed for the life of the loop.
+
+  Multi-host, a preemption notice (SIGTERM, as a TPU maintenance event sends it to every host, not at the same
+  instant) goes to jax.distributed's preemption sync manager instead: every process stops at the same step,
+  the first one all of them reach after any of them got the notice (`reached_preemption_sync_point`), so they
+  save one consistent checkpoint. No Python handler is installed then: it would replace the manager's."""
+
+  def __init__(self):
+    self.received: list[int] = []
+    self.multihost = jax.process_count() > 1
+    for signum in () if self.multihost else (signal.SIGTERM, signal.SIGINT):
+      signal.signal(signum, self._handle)
+
+  def _handle(self, signum, _frame):
     logging.warning("signal %d: checkpointing after this step, then exiting", signum)
-    stop_requested.append(signum)
-    signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+    self.received.append(signum)
+    signal.signal(signum, signal.SIG_DFL)
 
-  signal.signal(signal.SIGTERM, on_signal)
-  signal.signal(signal.SIGINT, on_signal)
-  metrics_writer = MetricsWriter(workdir, first_step=first_step, enabled=lead)
-  judge_log = judging.JudgeLog(workdir, first_step=first_step, enabled=lead and bool(config.judge))
-  progress = tqdm(total=config.steps, initial=first_step, unit="step", disable=not lead, dynamic_ncols=True)
-  last_log, last_time = first_step, time.perf_counter()
-  skip_history = [(first_step, int(state.skipped))]
-  step = first_step
+  def stop_after(self, step: int) -> bool:
+    """Whether to stop (and checkpoint) after `step`; the same answer on every process."""
+    if self.multihost:
+      if multihost_utils.reached_preemption_sync_point(step):
+        logging.warning("preemption notice: every process checkpoints after step %d, then exits", step)
+        return True
+      return False
+    return bool(self.received)
+
+
+def train_loop(run: Run, built: Built, state, inputs: Input, observers: Observers, stop_after: int | None):
+  """Steps from state.step to config.steps (or a stop); returns (state, last step)."""
+  config, checkpointer, progress = run.config, run.checkpointer, observers.progress
+  learning_rate = optim.learning_rate(config.optim)
+  stop_signal = StopSignal()
+  step = int(state.step)
+  last_log, last_time = step, time.perf_counter()
+  skip_history = [(step, int(state.skipped))]
   compiled_step = compiled_eval = None
   try:
     if config.judge and step == 0:
-      judge_samples(0)  # the base, before any update
+      observers.judge(0, state.params)  # the base, before any update
     while step < config.steps:
-      batch = next(data_iterator)
+      batch = next(inputs.data_iterator)
       if compiled_step is None:
         start = time.perf_counter()
         progress.write("compiling the train step (once per run; minutes for a large model)...", file=sys.stderr)
-        compiled_step = compile_step(built.train_step, mesh, state, batch, frozen)
+        compiled_step = compile_step(built.train_step, observers.mesh, state, batch, built.frozen)
         progress.write(f"compiled the train step in {time.perf_counter() - start:.1f} s", file=sys.stderr)
         barrier("train step compiled")
-      state, metrics = compiled_step(state, batch, frozen)
+      state, metrics = compiled_step(state, batch, built.frozen)
       step += 1
       progress.update()
       checkpointer.check()  # a failed asynchronous save stops the run here, one step later at most
-      stop = bool(stop_requested) or step == _STOP_AFTER.value
+      stop = stop_signal.stop_after(step) or step == stop_after
       if step % config.log_every == 0 or step == config.steps or stop:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
         now = time.perf_counter()
         metrics.update(lr=float(learning_rate(step - 1)),
-                       pairs_per_s=(step - last_log) * config.global_batch_size / (now - last_time))
-        if eval_batch is not None:  # held-out pairs, fixed noise: after the throughput, which it would skew
+                       pairs_per_s=(step - last_log) * config.global_batch_size / (now - last_time),
+                       host_rss_mib=host_rss_mib())
+        if inputs.eval_batch is not None:  # held-out pairs, fixed noise: after the throughput, which it would skew
           if compiled_eval is None:
-            compiled_eval = compile_step(built.eval_step, mesh, state.params, eval_batch, frozen)
-          evaluated = jax.device_get(compiled_eval(state.params, eval_batch, frozen))
+            compiled_eval = compile_step(built.eval_step, observers.mesh, state.params, inputs.eval_batch, built.frozen)
+          evaluated = jax.device_get(compiled_eval(state.params, inputs.eval_batch, built.frozen))
           metrics.update({f"eval_{k}": float(evaluated[k]) for k in ("loss", "accuracy", "margin") if k in evaluated})
+        observers.summary(step, metrics, (now - last_time) / (step - last_log))
         last_log, last_time = step, time.perf_counter()
         progress.set_postfix(loss=f"{metrics['loss']:.4g}", pairs_s=f"{metrics['pairs_per_s']:.3g}")
         if not np.isfinite(metrics["loss"]):
           logging.warning("step %d: non-finite loss, update skipped (%d so far)", step, metrics["skipped_steps"])
-        metrics_writer.write(step, metrics)
+        observers.metrics.write(step, metrics)
         check_skipped(skip_history, step, int(metrics["skipped_steps"]), config.max_skipped_fraction)
       if step % config.checkpoint_every == 0 or step == config.steps or stop:
-        checkpointer.save(step, state, data_iterator)
+        checkpointer.save(step, state, inputs.data_iterator)
       if config.sample_every and (step % config.sample_every == 0 or step == config.steps):
-        sample_grid(step)
+        observers.sample_grid(step, state.params)
       if config.judge and ((config.judge_every and step % config.judge_every == 0) or step == config.steps):
-        judge_samples(step)
+        observers.judge(step, state.params)
       if stop:
         break
+    if step >= config.steps:
+      observers.finish(step)
     checkpointer.wait()
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() > 1:  # a failed collective: is a peer gone? Then no save can complete: leave
+      lost = lost_processes(config.peer_timeout_s + 30)
+      if lost:
+        checkpointer.abandoned = True  # its save waits for the lost process: never wait on it
+        raise PeerLostError(
+            f"process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))} of {jax.process_count()} stopped "
+            f"answering during step {step + 1} (no heartbeat for config.peer_timeout_s={config.peer_timeout_s} s; "
+            f"this is process {jax.process_index()}): {str(e).splitlines()[0][:200]}. Restart every process to "
+            f"resume from the last complete checkpoint in {checkpointer.directory}") from None
+    checkpointer.finish_or_abandon()
+    raise
   except BaseException:
     checkpointer.finish_or_abandon()
     raise
   finally:
-    progress.close()
-    metrics_writer.close()
+    observers.close()
   checkpointer.close()
   # Every process leaves together: one that exits while another still finalises the checkpoint
   # would leave the other waiting in jax.distributed's shutdown.
   multihost_utils.sync_global_devices("checkpoint closed")
+  return state, step
 
-  # ----------------------------------------------------------------------------------------------
-  # Export: the finished model as a diffusers pipeline folder, if its parameters are sound.
-  # ----------------------------------------------------------------------------------------------
-  if step < config.steps:
-    logging.info("stopped after step %d of %d; run again with --workdir %s to resume", step, config.steps, workdir)
-    print(f"stopped after step {step}; checkpoint in {workdir / CHECKPOINTS}")
-    return
-  judged = judge_log.finish()
+
+# ------------------------------------------------------------------------------------------------------
+# Phase 8. Export: the finished model as a diffusers pipeline folder (or LoRA file), if its parameters
+# are sound.
+# ------------------------------------------------------------------------------------------------------
+def export(run: Run, built: Built, state, first_step: int, initial_norm: float, judged) -> None:
+  config, workdir = run.config, run.workdir
   if judged:
     first, last = judged
     print(f"judge ({config.judge}), step {first['step']} -> {last['step']}: " + ", ".join(
         f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in first if k != "step"))
   check_exportable(state.params, initial_norm, config.max_param_norm_ratio)
   params = convert.host_params(state.params)  # one parameter at a time; every process takes part
-  if lead:
+  if run.lead:
     if not (workdir / "export").exists() or first_step < config.steps:
       if config.lora.rank:  # the adapters alone, as diffusers' save_lora_weights writes them
-        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen.policy)
-        export_lora(nnx.merge(graphdef, params, shapes), workdir / "export")
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), built.frozen.policy)
+        export_lora(nnx.merge(built.graphdef, params, shapes), workdir / "export",
+                    card=run_card(workdir, config.pipeline, config.steps, workdir / "export"))
       else:
-        export_denoiser(nnx.merge(graphdef, params, convert.host_params(frozen.policy)), config.pipeline,
-                        workdir / "export", dtype=config.export_dtype)
+        export_denoiser(nnx.merge(built.graphdef, params, convert.host_params(built.frozen.policy)), config.pipeline,
+                        workdir / "export", dtype=config.export_dtype,
+                        card=run_card(workdir, config.pipeline, config.steps, workdir / "export",
+                                      dtype=config.export_dtype))
     print(f"done: {config.steps} steps in {workdir}\n  checkpoints  {workdir / CHECKPOINTS}\n"
           f"  export       {workdir / 'export'}\n"
           + (f"  samples      {workdir / 'samples'}\n" if config.sample_every else "")
@@ -357,9 +524,46 @@ def main(argv) -> None:
   multihost_utils.sync_global_devices("export")
 
 
+def main(argv) -> None:
+  del argv
+  if _PRINT_CONFIG.value:
+    print("\n".join(f"config.{k} = {v!r}" for k, v in config_lib.flatten(_CONFIG.value).items()))
+    return
+  if not _WORKDIR.value:
+    raise config_lib.UsageError("--workdir is required: the run's output folder (an existing one is resumed)")
+  train(_CONFIG.value, Path(_WORKDIR.value).absolute(), allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+        stop_after=_STOP_AFTER.value)
+
+
+def train(config: ml_collections.ConfigDict, workdir: Path, *, allow_config_change: bool = False,
+          stop_after: int | None = None) -> None:
+  """One run, phase by phase: what `python -m mapo_jax.train` does after parsing its flags."""
+  run = open_run(config, workdir, allow_config_change)
+  try:
+    mesh = make_mesh(run)
+    models = load_models(config, mesh)
+    inputs = open_input(config, mesh, models.pipe)
+    built = build(config, models.family, models.model, models.reference, models.pipe.schedule, models.pipe.latents,
+                  mesh, inputs.empty_prompt)
+    del models.model, models.reference  # their arrays now live in `built` (the trainable ones donated to the state)
+    initial_norm = float(global_norm(built.state.params))  # the starting model's, for the export check
+    state = restore(run, built, inputs.data_iterator)
+    first_step = int(state.step)
+    observers = Observers(run, models.pipe, mesh, built, first_step)
+    state, step = train_loop(run, built, state, inputs, observers, stop_after)
+    if step < config.steps:
+      logging.info("stopped after step %d of %d; run again with --workdir %s to resume", step, config.steps, workdir)
+      print(f"stopped after step {step}; checkpoint in {workdir / CHECKPOINTS}")
+      return
+    export(run, built, state, first_step, initial_norm, observers.judged)
+  finally:
+    run.close()
+
+
 # Errors a user can act on: reported in one line, exit status 1 (no traceback).
 USER_ERRORS = (config_lib.ConfigError, config_lib.UsageError, workdir_lib.WorkdirBusyError, workdir_lib.ConfigChangedError,
-               CheckpointSaveError, NoGoodCheckpointError, DivergedError, FileNotFoundError)
+               CheckpointSaveError, NoGoodCheckpointError, DivergedError, FileNotFoundError, PeerLostError,
+               DamagedShardError)
 
 
 def quiet_orbax(record: pylogging.LogRecord) -> bool:

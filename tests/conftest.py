@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
+CACHE_FLAG = f"--config.compile_cache={XLA_CACHE}"  # trainer subprocesses use the same cache (config.compile_cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 import torch
 from flax import nnx
@@ -283,7 +284,7 @@ def run_trainer(env, workdir, assets, *args, config="configs/demo.py", timeout=6
   import subprocess
   import sys
   cmd = [sys.executable, "-m", "mapo_jax.train", "--config", os.path.join(REPO, config), "--workdir", str(workdir),
-         f"--config.demo_assets={assets}", *([] if judge else ["--config.judge="]), *args]
+         f"--config.demo_assets={assets}", CACHE_FLAG, *([] if judge else ["--config.judge="]), *args]
   proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode != 0:
     raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-5000:]}")

@@ -316,7 +316,7 @@ def test_sharded_and_accumulated_steps_equal_one_device():
   ref_built, ref_mesh = lora_build(lora_config("mapo", eps=1e-3))
   ref_state, ref_metrics = ref_built.train_step(ref_built.state, global_batch(make_batch(), ref_mesh), ref_built.frozen)
   bound = loss_bound("mapo", first_step_errors((1, 1, 1)))
-  for mesh_shape, accum in [((2, 2, 2), 2)]:  # one compile: sharded over all three axes and accumulated
+  for mesh_shape, accum in [((1, 4, 2), 2)]:  # one compile: sharded over fsdp and tensor, and accumulated
     built, mesh = lora_build(lora_config("mapo", mesh=mesh_shape, accum=accum, eps=1e-3))
     state, metrics = built.train_step(built.state, global_batch(make_batch(), mesh), built.frozen)
     assert abs(float(metrics["loss"]) - float(ref_metrics["loss"])) <= bound + 1e-6, (mesh_shape, accum)
@@ -425,7 +425,7 @@ def test_trainer_exports_adapters_and_the_export_cli_writes_kohya_and_fused(
   run_trainer(trainer_env(fast_compile=True), workdir, demo_assets, "--config.objective=dpo", "--config.lora.rank=4",
               "--config.lora.alpha=2.0", "--config.steps=4", "--config.sample_every=0", "--config.log_every=2",
               "--config.checkpoint_every=4", "--config.optim.lr=1e-2")
-  assert sorted(p.name for p in (workdir / "export").iterdir()) == [lora.DIFFUSERS_FILE]
+  assert sorted(p.name for p in (workdir / "export").iterdir()) == sorted([lora.DIFFUSERS_FILE, "README.md"])  # and its model card
   base = demo_assets / "pipeline"
   for args in (["--format", "kohya"], ["--fuse"]):
     export.main(export.parse_flags(["export", "--checkpoint", str(workdir), "--base", str(base),

@@ -4,6 +4,8 @@ equals the large batch for the per-pair objectives, and EMA checkpoints resume b
 
 A tiny two-matrix denoiser with logically-sharded weights stands in for the UNet (the UNet-level wiring is
 tests/test_train_step.py's): compiling it takes well under a second, so every objective gets every test.
+The last test is the exception: DPO's margin at step 0 in the recipes' bf16 numerics needs a real UNet (the
+shipped toy base, mapo_jax/toy/base) and is compared with the official PyTorch step (diffusers' UNet).
 """
 import jax
 import jax.numpy as jnp
@@ -17,9 +19,10 @@ from mapo_jax.training import objectives
 from mapo_jax.training import optim
 from mapo_jax.run.checkpoint import Checkpointer, abstract_like
 from mapo_jax.pipelines import sd
-from mapo_jax.training.train_step import (Frozen, StepConfig, branches, create_sharded_state, draw_noise, jit_train_step,
-                                 make_loss_fn, make_train_step, min_snr_weights, pairs_as_unpaired, per_sample_errors,
-                                 per_sample_statistics, predictions)
+from mapo_jax.training.train_step import (LATENT_KEYS, Frozen, StepConfig, branches, create_sharded_state, draw_noise,
+                                          jit_train_step, make_loss_fn, make_train_step, min_snr_weights,
+                                          pairs_as_unpaired, per_sample_errors, per_sample_statistics, predictions,
+                                          training_latents)
 
 SCHEDULE = diffusion.NoiseSchedule.from_config(dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"))
@@ -67,8 +70,8 @@ CASES = {
     "dpo_hinge": ("dpo", dict(beta=20.0, loss_type="hinge"), {}, False),
     "dpo_ipo": ("dpo", dict(beta=20.0, loss_type="ipo"), {}, False),
     "dmpo": ("dmpo", dict(beta=20.0), {}, False),
-    "dspo_sd15": ("dspo", dict(beta=2.0), {}, False),
-    "dspo_sdxl": ("dspo", dict(beta=20.0, form="sdxl"), {}, False),
+    "dspo_sd15": ("dspo", dict(beta_sd15=2.0), {}, False),
+    "dspo_sdxl": ("dspo", dict(beta_sdxl=20.0, form="sdxl"), {}, False),
     "smpo": ("smpo", dict(beta=20.0, k=2.0, score_scale=3.0), {}, False),
     "kto_unpaired": ("kto", dict(beta=20.0), {}, True),
     "kto_pairs": ("kto", dict(beta=20.0), {}, False),
@@ -175,7 +178,7 @@ def test_sharded_step_equals_single_device(case):
   ref_state, ref_metrics = one_step(case, (1, 1, 1))
   bound = loss_bound(case)
   # One mesh with every axis > 1: the batch split over data x fsdp, the weights over fsdp x tensor.
-  state, metrics = one_step(case, (2, 2, 2))
+  state, metrics = one_step(case, (1, 4, 2))
   assert_same_step(state, metrics, ref_state, ref_metrics, bound)
   assert state.params["w_in"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   assert state.params["w_in"].addressable_shards[0].data.size < state.params["w_in"].size
@@ -261,7 +264,7 @@ def test_min_snr_weights_the_per_sample_errors_in_the_step():
 
 # ---------------------------------------------------------------- EMA
 def test_ema_with_decay_zero_is_the_raw_weights_and_decay_half_averages():
-  mesh, _, state0, _, step, frozen, _ = setup("dmpo", (2, 2, 2), ema_decay=0.0)
+  mesh, _, state0, _, step, frozen, _ = setup("dmpo", (1, 4, 2), ema_decay=0.0)
   batch = global_batch(make_batch(), mesh)
   state = state0
   for _ in range(3):
@@ -269,7 +272,7 @@ def test_ema_with_decay_zero_is_the_raw_weights_and_decay_half_averages():
     for e, p in zip(jax.tree.leaves(state.ema), jax.tree.leaves(state.params)):
       np.testing.assert_array_equal(np.asarray(e), np.asarray(p))
       assert e.sharding == p.sharding
-  mesh, _, state, _, step, frozen, _ = setup("dmpo", (2, 2, 2), ema_decay=0.5)
+  mesh, _, state, _, step, frozen, _ = setup("dmpo", (1, 4, 2), ema_decay=0.5)
   start = jax.tree.map(np.asarray, state.params)
   state, _ = step(state, batch, frozen)
   p1 = jax.tree.map(np.asarray, state.params)
@@ -281,7 +284,7 @@ def test_ema_with_decay_zero_is_the_raw_weights_and_decay_half_averages():
 
 
 def test_resumed_ema_is_bit_identical(tmp_path):
-  mesh, _, state, state_sh, step, frozen, _ = setup("kto_unpaired", (2, 2, 2), ema_decay=0.9)
+  mesh, _, state, state_sh, step, frozen, _ = setup("kto_unpaired", (1, 4, 2), ema_decay=0.9)
   batch = global_batch(make_batch(unpaired=True), mesh)
   for _ in range(2):
     state, _ = step(state, batch, frozen)
@@ -322,3 +325,110 @@ def test_turning_ema_on_at_resume_is_refused_without_moving_the_checkpoint(tmp_p
     checkpointer.restore_latest(abstract_like(with_ema, with_ema_sh))
   assert checkpointer.all_steps() == [0]
   checkpointer.close()
+
+
+# ---------------------------------------------------------------- DPO at step 0 in the recipes' bf16 (issue 25)
+U_BF16 = 2.0 ** -8  # bfloat16's unit roundoff: round to nearest with 8 significant bits, |x - bf16(x)| <= 2^-8 |x|
+STEP0_PAIRS = 16
+
+
+def toy_pairs(pipe, pairs, seed=0):
+  """Random pairs in the toy base's shapes (32 px: 8 x 8 x 4 latents; CLIP widths 24 and 16)."""
+  rng = np.random.default_rng(seed)
+  f = lambda *s: rng.standard_normal(s).astype(np.float32)
+  logvar = np.full((pairs, 8, 8, 4), -8.0, np.float32)
+  moments = lambda: np.concatenate([f(pairs, 8, 8, 4) / pipe.latents.scale, logvar], -1)  # unit-variance latents
+  time_ids = np.tile(np.array([[32, 32, 0, 0, 32, 32]], np.float32), (pairs, 1))
+  return dict(moments_w=moments(), moments_l=moments(), prompt_embeds=f(pairs, 77, 24),
+              pooled_prompt_embeds=f(pairs, 16), time_ids=time_ids)
+
+
+def torch_dpo_step0(base, z, noise, t, cond, beta):
+  """SalesforceAIResearch/DiffusionDPO train.py's first step on these inputs (stacked winners first) with
+  `--mixed_precision bf16`: the policy in float32 under autocast, the reference UNet cast to bf16
+  (`ref_unet.to(weight_dtype)`), latents, noise and conditioning in bf16 (weight_dtype), the policy's output
+  converted to float32 (accelerate), the reference's errors computed in bf16. Returns its per-pair inside and,
+  for the bound, the same UNet's float32 prediction on the float32 inputs."""
+  import copy
+  import torch
+  from diffusers import DDPMScheduler, UNet2DConditionModel
+  unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32).eval()
+  ref = copy.deepcopy(unet).to(torch.bfloat16)
+  sched = DDPMScheduler.from_pretrained(base, subfolder="scheduler")  # train.py's noise_scheduler
+  nchw = lambda x: torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+  t = torch.from_numpy(np.asarray(t)).long()
+
+  def inputs(dtype):
+    eps = nchw(noise).to(dtype)
+    added = {"text_embeds": torch.from_numpy(cond["pooled_prompt_embeds"]).to(dtype),
+             "time_ids": torch.from_numpy(cond["time_ids"]).to(dtype)}
+    noisy = sched.add_noise(nchw(z).to(dtype), eps, t)
+    return eps, (noisy, t, torch.from_numpy(cond["prompt_embeds"]).to(dtype)), added
+
+  with torch.no_grad():
+    eps, args, added = inputs(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+      model_pred = unet(*args, added_cond_kwargs=added).sample
+    model_losses = (model_pred.float() - eps).pow(2).mean(dim=[1, 2, 3]).chunk(2)
+    ref_losses = (ref(*args, added_cond_kwargs=added).sample - eps).pow(2).mean(dim=[1, 2, 3]).chunk(2)
+    inside = -0.5 * beta * ((model_losses[0] - model_losses[1]) - (ref_losses[0] - ref_losses[1]))
+    eps32, args32, added32 = inputs(torch.float32)
+    v = unet(*args32, added_cond_kwargs=added32).sample
+  return inside.double().numpy(), v.double().numpy(), eps32.double().numpy()
+
+
+def test_dpo_margin_at_step_0_in_bf16_is_below_rounding_level():
+  """At policy = reference every DPO inside term is 0; in bf16 it is what the two forwards' rounding leaves, times
+  beta/2. The bound (docs/objectives.md, "DPO at step 0 in bf16") is what two forwards would leave that agree but
+  for one independent round-to-nearest of every output element: p = v + d, q = v + d', with d, d' uniform within
+  half an ulp of v, |d| <= h = u 2^floor(log2 |v|), u = 2^-8 (variance h^2 / 3 each). Per sample they differ by
+  dl = mean_N [(p - t)^2 - (q - t)^2] ~ mean_N 2 r (d - d') (r = v - t), of variance 8 / (3 N^2) sum_N r^2 h^2, N =
+  H W C the number of elements the error averages; |inside_i| = beta/2 |dl_w - dl_l| (Gaussian by the central
+  limit theorem) then has mean sqrt(2/pi) beta/2 sqrt(var_w + var_l). The recipes' step (config defaults: bf16
+  compute on float32 master weights, reference stored in bf16, remat) on the shipped fp16 toy base must stay below
+  that on average over the pairs, and below the official PyTorch step on the same inputs (which rounds the
+  reference's errors themselves to bf16)."""
+  from mapo_jax import config as config_lib
+  from mapo_jax.pipelines import load_pipeline
+  from mapo_jax.toy.demo import BASE
+  from mapo_jax.training.build import build, denoiser_param_dtype, model_options
+
+  config = config_lib.base_config()
+  config.objective, config.global_batch_size, config.accum_steps, config.mesh = "dpo", 1, 1, (1, 1, 1)
+  assert (config.dtype, config.ref_param_dtype) == ("bfloat16", "bfloat16")  # the recipes' numerics
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  options = model_options(config, mesh)
+  model = sd.load_denoiser(BASE, param_dtype=denoiser_param_dtype(config), mesh=mesh, **options)
+  reference = sd.load_denoiser(BASE, param_dtype=jnp.dtype(config.ref_param_dtype), mesh=mesh, **options)
+  pipe = load_pipeline(BASE, ("scheduler", "vae"))
+  built = build(config, sd, model, reference, pipe.schedule, pipe.latents, mesh)
+  beta = float(config.dpo.beta)
+  batch = toy_pairs(pipe, STEP0_PAIRS)
+  # One pair per step, so a step's `margin` is that pair's inside term; every step starts from the initial state
+  # with its own key (its own noise and timestep), drawn here again for the PyTorch step.
+  inside, z, noise, t = [], [], [], []
+  for i in range(STEP0_PAIRS):
+    pair = {k: v[i:i + 1] for k, v in batch.items()}
+    key = jax.random.key(100 + i)
+    draws = draw_noise(jax.random.fold_in(key, 0), pair, pipe.schedule.num_train_timesteps)  # the step's key
+    rng = jax.device_put(jnp.copy(jax.random.key_data(key)), sharding.replicated(mesh))  # the step donates it
+    _, metrics = built.train_step(jax.tree.map(jnp.copy, built.state).replace(rng=rng), global_batch(pair, mesh),
+                                  built.frozen)
+    inside.append(float(metrics["margin"]))
+    z.append(np.asarray(training_latents(pair, draws, pipe.latents, LATENT_KEYS)))
+    noise.append(np.asarray(draws["noise"]))
+    t.append(np.asarray(draws["t"]))
+  inside = np.asarray(inside)
+  z = np.concatenate([x[:1] for x in z] + [x[1:] for x in z])  # winners first, as the step stacks them
+  twice = lambda x: np.concatenate([x, x])
+  cond = {k: twice(batch[k]) for k in ("prompt_embeds", "pooled_prompt_embeds", "time_ids")}
+  official, v, target = torch_dpo_step0(BASE, z, twice(np.concatenate(noise)), twice(np.concatenate(t)), cond, beta)
+
+  n = v[0].size
+  h = U_BF16 * np.exp2(np.frexp(v)[1] - 1.0)  # half an ulp of each output element in bf16
+  var = 8 / (3 * n ** 2) * np.sum(((v - target) * h) ** 2, axis=(1, 2, 3))  # of each sample's dl
+  bound = np.mean(np.sqrt(2 / np.pi) * beta / 2 * np.sqrt(var[:STEP0_PAIRS] + var[STEP0_PAIRS:]))
+  ours, theirs = np.abs(inside).mean(), np.abs(official).mean()
+  print(f"mean |inside| at step 0: ours {ours:.4g}, bound {bound:.4g}, official step {theirs:.4g}")
+  assert ours <= bound, (ours, bound, theirs)
+  assert ours <= theirs, (ours, theirs)

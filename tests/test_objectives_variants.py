@@ -1,5 +1,6 @@
 """The objectives of issue 16 (DPO loss types, DMPO, DSPO, SmPO, Diffusion-KTO) and the Diffusion-SDPO
-safeguard: hand-derived values, and float64 NumPy transcriptions of their sources' code (docs/objectives.md)."""
+safeguard: hand-derived values, and float64 NumPy transcriptions of their sources' code (docs/objectives.md).
+Last, every registered objective at its defaults: a small step from the reference must train the winner."""
 
 import functools
 import math
@@ -122,7 +123,8 @@ def _dspo_inputs(pred, ref, target):
 
 
 def _np_dspo(pred, ref, target, beta, form):
-  """AIDC-AI/Diffusion-SDPO train.py `dspo` on whole prediction arrays, float64."""
+  """huaishengzhu/DSPO train.py `dspo` (the same lines in AIDC-AI/Diffusion-SDPO train.py) on whole prediction
+  arrays, float64."""
   m = lambda x: x.mean(axis=(-3, -2, -1))
   model_losses = m((pred - target) ** 2)  # (2, B)
   ref_losses = m((ref - target) ** 2)
@@ -141,7 +143,7 @@ def test_dspo_matches_transcription(form, ref_offset):
   pred, ref, target = _dspo_arrays(23, ref_offset=ref_offset)
   inputs = {k: v.astype(np.float32) for k, v in _dspo_inputs(pred, ref, target).items()}
   for beta in (5.0, 50.0):  # keeps sigmoid(inside) away from 0 and 1 at these error spreads
-    loss, m = call("dspo", beta=beta, form=form, **inputs)
+    loss, m = call("dspo", form=form, **{f"beta_{form}": beta}, **inputs)
     np.testing.assert_allclose(loss, _np_dspo(pred, ref, target, beta, form), rtol=1e-5)
   assert (float(m["dev_w"]) >= 0.1) == (ref_offset > 0.5)  # both sdxl branches are exercised
 
@@ -301,3 +303,58 @@ def test_new_objectives_finite_at_extreme_errors(name, value):
   loss, metrics = call(name, **{k: inputs[k] for k in names})
   assert np.isfinite(loss) and all(np.isfinite(v) for v in metrics.values())
   assert all(np.isfinite(np.asarray(g)).all() for g in grads.values())
+
+
+# ---------------------------------------------------------------- every objective's defaults train the winner
+def _default_cases():
+  """Every registered objective at its defaults; DSPO in each form (each with its own default beta); the SDPO
+  safeguard on DPO."""
+  cases = [pytest.param(name, {}, "", id=name) for name in obj.OBJECTIVES]
+  cases += [pytest.param("dspo", {"form": form}, "", id=f"dspo-{form}") for form in obj.DSPO_FORMS
+            if form != obj.OBJECTIVES["dspo"].defaults["form"]]
+  return cases + [pytest.param("dpo", {}, "sdpo", id="dpo-sdpo")]
+
+
+@pytest.mark.parametrize("name,override,safeguard", _default_cases())
+def test_a_small_step_at_the_reference_lowers_the_winners_error(name, override, safeguard):
+  """At policy = reference, on per-sample statistics computed from prediction, target and reference tensors (as
+  train_step.per_sample_statistics does), a small gradient step on the predictions must lower every winner's
+  error (KTO: every desirable sample's) and must not lower any loser's error more than its winner's. A default
+  that fails this trains the preferred samples away: DSPO's sd15 form carries (1 - beta c) on the winner's
+  prediction (c = 1/2 at the reference), which beta = 5000 turns into -2499."""
+  b, shape = 6, (8, 8, 4)
+  r = np.random.default_rng(40)
+  target = r.standard_normal((2, b) + shape).astype(np.float32)
+  res_w = r.standard_normal((b,) + shape).astype(np.float32)
+  # The loser's residual correlates with the winner's (same noise and timestep), so the safeguard acts (lambda < 1).
+  res_l = (1.2 * res_w + 0.3 * r.standard_normal((b,) + shape)).astype(np.float32)
+  preds = jnp.asarray(target + np.stack([res_w, res_l]))
+  ref = preds  # policy = reference
+  hparams = dict(obj.OBJECTIVES[name].defaults, **override)
+  emb = r.standard_normal((b, 16)).astype(np.float32)
+  scores = np.sort(r.uniform(18, 24, (2, b)).astype(np.float32), axis=0)[::-1]  # the stored rewards agree: s_w > s_l
+  mean = lambda x: jnp.mean(x, axis=(1, 2, 3))
+
+  def errors(p):
+    return mean(jnp.square(p[0] - target[0])), mean(jnp.square(p[1] - target[1]))
+
+  def loss(p):
+    err_w, err_l = errors(p)
+    s = dict(err_w=err_w, err_l=err_l, ref_err_w=mean(jnp.square(ref[0] - target[0])),
+             ref_err_l=mean(jnp.square(ref[1] - target[1])), dev_w=mean(jnp.square(p[0] - ref[0])),
+             res_dev_w=mean((p[0] - target[0]) * (p[0] - ref[0])), emb=emb, score_w=scores[0], score_l=scores[1])
+    if safeguard:
+      scale = obj.sdpo_loser_scale(err_w, mean((p[0] - target[0]) * (p[1] - target[1])), **obj.SAFEGUARDS[safeguard])
+      assert 0 < float(scale) < 1  # the safeguard is active on these residuals
+      s["err_l"] = obj.scale_gradient(err_l, scale)
+    if obj.OBJECTIVES[name].unpaired:  # the pairs as 2B labelled samples (train_step.pairs_as_unpaired)
+      s = dict(err=jnp.concatenate([s["err_w"], s["err_l"]]), ref_err=jnp.concatenate([s["ref_err_w"], s["ref_err_l"]]),
+               label=jnp.concatenate([jnp.ones(b), -jnp.ones(b)]))
+    return obj.call_objective(name, s, hparams)[0]
+
+  grad = jax.grad(loss)(preds)
+  step = 1e-3 * jnp.linalg.norm(preds - target) / jnp.linalg.norm(grad)  # 0.1 % of the residuals' norm
+  (w0, l0), (w1, l1) = errors(preds), errors(preds - step * grad)
+  dw, dl = np.asarray(w1 - w0), np.asarray(l1 - l0)
+  assert (dw < 0).all(), f"{name} {override} {safeguard}: the winners' errors change by {dw}"
+  assert (dl >= dw).all(), f"{name} {override} {safeguard}: losers {dl} fall more than winners {dw}"

@@ -6,11 +6,12 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, run_trainer
+from conftest import CACHE_FLAG, REPO, run_trainer
 from test_checkpoint import sharded_state
 
 from mapo_jax.toy import demo
@@ -114,7 +115,8 @@ def test_the_trainer_stops_at_once_when_a_save_fails(demo_run, demo_assets, trai
   steps = lambda: {p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()}
   before = steps()
   cmd = [sys.executable, "-m", "mapo_jax.train", "--config", f"{REPO}/configs/demo.py", "--workdir", str(workdir),
-         f"--config.demo_assets={demo_assets}", "--config.steps=80", "--config.sample_every=0", "--config.judge="]
+         f"--config.demo_assets={demo_assets}", CACHE_FLAG, "--config.steps=80", "--config.sample_every=0",
+         "--config.judge="]
   # No file may grow past 64 KiB, as on a full disk: `ulimit -f` (Python ignores SIGXFSZ, writes fail EFBIG).
   proc = subprocess.run(["bash", "-c", 'ulimit -f 64 && exec "$@"', "bash", *cmd], env=trainer_env(), cwd=REPO,
                         capture_output=True, text=True, timeout=300)
@@ -129,6 +131,44 @@ def test_the_trainer_stops_at_once_when_a_save_fails(demo_run, demo_assets, trai
 
 
 # --- divergence and sampling crashes --------------------------------------------------------------------
+
+STALL = """
+import os, pathlib, time
+_rename, _replace = os.rename, os.replace
+def _stall(original):
+  def call(src, dst, *args, **kwargs):  # the commit of one checkpoint step never returns, as on a hung mount
+    if pathlib.Path(dst).name == os.environ["STALL_STEP"] and "orbax-checkpoint-tmp" in str(src):
+      time.sleep(3600)
+    return original(src, dst, *args, **kwargs)
+  return call
+os.rename, os.replace = _stall(_rename), _stall(_replace)
+"""
+
+
+def test_a_stalled_save_stops_the_run_within_the_save_timeout(demo_assets, trainer_env, tmp_path):
+  """The workdir stops answering during the save of step 4 (a test-side hook in the trainer process: the
+  commit's rename never returns, as on a hung GCS-FUSE or NFS mount). The run stops with one line naming the
+  path within config.save_timeout_s of the save's start, and step 2 stays the intact newest checkpoint."""
+  hook = tmp_path / "hook"
+  hook.mkdir()
+  (hook / "sitecustomize.py").write_text(STALL)
+  env = trainer_env(STALL_STEP="4")
+  env["PYTHONPATH"] = f"{hook}{os.pathsep}{env['PYTHONPATH']}"
+  workdir = tmp_path / "run"
+  start = time.time()
+  proc = run_trainer(env, workdir, demo_assets, "--config.steps=8", "--config.checkpoint_every=2",
+                     "--config.save_timeout_s=5", "--config.sample_every=0", check=False, timeout=300)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  error = proc.stderr.strip().splitlines()[-1]
+  assert error.startswith("error: saving step 4 to ") and str(workdir / "checkpoints") in error
+  assert "config.save_timeout_s=5" in error and "newest: step 2" in error
+  assert time.time() - start < 240
+  checkpointer = Checkpointer(workdir / "checkpoints")
+  assert checkpointer.latest_step() == 2 and checkpointer.all_steps() == [2]
+  checkpointer.close()
+  resumed = run_trainer(trainer_env(), workdir, demo_assets, "--config.steps=3", "--config.sample_every=0")
+  assert "compiled the train step" in resumed.stderr  # step 2 restored and trained on
+
 
 def test_a_diverged_run_stops_with_an_error_and_exports_nothing(demo_assets, trainer_env, tmp_path):
   proc = run_trainer(trainer_env(), tmp_path, demo_assets, "--config.optim.lr=1e6", "--config.sample_every=0",

@@ -29,7 +29,7 @@ def test_shipped_pipeline_is_fp16_and_runs_in_diffusers():
   for weights in demo.BASE.glob("*/*.safetensors"):
     with safe_open(weights, "np") as f:
       assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, weights
-  pipe = StableDiffusionXLPipeline.from_pretrained(demo.BASE, torch_dtype=torch.float32)  # CPU: no fp16 matmuls
+  pipe = StableDiffusionXLPipeline.from_pretrained(demo.BASE, dtype=torch.float32)  # CPU: no fp16 matmuls
   assert pipe.unet.config.sample_size * pipe.vae_scale_factor == tp.SIZE
   images = pipe("a red circle", num_inference_steps=2, output_type="np",
                 generator=torch.Generator().manual_seed(0)).images

@@ -7,7 +7,7 @@ import sys
 import time
 
 import numpy as np
-from conftest import REPO, run_trainer
+from conftest import CACHE_FLAG, REPO, run_trainer
 from PIL import Image
 from safetensors.numpy import load_file
 
@@ -68,27 +68,45 @@ def test_stopped_and_resumed_run_is_bit_identical(demo_run, demo_assets, trainer
       assert m["loss"] == by_step[m["step"]], m["step"]
 
 
-def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(demo_assets, trainer_env, tmp_path):
-  cmd = [sys.executable, "-m", "mapo_jax.train", "--config", f"{REPO}/configs/demo.py", "--workdir", str(tmp_path),
-         f"--config.demo_assets={demo_assets}", "--config.steps=100000", "--config.log_every=1",
+def test_the_running_trainer_holds_its_workdir_then_sigterm_checkpoints_and_resumes(demo_assets, trainer_env,
+                                                                                   tmp_path):
+  """Trainer A runs; trainer B on the same workdir exits at once naming A's pid and writes nothing; SIGTERM
+  then makes A checkpoint and exit 0; the workdir resumes from that checkpoint and finishes, loading every
+  program from A's compilation cache (config.compile_cache): the cache gains no entry."""
+  cache = tmp_path / "xla"
+  env = trainer_env(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # every program cached: counts are exact
+  workdir, flag = tmp_path / "run", f"--config.compile_cache={cache}"
+  cmd = [sys.executable, "-m", "mapo_jax.train", "--config", f"{REPO}/configs/demo.py", "--workdir", str(workdir),
+         f"--config.demo_assets={demo_assets}", flag, "--config.steps=100000", "--config.log_every=1",
          "--config.sample_every=0", "--config.checkpoint_every=100000", "--config.judge="]
-  proc = subprocess.Popen(cmd, env=trainer_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
-  while not ((tmp_path / "metrics.jsonl").exists() and metrics(tmp_path)):  # training has started
+  while not ((workdir / "metrics.jsonl").exists() and metrics(workdir)):  # training has started
     assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
     time.sleep(0.2)
+  config_before = (workdir / "config.json").read_text()
+  start = time.time()
+  second = run_trainer(env, workdir, demo_assets, flag, "--config.steps=3", check=False, timeout=120)
+  assert second.returncode == 1 and time.time() - start < 60, second.stderr[-3000:]
+  error = second.stderr.strip().splitlines()[-1]
+  assert error.startswith("error: ") and "in use by another trainer" in error and f"pid {proc.pid}" in error
+  assert (workdir / "config.json").read_text() == config_before  # B wrote nothing
+  assert proc.poll() is None  # A goes on
   proc.send_signal(signal.SIGTERM)
   _, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 0, stderr[-3000:]
-  steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir()]
+  steps = [int(p.name) for p in (workdir / "checkpoints").iterdir()]
   assert len(steps) == 1 and steps[0] >= 1
   stopped = steps[0]
-  assert metrics(tmp_path)[-1]["step"] == stopped
-  # The same workdir resumes from that checkpoint and finishes two steps later.
-  run_trainer(trainer_env(), tmp_path, demo_assets, f"--config.steps={stopped + 2}", "--config.log_every=1",
-              "--config.sample_every=0")
-  assert [m["step"] for m in metrics(tmp_path)][-2:] == [stopped + 1, stopped + 2]
-  assert (tmp_path / UNET_WEIGHTS).exists()
+  assert metrics(workdir)[-1]["step"] == stopped
+  # The same workdir resumes from that checkpoint and finishes two steps later, compiling nothing new.
+  entries = sorted(p.name for p in cache.iterdir())
+  resumed = run_trainer(env, workdir, demo_assets, flag, f"--config.steps={stopped + 2}", "--config.log_every=1",
+                        "--config.sample_every=0")
+  assert sorted(p.name for p in cache.iterdir()) == entries
+  assert "compiled the train step in" in resumed.stderr
+  assert [m["step"] for m in metrics(workdir)][-2:] == [stopped + 1, stopped + 2]
+  assert (workdir / UNET_WEIGHTS).exists()
 
 
 def test_resume_with_empty_prompts_label_noise_and_eval_is_bit_identical(demo_assets, trainer_env, tmp_path):

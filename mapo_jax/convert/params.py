@@ -8,6 +8,12 @@ with dots, with the leaf renamed and the layout transposed:
 Loading checks every key: all missing, unexpected and mis-shaped keys are reported in one error.
 With target shardings, each device's block of a parameter is read, transposed and cast on the host
 alone (weights born sharded: no device ever holds a whole sharded parameter).
+
+Scanned stacks (models/layers.py `ScannedBlocks`): a parameter whose path passes through the attribute
+`STACK` holds N blocks' values on a leading `LAYER_AXIS` axis; it is N checkpoint keys, `STACK` replaced by
+the block index: `transformer_blocks.stack.attn1.to_q.kernel` (N, in, out) ⇄ `transformer_blocks.{i}.attn1
+.to_q.weight` (out, in). State dicts list the keys in the order of the unrolled model, so files written
+from a scanned model are the unrolled model's, byte for byte.
 """
 from __future__ import annotations
 
@@ -23,17 +29,55 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+STACK = "stack"  # the attribute of a scanned stack that holds its stacked block (no diffusers module name)
+LAYER_AXIS = "layers"  # the logical name of a stacked variable's leading (block) axis
 
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint whose keys or shapes do not match the model built from its config."""
 
 
-def torch_key(path: tuple) -> str:
-  *modules, leaf = (str(p) for p in path)
+def stack_position(path: tuple) -> int | None:
+  """Where `STACK` sits in a variable's path (a variable of a scanned stack), or None."""
+  at = [i for i, p in enumerate(path) if p == STACK]
+  if len(at) > 1:
+    raise ValueError(f"{'.'.join(map(str, path))}: scanned stacks inside scanned stacks are not supported")
+  return at[0] if at else None
+
+
+def unstacked_path(path: tuple, layer: int | None) -> tuple:
+  """The variable's path in the unrolled model: `STACK` replaced by the block index `layer`."""
+  at = stack_position(path)
+  if at is None:
+    return tuple(path)
+  if layer is None:
+    raise ValueError(f"{'.'.join(map(str, path))} is stacked: name one of its blocks")
+  return (*path[:at], layer, *path[at + 1:])
+
+
+def unrolled_order(path: tuple, layer: int | None = None) -> tuple:
+  """A sort key that lists variables (and a stack's blocks) in the unrolled model's `nnx.iter_graph` order:
+  attribute names sorted, list indices by number."""
+  return tuple((isinstance(p, str), p) for p in unstacked_path(path, layer))
+
+
+def torch_key(path: tuple, layer: int | None = None) -> str:
+  """The checkpoint key of a parameter; of its block `layer` for a parameter of a scanned stack."""
+  *modules, leaf = (str(p) for p in unstacked_path(path, layer))
   if leaf not in _LEAF_TO_TORCH:
     raise KeyError(f"parameter {'.'.join(map(str, path))} has no PyTorch name rule")
   return ".".join([*modules, _LEAF_TO_TORCH[leaf]])
+
+
+def stacked_layers(path: tuple, var) -> int | None:
+  """N for a variable of a scanned stack (its leading axis, named LAYER_AXIS), None for any other."""
+  if stack_position(path) is None:
+    return None
+  axes = var.get_metadata().get("axes") or ()
+  if not axes or axes[0] != LAYER_AXIS:
+    raise ValueError(f"{'.'.join(map(str, path))} lies in a scanned stack but its leading axis is {axes[:1]}, "
+                     f"not {LAYER_AXIS!r}")
+  return int(var.shape[0])
 
 
 def _layout(leaf: str, ndim: int) -> tuple[int, ...]:
@@ -103,20 +147,24 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *, source:
   """
   ignore = [re.compile(p) for p in ignore]
   params = _params(model)
-  expected = {torch_key(path): path for path in params}
+  expected = {}  # checkpoint key -> (path, block index of a stacked parameter or None)
+  for path, var in params.items():
+    n = stacked_layers(path, var)
+    for layer in ([None] if n is None else range(n)):
+      expected[torch_key(path, layer)] = (path, layer)
   missing = sorted(set(expected) - set(state_dict))
   unexpected = sorted(k for k in set(state_dict) - set(expected) if not any(p.fullmatch(k) for p in ignore))
-  mis_shaped, plan = [], []
+  mis_shaped, plan = [], {}
   for key in sorted(set(expected) & set(state_dict)):
-    path = expected[key]
-    var = params[path]
-    want = tuple(var.shape[i] for i in np.argsort(_layout(str(path[-1]), len(var.shape))))
+    path, layer = expected[key]
+    shape = tuple(params[path].shape)[0 if layer is None else 1:]
+    want = tuple(shape[i] for i in np.argsort(_layout(str(path[-1]), len(shape))))
     tensor = state_dict[key]
-    shape = tuple(tensor.shape) if fix is None else np.shape(fix(key, np.asarray(tensor), want))
-    if shape != want:
-      mis_shaped.append(f"{key}: checkpoint {shape}, model {want}")
+    got = tuple(tensor.shape) if fix is None else np.shape(fix(key, np.asarray(tensor), want))
+    if got != want:
+      mis_shaped.append(f"{key}: checkpoint {got}, model {want}")
       continue
-    plan.append((path, var, key, tensor, want))
+    plan.setdefault(path, {})[layer] = (key, tensor, want)
   if missing or unexpected or mis_shaped:
     lines = [f"{source} does not match the model built from its config:"]
     for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
@@ -127,8 +175,11 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *, source:
     raise CheckpointMismatchError("\n".join(lines))
   if callable(shardings):
     shardings = shardings(model)
-  for path, var, key, tensor, want in plan:
-    read = functools.partial(_host_block, tensor, key, str(path[-1]), want, var.get_value().dtype, fix)
+  for path, layers in plan.items():
+    var = params[path]
+    reads = {layer: functools.partial(_host_block, tensor, key, str(path[-1]), want, var.get_value().dtype, fix)
+             for layer, (key, tensor, want) in layers.items()}
+    read = reads[None] if None in reads else functools.partial(_stacked_block, reads)
     if shardings is None:
       var.set_value(jnp.asarray(read()))
       continue
@@ -141,6 +192,15 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *, source:
       return blocks[at]
 
     var.set_value(jax.make_array_from_callback(tuple(var.shape), _subtree(shardings, path), block))
+
+
+def _stacked_block(reads: Mapping[int, Callable], index: tuple | None = None) -> np.ndarray:
+  """A stacked parameter (or its `index` block) from its blocks' readers: the leading index picks blocks,
+  the rest is each block's index (the stacked axis is replicated, so a device usually reads all N)."""
+  layers = range(len(reads))
+  if index is not None:
+    layers, index = layers[index[0]], tuple(index[1:])
+  return np.stack([reads[layer](index) for layer in layers])
 
 
 def host_params(params: Any, dtype=None) -> Any:
@@ -161,11 +221,15 @@ def host_params(params: Any, dtype=None) -> Any:
 
 
 def state_dict(model: nnx.Module, dtype=None) -> dict[str, np.ndarray]:
-  """The model's parameters as a PyTorch state dict of numpy arrays (optionally cast to `dtype`)."""
-  out = {}
+  """The model's parameters as a PyTorch state dict of numpy arrays (optionally cast to `dtype`); a scanned
+  stack's parameters as their blocks' keys, every key in the unrolled model's order."""
+  entries = []
   for path, var in _params(model).items():
     value = np.asarray(jax.device_get(var.get_value()))
     if dtype is not None:
       value = value.astype(dtype)
-    out[torch_key(path)] = to_torch_layout(str(path[-1]), value)
-  return out
+    n = stacked_layers(path, var)
+    entries.extend([(path, None, value)] if n is None else [(path, i, value[i]) for i in range(n)])
+  if any(layer is not None for _, layer, _ in entries):
+    entries.sort(key=lambda e: unrolled_order(e[0], e[1]))
+  return {torch_key(path, layer): to_torch_layout(str(path[-1]), value) for path, layer, value in entries}

@@ -18,7 +18,12 @@ own RNG. Checkpoint the iterator with grain's Orbax handler:
     it = iter(cached_loader(...))
     manager.save(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it), ...))
     manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(it), ...))
+
+The cache is read through `cache.open_records`: opening checks every shard's size and record count
+against the manifest, and a record that does not read raises `cache.DamagedShardError` naming the
+shard file and the record (see mapo_jax/data/cache.py).
 """
+from __future__ import annotations
 
 import concurrent.futures
 import functools
@@ -30,7 +35,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from mapo_jax.data.cache import ENCODED_KEYS, PAIRS, EncodeFn, RecordLayout, read_manifest, record_kind
+from mapo_jax.data.cache import ENCODED_KEYS, PAIRS, EncodeFn, open_records, record_kind
 from mapo_jax.data.pairs import Counts, prepare_pair, prepare_rows
 from mapo_jax.data.sources import SCORE_KEYS, Source
 
@@ -97,17 +102,12 @@ def cached_loader(cache_dir: str | Path, *, batch_size: int, seed: int, num_epoc
   sharding: if given, yields global jax.Arrays; else per-process numpy arrays.
   process_index/count: default to jax's; pass them to build one process's view explicitly.
   """
-  manifest = read_manifest(cache_dir)
-  layout = RecordLayout.from_json(manifest["record"])
-  files = [str(Path(cache_dir) / s["file"]) for s in manifest["shards"] if s["pairs"]]
-  records = grain.sources.ArrayRecordDataSource(files)
-  if len(records) != manifest["pairs"]:
-    raise ValueError(f"{cache_dir}: shards hold {len(records)} records, manifest says {manifest['pairs']}")
+  records = open_records(cache_dir)  # checked at open; a bad record raises naming its shard
 
   def finish(batch):
     return batch if dtype is None else {k: v.astype(dtype, copy=False) for k, v in batch.items()}
 
-  return _batches(_training_subset(grain.MapDataset.source(records), holdout), layout.deserialize, finish,
+  return _batches(_training_subset(grain.MapDataset.source(records), holdout), lambda record: record, finish,
                   batch_size=batch_size,
                   seed=seed, num_epochs=num_epochs, sharding=sharding, process_index=process_index,
                   process_count=process_count, num_threads=num_threads)
@@ -149,13 +149,10 @@ def onthefly_loader(source: Source, encode_fn: EncodeFn, *, resolution: int, bat
 def cached_eval_batch(cache_dir: str | Path, holdout: int) -> dict[str, np.ndarray]:
   """The `holdout` pairs `cached_loader(..., holdout=holdout)` leaves out, as one float32 batch (every
   process reads all of them)."""
-  manifest = read_manifest(cache_dir)
-  layout = RecordLayout.from_json(manifest["record"])
-  files = [str(Path(cache_dir) / s["file"]) for s in manifest["shards"] if s["pairs"]]
-  records = grain.sources.ArrayRecordDataSource(files)
+  records = open_records(cache_dir)
   _, held = holdout_split(len(records), holdout)
-  pairs = [layout.deserialize(records[int(i)]) for i in held]
-  return {k: np.stack([p[k] for p in pairs]).astype(np.float32) for k in layout.keys}
+  pairs = [records[int(i)] for i in held]
+  return {k: np.stack([p[k] for p in pairs]).astype(np.float32) for k in records.layout.keys}
 
 
 def onthefly_eval_batch(source: Source, encode_fn: EncodeFn, holdout: int, *, resolution: int, seed: int,

@@ -1,18 +1,28 @@
-"""Basic layers shared by the UNet, the VAE and the CLIP text towers.
+"""Basic layers shared by the UNet, the VAE and the CLIP text towers, and stacks of identical blocks.
 
 Layout is NHWC. Parameters are created in `param_dtype` and cast to the compute `dtype` at use;
 normalisation statistics are always float32. Every parameter carries logical axis names in its
 `axes` metadata; `mapo_jax.sharding` maps them to mesh axes. Attribute names (`kernel`, `bias`,
 `scale`, `embedding`) are translated to PyTorch names in `mapo_jax.convert`.
+
+A stack of N identical blocks (SDXL's ten-deep transformer stacks, FLUX's 19 + 38 blocks) is either an
+`nnx.List` run block by block, or, with `Options.scan`, a `ScannedBlocks` whose parameters are stacked on a
+leading "layers" axis and run by `jax.lax.scan`: XLA then compiles the block once instead of N times
+(MaxText's `scan_layers`; maxdiffusion scans its FLUX and Wan blocks the same way). `block_stack` builds
+either, `run_blocks` runs either; `mapo_jax.convert` maps a stacked parameter to and from the N per-block
+checkpoint keys, so files keep the diffusers layout.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from mapo_jax.convert.params import LAYER_AXIS, STACK
 
 Dtype = jnp.dtype
 
@@ -189,11 +199,13 @@ REMAT_POLICIES = {
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-  """How the model computes (not what it is): dtypes, attention kernel, rematerialisation."""
+  """How the model computes (not what it is): dtypes, attention kernel, rematerialisation, and whether
+  stacks of identical blocks are scanned (`block_stack`: the same function, compiled once per stack)."""
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention: str | None = None
   remat: str = "none"
+  scan: bool = False
 
   def __post_init__(self):
     if self.remat not in REMAT_POLICIES:
@@ -211,6 +223,85 @@ def remat_call(module: nnx.Module, policy: str, *args):
     return module(*args)
   graphdef, state = nnx.split(module)
   return jax.checkpoint(lambda s, *a: nnx.merge(graphdef, s)(*a), policy=REMAT_POLICIES[policy])(state, *args)
+
+
+def _remat_policy(policy: str):
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"remat policy {policy!r} is not one of {sorted(REMAT_POLICIES)}")
+  return REMAT_POLICIES[policy]
+
+
+class ScannedBlocks(nnx.Module):
+  """N identical blocks run in order by `jax.lax.scan`: one block's code, compiled once.
+
+  The blocks are built by `make()` N times, exactly as an `nnx.List` of them would be (same random draws,
+  in the same order), then every variable of the first block takes the N blocks' values stacked on a new
+  leading axis, named `LAYER_AXIS` ("layers", replicated by mapo_jax.sharding). That block, held as
+  attribute `STACK` ("stack"), is the stack: a parameter `transformer_blocks.stack.attn1.to_q.kernel` of
+  shape (N, in, out) is what `transformer_blocks.{i}.attn1.to_q.kernel` are unrolled (mapo_jax.convert maps
+  it to and from those N checkpoint keys). Variables attached later (LoRA adapters, their dropout keys)
+  must be stacked the same way: the scan slices every variable of the stack along its leading axis.
+
+  Call: `stack(carry, *args, remat=policy)` = block_{N-1}(...block_1(block_0(carry, *args), *args)...). A
+  tuple carry is splatted: `block(*carry, *args)` must then return a tuple of the same structure (FLUX's
+  double blocks: (x, context)). The extra `args` (context, temb, rotary embeddings) go to every block. The
+  remat policy applies inside the scanned body, per block, as `remat_call` applies it to unrolled blocks.
+  """
+
+  def __init__(self, make: Callable[[], nnx.Module], n: int):
+    if n < 1:
+      raise ValueError(f"a scanned stack needs at least one block, got {n}")
+    blocks = [make() for _ in range(n)]
+    graphdef = nnx.graphdef(blocks[0])
+    variables = [{p: v for p, v in nnx.iter_graph(b) if isinstance(v, nnx.Variable)} for b in blocks]
+    if any(nnx.graphdef(b) != graphdef for b in blocks[1:]):
+      raise ValueError(f"the blocks of a scanned stack must be identical in structure; {type(blocks[0]).__name__} "
+                       "built different modules or variables for different blocks")
+    for path, var in variables[0].items():
+      axes = var.get_metadata().get("axes") or (None,) * len(var.shape)
+      var.set_value(jnp.stack([v[path].get_value() for v in variables]))
+      var.set_metadata("axes", (LAYER_AXIS, *axes))
+    setattr(self, STACK, blocks[0])
+    self.length = n
+
+  def __len__(self) -> int:
+    return self.length
+
+  def __call__(self, carry, *args, remat: str = "none"):
+    graphdef, state = nnx.split(getattr(self, STACK))
+    policy = _remat_policy(remat)
+    splat = isinstance(carry, tuple)
+
+    def block(layer_state, carry):
+      module = nnx.merge(graphdef, layer_state)
+      out = module(*carry, *args) if splat else module(carry, *args)
+      # A scan's carry keeps its type: a block that widens its input (bf16 -> f32) is cast back.
+      return jax.tree.map(lambda o, c: o.astype(c.dtype), out, carry)
+
+    if policy is not None:
+      block = jax.checkpoint(block, policy=policy)
+    carry, _ = jax.lax.scan(lambda c, layer_state: (block(layer_state, c), None), carry, state, length=self.length)
+    return carry
+
+
+def block_stack(make: Callable[[], nnx.Module], n: int, *, scan: bool) -> nnx.List | ScannedBlocks:
+  """N blocks from `make()`: a `ScannedBlocks` when `scan` and N > 1, else an `nnx.List` (a stack of one
+  gains nothing from a scan). The one-line swap for `nnx.List([make() for _ in range(n)])`; run it with
+  `run_blocks`."""
+  if scan and n > 1:
+    return ScannedBlocks(make, n)
+  return nnx.List([make() for _ in range(n)])
+
+
+def run_blocks(blocks: nnx.List | ScannedBlocks, policy: str, carry, *args):
+  """Runs a `block_stack` in order on `carry` (an array, or a tuple splatted into each block's first
+  arguments), passing `args` to every block, each block rematerialised per `policy` (`remat_call`)."""
+  if isinstance(blocks, ScannedBlocks):
+    return blocks(carry, *args, remat=policy)
+  for block in blocks:
+    carry = (remat_call(block, policy, *carry, *args) if isinstance(carry, tuple)
+             else remat_call(block, policy, carry, *args))
+  return carry
 
 
 class Downsample2D(nnx.Module):

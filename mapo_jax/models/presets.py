@@ -66,3 +66,60 @@ BENCH_TINY_UNET = dict(
     transformer_layers_per_block=[1, 2], norm_num_groups=8, addition_time_embed_dim=8,
     projection_class_embeddings_input_dim=32 + 6 * 8, sample_size=8)
 UNETS["bench_tiny"] = BENCH_TINY_UNET
+
+
+# --- FLUX.1 transformers (diffusers FluxTransformer2DModel config.json contents) ---------------------------------
+# black-forest-labs/FLUX.1-dev and FLUX.1-schnell `transformer/config.json`: 19 double-stream and 38 single-stream
+# blocks, 24 heads x 128, T5 context 4096, CLIP pooled 768, 2x2-packed 16-channel latents (in 64). The published
+# files leave axes_dims_rope at diffusers' default (16, 56, 56); it is written out here. Only dev is
+# guidance-distilled (guidance_embeds: a guidance_embedder).
+FLUX1_DEV_TRANSFORMER = dict(
+    attention_head_dim=128, axes_dims_rope=[16, 56, 56], guidance_embeds=True, in_channels=64,
+    joint_attention_dim=4096, num_attention_heads=24, num_layers=19, num_single_layers=38, patch_size=1,
+    pooled_projection_dim=768)
+FLUX1_SCHNELL_TRANSFORMER = dict(FLUX1_DEV_TRANSFORMER, guidance_embeds=False)
+
+# The same layout (both block kinds, two of each, 3-axis RoPE summing to head_dim) at width 16.
+TINY_FLUX_TRANSFORMER = dict(
+    attention_head_dim=8, axes_dims_rope=[2, 2, 4], guidance_embeds=True, in_channels=16, joint_attention_dim=16,
+    num_attention_heads=2, num_layers=2, num_single_layers=2, patch_size=1, pooled_projection_dim=12)
+TINY_FLUX_SCHNELL_TRANSFORMER = dict(TINY_FLUX_TRANSFORMER, guidance_embeds=False)
+
+# The tiny layout at FLUX.1's latent width, as a FluxPipeline packs it: 16 VAE channels in 2x2 patches (in_channels
+# 64), T5 width 32, CLIP pooled width 16. The pipelines' tiny presets (aot, bench/unet_forward.py).
+TINY_FLUX_PIPELINE_TRANSFORMER = dict(TINY_FLUX_TRANSFORMER, in_channels=64, joint_attention_dim=32,
+                                      pooled_projection_dim=16)
+TINY_FLUX_PIPELINE_SCHNELL_TRANSFORMER = dict(TINY_FLUX_PIPELINE_TRANSFORMER, guidance_embeds=False)
+
+# Named FLUX transformers (aot --architecture); names are unique across families (the UNets have "tiny").
+FLUX_TRANSFORMERS = {"flux1_dev": FLUX1_DEV_TRANSFORMER, "flux1_schnell": FLUX1_SCHNELL_TRANSFORMER,
+                     "tiny_flux": TINY_FLUX_PIPELINE_TRANSFORMER,
+                     "tiny_flux_schnell": TINY_FLUX_PIPELINE_SCHNELL_TRANSFORMER}
+
+
+# --- SD3 / SD3.5 MMDiT transformers (diffusers SD3Transformer2DModel config.json contents) -----------------------
+# stabilityai/stable-diffusion-3.5-medium and -large `transformer/config.json`. Checked against diffusers 0.42
+# (loaders/single_file_utils.py): medium's position table has 147456 = 384² entries (SD3 medium's 36864 = 192²),
+# its context adaLN 9216 = 6 · 1536 outputs (24 heads x 64); large has blocks 0..37, no attn2 (dual attention
+# found from attn2 keys). The other values (large: pos_embed_max_size 192, 38 heads, caption 2432, qk rms_norm;
+# both: sample_size 128, joint 4096, pooled 2048) agree across public copies of the published files; the large
+# file carries no dual_attention_layers key (diffusers' default: none).
+SD35_MEDIUM_TRANSFORMER = dict(
+    attention_head_dim=64, caption_projection_dim=1536, dual_attention_layers=list(range(13)), in_channels=16,
+    joint_attention_dim=4096, num_attention_heads=24, num_layers=24, out_channels=16, patch_size=2,
+    pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm", sample_size=128)
+SD35_LARGE_TRANSFORMER = dict(
+    attention_head_dim=64, caption_projection_dim=2432, in_channels=16, joint_attention_dim=4096,
+    num_attention_heads=38, num_layers=38, out_channels=16, patch_size=2, pooled_projection_dim=2048,
+    pos_embed_max_size=192, qk_norm="rms_norm", sample_size=128)
+
+# Tiny layouts: SD3 (no qk norm, no dual attention; joint blocks then the context_pre_only last block) and SD3.5
+# medium's (qk rms_norm, attn2 in the first half of the blocks, the last block plain). Width 32 (4 heads x 8);
+# the position table (12², base 4 patches) is larger than the sample grid, as in the released models.
+TINY_SD3_TRANSFORMER = dict(
+    attention_head_dim=8, caption_projection_dim=32, in_channels=4, joint_attention_dim=24, num_attention_heads=4,
+    num_layers=3, out_channels=4, patch_size=2, pooled_projection_dim=20, pos_embed_max_size=12, sample_size=8)
+TINY_SD35_TRANSFORMER = dict(TINY_SD3_TRANSFORMER, num_layers=4, dual_attention_layers=[0, 1], qk_norm="rms_norm")
+
+SD3_TRANSFORMERS = {"sd35_medium": SD35_MEDIUM_TRANSFORMER, "sd35_large": SD35_LARGE_TRANSFORMER,
+                    "tiny_sd3": TINY_SD3_TRANSFORMER, "tiny_sd35": TINY_SD35_TRANSFORMER}

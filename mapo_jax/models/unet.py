@@ -2,7 +2,9 @@
 
 Covers the options used by SDXL base/refiner-style, SD 1.x and SD 2.x UNets; any other value of a
 config option fails at construction with an error naming the key. Attribute names mirror diffusers'
-module names so `mapo_jax.convert` maps weights by path.
+module names so `mapo_jax.convert` maps weights by path. With `Options.scan`, each Transformer2DModel's
+`transformer_blocks` (diffusers' ModuleList of identical BasicTransformerBlocks, `transformer_layers_per_block`
+deep: SDXL's ten at the 32x32 level) is a scanned stack (layers.ScannedBlocks), compiled once per stack.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from flax import nnx
 from mapo_jax import convert, sharding
 from mapo_jax.models.attention import Attention
 from mapo_jax.models.layers import (Conv2d, Downsample2D, Dropout, GroupNorm, LayerNorm, Linear,
-                                    Options, Upsample2D, remat_call)
+                                    Options, Upsample2D, block_stack, remat_call, run_blocks)
 
 # diffusers' defaults for every UNet2DConditionModel option (diffusers 0.42).
 DIFFUSERS_DEFAULTS: dict[str, Any] = {
@@ -245,16 +247,15 @@ class Transformer2DModel(nnx.Module):
     else:  # a 1×1 convolution is the same map on NHWC tokens
       self.proj_in = Conv2d(channels, inner, 1, **kw)
       self.proj_out = Conv2d(inner, channels, 1, **kw)
-    self.transformer_blocks = nnx.List([
-        BasicTransformerBlock(inner, heads, dim_head, cross_dim, upcast=cfg.upcast_attention, opts=opts,
-                              rngs=rngs) for _ in range(depth)])
+    self.transformer_blocks = block_stack(
+        lambda: BasicTransformerBlock(inner, heads, dim_head, cross_dim, upcast=cfg.upcast_attention, opts=opts,
+                                      rngs=rngs), depth, scan=opts.scan)
     self.remat = opts.remat
 
   def __call__(self, x, context):
     b, h, w, c = x.shape
     tokens = self.proj_in(self.norm(x)).reshape(b, h * w, -1)
-    for block in self.transformer_blocks:
-      tokens = remat_call(block, self.remat, tokens, context)
+    tokens = run_blocks(self.transformer_blocks, self.remat, tokens, context)
     return self.proj_out(tokens.reshape(b, h, w, -1)) + x.astype(tokens.dtype)
 
 
@@ -399,15 +400,17 @@ class UNet2DConditionModel(nnx.Module):
 
 
 def load_unet(path, dtype=jnp.float32, *, param_dtype=jnp.float32, attention: str | None = None,
-              remat: str = "none", variant: str | None = None, mesh=None) -> UNet2DConditionModel:
+              remat: str = "none", scan: bool = False, variant: str | None = None, mesh=None
+              ) -> UNet2DConditionModel:
   """Loads a diffusers UNet folder (or a pipeline folder's `unet/`) without PyTorch.
 
   With `mesh`, every parameter is born sharded by the logical-axis rules (sharding.model_shardings):
-  each device receives only its block, cast to `param_dtype` on the host.
+  each device receives only its block, cast to `param_dtype` on the host. With `scan`, the transformer
+  stacks are scanned (Options.scan); the folder's per-block keys fill the stacked parameters.
   """
   folder = convert.model_folder(path, "unet")
   config = convert.read_config(folder)
-  options = Options(dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat)
+  options = Options(dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat, scan=scan)
   cfg = UNetConfig.from_dict(config)  # validate before reading any weights
   shardings = None if mesh is None else functools.partial(sharding.model_shardings, mesh=mesh)
   return convert.load_model(

@@ -256,3 +256,39 @@ def save_vae(vae: AutoencoderKL, out_dir: str | os.PathLike, *, dtype: str | Non
   """Writes a diffusers VAE folder that `AutoencoderKL.from_pretrained` loads."""
   config = {"_class_name": "AutoencoderKL", **json.loads(vae.cfg.raw_json)}
   return convert.save_model(vae, out_dir, config, stem=convert.DIFFUSERS_STEM, dtype=dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Latents:
+  """The VAE's latent normalisation, read from its config; training and decoding both use it.
+
+  normalize(z) = (z - shift - mean) * scale / std, denormalize is its inverse, where diffusers writes
+  `(z - latents_mean) * scaling_factor / latents_std` (SDXL-style configs with per-channel statistics),
+  `(z - shift_factor) * scaling_factor` (SD3-style) or `z * scaling_factor` (SD 1.x/2.x, SDXL base).
+  Per-channel values broadcast over the last (channel) axis of NHWC latents. Hashable: static under jit.
+  """
+  scale: float = 0.18215
+  shift: float = 0.0
+  mean: tuple[float, ...] | None = None
+  std: tuple[float, ...] | None = None
+
+  @classmethod
+  def from_vae_config(cls, config: Mapping[str, Any]) -> "Latents":
+    tup = lambda v: None if v is None else tuple(float(x) for x in v)
+    return cls(scale=float(config.get("scaling_factor") or 0.18215), shift=float(config.get("shift_factor") or 0.0),
+               mean=tup(config.get("latents_mean")), std=tup(config.get("latents_std")))
+
+  def _stats(self):
+    mean = jnp.asarray(self.mean if self.mean is not None else 0.0, jnp.float32) + self.shift
+    std = jnp.asarray(self.std if self.std is not None else 1.0, jnp.float32)
+    return mean, std
+
+  def normalize(self, z: jax.Array) -> jax.Array:
+    """VAE latents → the space the denoiser trains and samples in."""
+    mean, std = self._stats()
+    return (z - mean) * (self.scale / std)
+
+  def denormalize(self, z: jax.Array) -> jax.Array:
+    """The denoiser's latent space → VAE latents, for decoding."""
+    mean, std = self._stats()
+    return z * (std / self.scale) + mean

@@ -1,17 +1,27 @@
 """Model families, one module each, chosen once from a pipeline folder's `model_index.json` `_class_name`
-(diffusers' own dispatch). An unknown class fails with its name.
+(diffusers' own dispatch). An unknown class fails with its name. A new family is a new module here, added
+to FAMILIES: nothing else in the package learns a family's name.
 
-A family module provides what the trainer, the sampler, encoding and export need and nothing else knows:
+A family module provides what the trainer, the sampler, encoding, export and aot need, and nothing else knows:
   CLASS_NAMES               the `_class_name`s it serves
-  DENOISER, COND_KEYS       the model_index name of the model that trains; its conditioning keys
+  DENOISER, COND_KEYS       the model_index name of the model that trains ("unet", "transformer"); the
+                            conditioning keys of a training batch its `denoise` reads
   PROMPT_KEYS               the conditioning keys a prompt's encoding gives (empty-prompt dropout swaps them)
-  time_ids(h, w, batch)     fixed micro-conditioning rows (config.data.time_ids = "fixed")
-  FROZEN                    the components prompt encoding and decoding need
-  Pipeline, load_pipeline   the pipeline folder's components (with `latents`, `schedule`, `denoiser_config`)
-  load_denoiser, save_denoiser
-  denoise(model, x, t, cond)  the one call of the denoiser
+  FROZEN, COMPONENTS        the components prompt encoding and decoding need; all of them
+  time_ids(h, w, batch)     optional: fixed micro-conditioning rows (config.data.time_ids = "fixed"; SDXL)
+  Pipeline, load_pipeline   the pipeline folder's components. A Pipeline has `denoiser` (the loaded model that
+                            trains, or None), `denoiser_config`, `vae`, `latents`, `latent_channels`,
+                            `vae_scale_factor`, `scheduler_config` and `schedule` (diffusion.NoiseSchedule or
+                            diffusion.FlowMatchSchedule: the sampler and the train step follow its type),
+                            `denoise`, `encode_prompts(captions)`, `conditioning(prompts, negatives, height=,
+                            width=, guidance=, true_cfg=) -> (cond, uncond or None, cfg_scale)` and
+                            `sample_options(steps)` (extra static arguments of `diffusion.sample`)
+  load_denoiser, save_denoiser, abstract_denoiser
+  denoise(model, x, t, cond)  the one call of the denoiser: x NHWC latents as the VAE makes them (any packing
+                            is the family's business), t the schedule's model time (DDPM: the timestep;
+                            flow matching: sigma * num_train_timesteps), cond the COND_KEYS arrays
   Latents                   the latent normalisation, from the VAE config
-  conditioning(pipe, prompts, negatives, height=, width=, guidance=)   sampling conditioning
+  abstract_batch, preset_latents, PRESETS, SCHEDULER_CONFIG, resolution_multiple   for aot and config checks
   encode_prompts, tokenize
 """
 from __future__ import annotations
@@ -24,9 +34,9 @@ from types import ModuleType
 import jax
 import numpy as np
 
-from mapo_jax.pipelines import sd
+from mapo_jax.pipelines import flux, sd, sd3
 
-FAMILIES: tuple[ModuleType, ...] = (sd,)
+FAMILIES: tuple[ModuleType, ...] = (sd, sd3, flux)
 
 
 def family(path: str | os.PathLike) -> ModuleType:

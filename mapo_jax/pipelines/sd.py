@@ -35,15 +35,18 @@ from flax import nnx
 
 from mapo_jax import convert, diffusion, sharding
 from mapo_jax.models.clip import CLIPTextModel, load_text_encoder
+from mapo_jax.models import presets
 from mapo_jax.models.layers import Options
 from mapo_jax.models.unet import UNet2DConditionModel, UNetConfig, load_unet, save_unet
-from mapo_jax.models.vae import AutoencoderKL, load_vae
+from mapo_jax.models.vae import AutoencoderKL, Latents, load_vae
+from mapo_jax.pipelines.folders import in_folder, load_clip_tokenizer
 
 CLASS_NAMES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # model_index.json _class_name
 DENOISER = "unet"  # the model_index name of the model that trains
 COND_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "time_ids")
 PROMPT_KEYS = COND_KEYS[:2]  # the keys `encode_prompts` gives: what an empty prompt replaces (not time ids)
 load_denoiser, save_denoiser = load_unet, save_unet
+PRESETS = presets.UNETS  # named UNet configs (aot --architecture)
 
 
 def resolution_multiple(path: str | os.PathLike) -> int:
@@ -59,13 +62,14 @@ def resolution_multiple(path: str | os.PathLike) -> int:
 
 
 def abstract_denoiser(path_or_config: str | os.PathLike | Mapping[str, Any], *, dtype=jnp.float32,
-                      param_dtype=jnp.float32, attention: str | None = None, remat: str = "none"
-                      ) -> UNet2DConditionModel:
+                      param_dtype=jnp.float32, attention: str | None = None, remat: str = "none",
+                      scan: bool = False) -> UNet2DConditionModel:
   """The UNet of a pipeline (or UNet) folder, or of a config.json dict, as shapes only: no weights read,
-  nothing allocated. The options are `load_unet`'s (ahead-of-time compiles need the real ones)."""
+  nothing allocated. The options are `load_unet`'s (ahead-of-time compiles need the real ones; `scan`
+  also decides the parameters' layout: stacked blocks, as a scanned run's checkpoints hold them)."""
   config = (path_or_config if isinstance(path_or_config, Mapping)
             else convert.read_config(convert.model_folder(path_or_config, DENOISER)))
-  options = Options(dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat)
+  options = Options(dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat, scan=scan)
   return nnx.eval_shape(lambda: UNet2DConditionModel(config, options=options, rngs=nnx.Rngs(0)))
 
 
@@ -120,42 +124,6 @@ def denoise(model: UNet2DConditionModel, x: jax.Array, t: jax.Array, cond: Mappi
   return model(x, t, cond["prompt_embeds"])
 
 
-@dataclasses.dataclass(frozen=True)
-class Latents:
-  """The VAE's latent normalisation, read from its config; training and decoding both use it.
-
-  normalize(z) = (z - shift - mean) * scale / std, denormalize is its inverse, where diffusers writes
-  `(z - latents_mean) * scaling_factor / latents_std` (SDXL-style configs with per-channel statistics),
-  `(z - shift_factor) * scaling_factor` (SD3-style) or `z * scaling_factor` (SD 1.x/2.x, SDXL base).
-  Per-channel values broadcast over the last (channel) axis of NHWC latents. Hashable: static under jit.
-  """
-  scale: float = 0.18215
-  shift: float = 0.0
-  mean: tuple[float, ...] | None = None
-  std: tuple[float, ...] | None = None
-
-  @classmethod
-  def from_vae_config(cls, config: Mapping[str, Any]) -> "Latents":
-    tup = lambda v: None if v is None else tuple(float(x) for x in v)
-    return cls(scale=float(config.get("scaling_factor") or 0.18215), shift=float(config.get("shift_factor") or 0.0),
-               mean=tup(config.get("latents_mean")), std=tup(config.get("latents_std")))
-
-  def _stats(self):
-    mean = jnp.asarray(self.mean if self.mean is not None else 0.0, jnp.float32) + self.shift
-    std = jnp.asarray(self.std if self.std is not None else 1.0, jnp.float32)
-    return mean, std
-
-  def normalize(self, z: jax.Array) -> jax.Array:
-    """VAE latents → the space the denoiser trains and samples in."""
-    mean, std = self._stats()
-    return (z - mean) * (self.scale / std)
-
-  def denormalize(self, z: jax.Array) -> jax.Array:
-    """The denoiser's latent space → VAE latents, for decoding."""
-    mean, std = self._stats()
-    return z * (std / self.scale) + mean
-
-
 def time_ids(height: int, width: int, batch: int) -> np.ndarray:
   """(batch, 6) float32 [orig_H, orig_W, crop_top, crop_left, target_H, target_W] = [H, W, 0, 0, H, W]."""
   return np.tile(np.array([height, width, 0, 0, height, width], np.float32), (batch, 1))
@@ -192,12 +160,48 @@ class Pipeline:
 
   denoise = staticmethod(denoise)
 
+  @property
+  def denoiser(self) -> UNet2DConditionModel | None:
+    """The model that trains (DENOISER), if loaded."""
+    return self.unet
+
+  @property
+  def latent_channels(self) -> int:
+    return int(self.vae.cfg.latent_channels if self.vae is not None else self._vae_config["latent_channels"])
+
+  @property
+  def vae_scale_factor(self) -> int:
+    """Pixels per latent along each axis (8 for SD/SDXL), as diffusers' pipelines compute it."""
+    channels = self.vae.cfg.block_out_channels if self.vae is not None else self._vae_config["block_out_channels"]
+    return 2 ** (len(channels) - 1)
+
+  @functools.cached_property
+  def _vae_config(self) -> dict[str, Any]:
+    return convert.read_config(convert.model_folder(self.vae_path or self.path, "vae"))
+
+  def sample_options(self, steps: int) -> tuple:
+    """Extra static arguments of `diffusion.sample` for this family: none (the scheduler config says all)."""
+    del steps
+    return ()
+
   def encode_prompts(self, captions: Sequence[str]) -> dict[str, jax.Array]:
     return encode_prompts(self, captions)
 
+  @property
+  def default_guidance(self) -> float:
+    """diffusers' default guidance_scale: 5.0 for StableDiffusionXLPipeline, 7.5 for StableDiffusionPipeline."""
+    return 5.0 if "text_encoder_2" in self.towers else 7.5
+
   def conditioning(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, *,
-                   height: int, width: int, guidance: float):
-    return conditioning(self, prompts, negative_prompts, height=height, width=width, guidance=guidance)
+                   height: int, width: int, guidance: float | None = None, true_cfg: float = 1.0):
+    """(cond, uncond, cfg_scale) for sampling: classifier-free guidance at weight `guidance` (None: diffusers'
+    default, `default_guidance`; uncond None when guidance <= 1, as diffusers skips it). `true_cfg` is FLUX's;
+    SD pipelines have no second weight."""
+    if true_cfg != 1.0:
+      raise ValueError(f"true_cfg={true_cfg}: an SD / SDXL pipeline guides with --guidance alone")
+    guidance = self.default_guidance if guidance is None else guidance
+    cond, uncond = conditioning(self, prompts, negative_prompts, height=height, width=width, guidance=guidance)
+    return cond, uncond, guidance
 
   @functools.cached_property
   def denoiser_config(self) -> dict[str, Any]:
@@ -206,7 +210,7 @@ class Pipeline:
   @property
   def towers(self) -> tuple[str, ...]:
     """The text encoders this pipeline conditions on, per its model_index.json."""
-    return tuple(name for name in _TOKENIZER if _in_folder(self.model_index, name))
+    return tuple(name for name in _TOKENIZER if in_folder(self.model_index, name))
 
   @functools.cached_property
   def prompt_encoder(self) -> Callable[[Mapping[str, np.ndarray]], dict[str, jax.Array]]:
@@ -227,16 +231,6 @@ class Pipeline:
       return {"prompt_embeds": outs[0]["last_hidden_state"], "pooled_prompt_embeds": outs[0]["pooler_output"]}
 
     return functools.partial(jax.jit(encode), state)
-
-
-def _in_folder(model_index: Mapping[str, Any], name: str) -> bool:
-  entry = model_index.get(name)  # ["library", "ClassName"], or [null, null] for an absent component
-  return isinstance(entry, (list, tuple)) and entry[0] is not None
-
-
-def _load_tokenizer(folder: Path):
-  from transformers import CLIPTokenizer  # imported here: only tokenization needs transformers
-  return CLIPTokenizer.from_pretrained(folder)
 
 
 def load_pipeline(path: str | os.PathLike, components: Iterable[str] = COMPONENTS, *,
@@ -263,14 +257,14 @@ def load_pipeline(path: str | os.PathLike, components: Iterable[str] = COMPONENT
       "vae": lambda folder: load_vae(folder, **(vae_kwargs or {})),
       "text_encoder": text_encoder,
       "text_encoder_2": text_encoder,
-      "tokenizer": _load_tokenizer,
-      "tokenizer_2": _load_tokenizer,
+      "tokenizer": load_clip_tokenizer,
+      "tokenizer_2": load_clip_tokenizer,
       "scheduler": lambda folder: json.loads((folder / "scheduler_config.json").read_text()),
   }
   vae_path = Path(vae) if vae else None
   folder = lambda name: vae_path if name == "vae" and vae_path is not None else path / name
   loaded = {("scheduler_config" if name == "scheduler" else name): loaders[name](folder(name))
-            for name in components if _in_folder(model_index, name)}
+            for name in components if in_folder(model_index, name)}
   return Pipeline(path=path, model_index=model_index, vae_path=vae_path, **loaded)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +56,26 @@ def _train_part(state: TrainState) -> dict[str, Any]:
   return {"opt_state": state.opt_state, "step": state.step, "rng": state.rng, "skipped": state.skipped}
 
 
-class Checkpointer:
-  """Saves and restores (TrainState, data iterator) under `directory`, keeping the newest `keep`."""
+class CheckpointStalledError(CheckpointSaveError):
+  """A save that has not finished within the save timeout: the storage stopped answering."""
 
-  def __init__(self, directory: str | os.PathLike, *, keep: int = 3):
+
+class Checkpointer:
+  """Saves and restores (TrainState, data iterator) under `directory`, keeping the newest `keep`.
+
+  `save_timeout_s`: a save still in flight after this long raises CheckpointStalledError from `check`, `save`
+  or `wait` (a stalled network file system never answers: waiting on it would hang the run, and, multi-host,
+  every other host with it). The stalled save is abandoned, never waited for again; the checkpoints before
+  it stay as they were (orbax commits a step by renaming its temporary folder when the write is complete)."""
+
+  def __init__(self, directory: str | os.PathLike, *, keep: int = 3, save_timeout_s: float = 900.0):
     self.directory = Path(os.path.abspath(directory))
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.save_timeout_s = save_timeout_s
+    self._saving: tuple[int, float] | None = None  # (step, time.monotonic() at its start) of the save in flight
+    self.abandoned = False  # a save stalled, or waits for a lost process: never waited for again
+    self._closed = False
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -78,12 +92,42 @@ class Checkpointer:
       items[EMA] = ocp.args.StandardSave(serialization.to_state_dict(state.ema))
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    self._wait_bounded()  # orbax would block on the previous save, however long it stalls
     self._raising(f"the checkpoint of step {step}",
                   lambda: self.manager.save(step, args=ocp.args.Composite(**items), force=True))
+    self._saving = (step, time.monotonic())
 
   def check(self) -> None:
-    """Raises CheckpointSaveError if an asynchronous save has failed (cheap: call it every step)."""
+    """Raises CheckpointSaveError if an asynchronous save has failed, CheckpointStalledError if it has run
+    past the save timeout (cheap: call it every step)."""
     self._raising("the last checkpoint", self.manager.check_for_errors)
+    if self._saving is not None:
+      if not self.manager.is_saving_in_progress():
+        self._saving = None
+      elif time.monotonic() - self._saving[1] > self.save_timeout_s:
+        self._stalled()
+
+  def _stalled(self) -> None:
+    step, start = self._saving
+    self.abandoned = True
+    raise CheckpointStalledError(
+        f"saving step {step} to {self.directory} has not finished after {time.monotonic() - start:.0f} s "
+        f"(config.save_timeout_s={self.save_timeout_s:g}): the storage stopped answering. Step {step} is "
+        f"abandoned; the checkpoints before it are intact (newest: {self._committed()})")
+
+  def _committed(self) -> str:
+    steps = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+    saving = self._saving[0] if self._saving else None
+    steps = [s for s in steps if s != saving]
+    return f"step {steps[-1]}" if steps else "none"
+
+  def _wait_bounded(self) -> None:
+    """Waits for the save in flight, up to the save timeout from its start; CheckpointStalledError after."""
+    while self._saving is not None and self.manager.is_saving_in_progress():
+      if time.monotonic() - self._saving[1] > self.save_timeout_s:
+        self._stalled()
+      time.sleep(0.05)
+    self._saving = None
 
   def _raising(self, what: str, fn) -> None:
     try:
@@ -143,16 +187,24 @@ class Checkpointer:
     return serialization.from_state_dict(abstract_params, restored[item])
 
   def wait(self) -> None:
-    """Blocks until the last save is committed; CheckpointSaveError if it failed."""
+    """Blocks until the last save is committed; CheckpointSaveError if it failed, CheckpointStalledError if it
+    does not finish within the save timeout."""
+    self._wait_bounded()
     self._raising("the last checkpoint", self.manager.wait_until_finished)
 
   def finish_or_abandon(self) -> None:
-    """After an error in the loop: lets the save in flight commit; one that fails is abandoned (orbax
-    never renames its temporary folder into a checkpoint), so the previous checkpoints stay as they were."""
+    """After an error in the loop: lets the save in flight commit (within the save timeout); one that fails
+    or stalls is abandoned (orbax never renames its temporary folder into a checkpoint), so the previous
+    checkpoints stay as they were."""
+    if self.abandoned:
+      return
     try:
-      self.manager.wait_until_finished()
+      self.wait()
     except Exception as e:  # the save in flight failed too; the error being raised says more
-      logging.error("the checkpoint save in flight was abandoned: %s: %s", type(e).__name__, e)
+      logging.error("the checkpoint save in flight was abandoned: %s: %s", type(e).__name__, str(e).splitlines()[0])
 
   def close(self) -> None:
-    self.manager.close()
+    """Closes the manager; after a stalled save, nothing (closing waits for the save, which never ends)."""
+    if not self.abandoned and not self._closed:
+      self.manager.close()
+      self._closed = True

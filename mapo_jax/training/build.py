@@ -14,19 +14,20 @@ import numpy as np
 import ml_collections
 from flax import nnx
 
-from mapo_jax import sharding
+from mapo_jax import config as config_lib
+from mapo_jax import diffusion, sharding
 from mapo_jax.training import lora
 from mapo_jax.training import objectives
 from mapo_jax.training import optim
 from mapo_jax.models.attention import default_implementation, mesh_platform
 from mapo_jax.training.train_step import (Frozen, StepConfig, create_sharded_state, jit_eval_step, jit_train_step, make_eval_step,
-                                 make_train_step)
+                                 make_train_step, step_compiler_options)
 
 
 def model_options(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
-  """dtype, attention kernel and remat for the denoiser. The attention default follows the platform of
-  the mesh's devices (the target: a TPU slice compiled for on a CPU host gets the TPU kernel)."""
-  return dict(dtype=jnp.dtype(config.dtype), remat=config.remat,
+  """dtype, attention kernel, remat and scanned block stacks for the denoiser. The attention default follows
+  the platform of the mesh's devices (the target: a TPU slice compiled for on a CPU host gets the TPU kernel)."""
+  return dict(dtype=jnp.dtype(config.dtype), remat=config.remat, scan=bool(config.scan_blocks),
               attention=config.attention or default_implementation(mesh_platform(mesh)))
 
 
@@ -50,13 +51,28 @@ class Built:
   eval_step: Any  # jitted `evaluate(state.params, batch, frozen) -> metrics` on held-out pairs (fixed key)
 
 
-def step_config(config: ml_collections.ConfigDict, family: ModuleType, latents, num_timesteps: int) -> StepConfig:
-  """The step's static options from the config: objective and hyper-parameters, accumulation, and the
-  batch preparation (empty prompts, label noise, fixed time ids [R, R, 0, 0, R, R] from the family)."""
+def flow_training(config: ml_collections.ConfigDict) -> diffusion.FlowTraining:
+  """config.flow's sigma density and loss weighting (diffusers' `--weighting_scheme`, `--logit_mean`,
+  `--logit_std`, `--mode_scale`)."""
+  return diffusion.FlowTraining(weighting_scheme=config.flow.weighting_scheme, logit_mean=float(config.flow.logit_mean),
+                                logit_std=float(config.flow.logit_std), mode_scale=float(config.flow.mode_scale))
+
+
+def step_config(config: ml_collections.ConfigDict, family: ModuleType, latents, schedule) -> StepConfig:
+  """The step's static options from the config: objective and hyper-parameters, accumulation, the batch
+  preparation (empty prompts, label noise, fixed time ids [R, R, 0, 0, R, R] from the family) and, by the
+  schedule's type, its training draws and weights (DDPM: min-SNR; flow matching: config.flow, whose `guidance`
+  every pair's conditioning carries). Keys that do not apply to the schedule fail naming the key
+  (`config.validate_for_schedule`)."""
+  config_lib.validate_for_schedule(config, schedule)
   objective = objectives.get_objective(config.objective)
-  hparams = objective.hparams(config[config.objective] if objective.defaults else None, num_timesteps=num_timesteps)
+  hparams = objective.hparams(config[config.objective] if objective.defaults else None,
+                              num_timesteps=schedule.num_train_timesteps)
   fixed = None
   if config.data.time_ids == "fixed":
+    if not hasattr(family, "time_ids"):
+      raise config_lib.ConfigError("data.time_ids", f"'fixed' sets SDXL's micro-conditioning, which "
+                                   f"{family.__name__.rsplit('.', 1)[-1]} models do not take; use 'original'")
     fixed = tuple(float(v) for v in family.time_ids(config.resolution, config.resolution, 1)[0])
   return StepConfig(objective=config.objective, hparams=hparams, latents=latents, accum_steps=config.accum_steps,
                     empty_prompt_prob=float(config.data.empty_prompt_prob),
@@ -64,9 +80,12 @@ def step_config(config: ml_collections.ConfigDict, family: ModuleType, latents, 
                     adapters_off_reference=bool(config.lora.rank),
                     adapter_dropout=bool(config.lora.rank) and config.lora.dropout > 0,
                     min_snr_gamma=float(config.min_snr_gamma), safeguard=config.objective_safeguard,
+                    flow=flow_training(config) if schedule.is_flow else diffusion.FlowTraining(),
+                    guidance=float(config.flow.guidance) if schedule.is_flow else None,
                     safeguard_hparams=tuple(dict(config[config.objective_safeguard]).items())
                     if config.objective_safeguard else (),
-                    ema_decay=float(config.ema_decay) if config.ema_decay >= 0 else None)
+                    ema_decay=float(config.ema_decay) if config.ema_decay >= 0 else None,
+                    reference_param_dtype=config.ref_param_dtype if needs_reference_model(config) else None)
 
 
 def build(config: ml_collections.ConfigDict, family: ModuleType, model: nnx.Module, reference: nnx.Module | None,
@@ -83,12 +102,15 @@ def build(config: ml_collections.ConfigDict, family: ModuleType, model: nnx.Modu
     lora.from_config(model, config.lora, config.seed, dtype=jnp.dtype(config.param_dtype))
     trainable = lora.LoRAParam
   graphdef, state, state_shardings, frozen_params, frozen_shardings = create_sharded_state(
-      model, tx, mesh, config.seed, trainable=trainable, ema=config.ema_decay >= 0)
+      model, tx, mesh, config.seed, trainable=trainable, ema=config.ema_decay >= 0,
+      offload_optimizer=config.optim.offload)
   ref_graphdef = ref_params = ref_shardings = None
   if needs_reference_model(config):
+    # Every variable, not only Params: a model's non-trainable arrays (SD3's positional table, a `Buffer`) are part
+    # of the reference's state too, and `nnx.merge(ref_graphdef, ...)` needs all of them.
     ref_graphdef = nnx.graphdef(reference)
-    ref_params, ref_shardings = sharding.place(reference, mesh)
-  cfg = step_config(config, family, latents, schedule.num_train_timesteps)
+    ref_params, ref_shardings = sharding.place(reference, mesh, ...)
+  cfg = step_config(config, family, latents, schedule)
   empty_shardings = None
   if cfg.empty_prompt_prob > 0:
     if empty_prompt is None:
@@ -102,11 +124,14 @@ def build(config: ml_collections.ConfigDict, family: ModuleType, model: nnx.Modu
   else:
     empty_prompt = None
   frozen_shardings = Frozen(policy=frozen_shardings, reference=ref_shardings, empty_prompt=empty_shardings)
-  train_step = jit_train_step(make_train_step(family.denoise, graphdef, ref_graphdef, tx, schedule, cfg, mesh),
-                              state_shardings, mesh, frozen_shardings)
+  opt_shardings = state_shardings.opt_state if config.optim.offload else None
+  train_step = jit_train_step(make_train_step(family.denoise, graphdef, ref_graphdef, tx, schedule, cfg, mesh,
+                                              opt_shardings),
+                              state_shardings, mesh, frozen_shardings, step_compiler_options(cfg, mesh))
   eval_step = jit_eval_step(make_eval_step(family.denoise, graphdef, ref_graphdef, schedule, cfg, mesh),
                             state_shardings.params, mesh, frozen_shardings,
-                            micro_pairs=config.global_batch_size // config.accum_steps)
+                            micro_pairs=config.global_batch_size // config.accum_steps,
+                            compiler_options=step_compiler_options(cfg, mesh))
   return Built(graphdef, state, state_shardings, Frozen(policy=frozen_params, reference=ref_params,
                                                         empty_prompt=empty_prompt), train_step, eval_step)
 

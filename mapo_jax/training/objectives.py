@@ -164,13 +164,14 @@ def dmpo_loss(err_w, err_l, ref_err_w, ref_err_l, *, beta=2000.0, alpha=0.01) ->
 DSPO_FORMS = ("sd15", "sdxl")
 
 
-def dspo_loss(err_w, err_l, ref_err_w, ref_err_l, dev_w, res_dev_w, *, beta=5000.0, form="sd15"
-              ) -> tuple[jax.Array, Metrics]:
-  """DSPO, direct score preference optimisation (Zhu et al., ICLR 2025), as AIDC-AI/Diffusion-SDPO
-  train.py defines it (`train_method == 'dspo'`; DSPO's own repository was not available to us).
+def dspo_loss(err_w, err_l, ref_err_w, ref_err_l, dev_w, res_dev_w, *, form="sd15", beta_sd15=0.001,
+              beta_sdxl=5000.0) -> tuple[jax.Array, Metrics]:
+  """DSPO, direct score preference optimisation (Zhu et al., ICLR 2025), as its code computes it
+  (huaishengzhu/DSPO train.py, `train_method == 'dspo'`; the same lines in AIDC-AI/Diffusion-SDPO train.py).
 
   With r_w = pred_w - target_w (winner residual), d_w = pred_w - ref_pred_w (policy minus reference
-  prediction) and c_i = 1 - sigmoid(inside_i) (inside_i: dpo_loss's logit, gradient flowing through it):
+  prediction) and c_i = 1 - sigmoid(inside_i) (inside_i: dpo_loss's logit with this form's beta, gradient
+  flowing through it):
 
       sd15:  loss = mean_i mean_HWC (r_w - beta c_i d_w)^2
                   = mean_i [l_w,i - 2 beta c_i res_dev_w,i + beta^2 c_i^2 dev_w,i]
@@ -178,18 +179,26 @@ def dspo_loss(err_w, err_l, ref_err_w, ref_err_l, dev_w, res_dev_w, *, beta=5000
 
   where dev_w,i = mean_HWC d_w^2 and res_dev_w,i = mean_HWC r_w d_w (the train step computes both from
   the predictions; the expansion is exact algebra). Only the winners' outputs enter the squared term;
-  the losers enter through c. The sdxl branch (its batch-mean switch included) is the repository's;
-  its threshold is a batch statistic, so with gradient accumulation it is taken per micro-batch.
+  the losers enter through c. The sdxl branch (its batch-mean switch included) is the code's; its threshold is
+  a batch statistic, so with gradient accumulation it is taken per micro-batch.
+
+  beta defaults per form, as both repositories' launchers set `--beta_dpo`: 0.001 for sd15 (DSPO
+  launchers/sd15.sh, Diffusion-SDPO scripts/train/sd15_dspo.sh), 5000 for sdxl (launchers/sdxl.sh,
+  scripts/train/sdxl_dspo.sh, both with `--sdxl`). `form` picks which of `beta_sd15` / `beta_sdxl` applies.
+  The sd15 loss's gradient on the winner's prediction at the reference (d_w = 0, c = 1/2) is
+  2 r_w (1 - beta/2) / N: beta > 2 would push the winner's error up. In the sdxl form beta enters only c
+  (as DPO's sigmoid temperature).
   """
+  if form not in DSPO_FORMS:
+    raise ValueError(f"dspo form={form!r}; expected one of {DSPO_FORMS}")
+  beta = beta_sd15 if form == "sd15" else beta_sdxl
   err_w, err_l, ref_err_w, ref_err_l, dev_w, res_dev_w = _f32(err_w, err_l, ref_err_w, ref_err_l, dev_w, res_dev_w)
   inside = _dpo_inside(err_w, err_l, ref_err_w, ref_err_l, beta)
   c = jax.nn.sigmoid(-inside)  # = 1 - sigmoid(inside)
   if form == "sd15":
     loss = jnp.mean(err_w - 2.0 * beta * c * res_dev_w + jnp.square(beta * c) * dev_w)
-  elif form == "sdxl":
-    loss = jnp.where(jnp.mean(dev_w) >= 0.1, jnp.mean(jnp.square(c) * dev_w), jnp.mean(jnp.square(c)))
   else:
-    raise ValueError(f"dspo form={form!r}; expected one of {DSPO_FORMS}")
+    loss = jnp.where(jnp.mean(dev_w) >= 0.1, jnp.mean(jnp.square(c) * dev_w), jnp.mean(jnp.square(c)))
   metrics = _dpo_metrics(loss, inside, err_w, err_l, ref_err_w, ref_err_l)
   metrics["dev_w"] = jnp.mean(dev_w)
   return loss, metrics
@@ -403,7 +412,8 @@ OBJECTIVES: dict[str, Objective] = {
     "rpo": Objective(rpo_loss, _REF + ("emb",), dict(beta=5000.0, tau=0.5)),
     "sft": Objective(sft_loss, ("err_w",), {}),
     "dmpo": Objective(dmpo_loss, _REF, dict(beta=2000.0, alpha=0.01)),
-    "dspo": Objective(dspo_loss, _REF + ("dev_w", "res_dev_w"), dict(beta=5000.0, form="sd15")),
+    # DSPO: each form with the beta its launchers use (dspo_loss); `form` picks which applies.
+    "dspo": Objective(dspo_loss, _REF + ("dev_w", "res_dev_w"), dict(form="sd15", beta_sd15=0.001, beta_sdxl=5000.0)),
     "smpo": Objective(smpo_loss, _REF + SCORE_INPUTS, dict(beta=5000.0, k=10.0, score_scale=16.658044606447220)),
     "kto": Objective(kto_loss, ("err", "ref_err", "label"), dict(beta=1000.0, lambda_d=1.0, lambda_u=1.0)),
 }

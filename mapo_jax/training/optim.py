@@ -20,6 +20,7 @@ the parameter scale, which is off.
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
 
@@ -42,7 +43,8 @@ def make_optimizer(cfg: ConfigDict) -> optax.GradientTransformation:
   """`cfg`: name, lr, schedule, warmup_steps, total_steps, b1, b2, eps, weight_decay, clip_norm."""
   lr = learning_rate(cfg)
   if cfg.name == "adamw":
-    opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                      mu_dtype=jnp.dtype(cfg.mu_dtype) if cfg.mu_dtype else None)
   elif cfg.name == "adafactor":
     opt = adafactor(lr, weight_decay=cfg.weight_decay)
   else:
@@ -65,6 +67,10 @@ def adafactor(lr: optax.ScalarOrSchedule, weight_decay: float = 0.0) -> optax.Gr
 
 
 def default_config() -> ConfigDict:
-  """The official recipes' optimizer: AdamW (0.9, 0.999, 1e-8, wd 1e-2), lr 1e-5 constant, clip 1.0."""
+  """The official recipes' optimizer: AdamW (0.9, 0.999, 1e-8, wd 1e-2), lr 1e-5 constant, clip 1.0.
+
+  mu_dtype: AdamW's first moment's dtype ("" = the parameters', float32; "bfloat16" halves it, as optax's
+  `mu_dtype`). offload: the optimizer state in host memory between steps (`train_step.create_sharded_state`)."""
   return ConfigDict(dict(name="adamw", lr=1e-5, schedule="constant", warmup_steps=0, total_steps=2000,
-                         b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, clip_norm=1.0))
+                         b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, clip_norm=1.0, mu_dtype="",
+                         offload=False))
