@@ -18,7 +18,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from mapo_jax import sharding  # noqa: E402
 from mapo_jax.models.presets import MICRO_SDXL_UNET  # noqa: E402
@@ -27,16 +26,6 @@ from mapo_jax.toy.demo import random_model  # noqa: E402
 
 MESHES = ((8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 4, 1), (1, 4, 2), (4, 1, 2), (1, 2, 4), (2, 2, 2))
 UNET = dict(MICRO_SDXL_UNET, block_out_channels=[16, 128], attention_head_dim=[2, 8])
-
-
-def pattern_error(mesh) -> float:
-  rng = np.random.default_rng(0)
-  x, w = rng.standard_normal((8, 16, 128)).astype(np.float32), (rng.standard_normal((128, 128)) / 11).astype(np.float32)
-  f = jax.jit(lambda x, w: x @ w + x)
-  put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
-  got = np.asarray(f(put(x, P(sharding.BATCH_AXES, None, "tensor")), put(w, P("tensor", "fsdp"))))
-  want = np.asarray(f(x, w))
-  return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 def gradient_errors(mesh, model, args) -> np.ndarray:
@@ -66,7 +55,7 @@ def main():
   for shape in MESHES:
     mesh = sharding.make_mesh(shape)
     errors = gradient_errors(mesh, model, args)
-    print(f"{str(shape):25s} | {pattern_error(mesh):20.2g} | {int((errors > 1e-4).sum()):4d} of {len(errors)} "
+    print(f"{str(shape):25s} | {sharding.partitioning_error(mesh, 8, 128):20.2g} | {int((errors > 1e-4).sum()):4d} of {len(errors)} "
           f"| {errors.max():.2g}")
 
 

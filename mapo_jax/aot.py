@@ -1,18 +1,23 @@
 """Will it fit? Compiles a config's real train step for a TPU slice ahead of time, on this (CPU) host.
 
     python -m mapo_jax.aot --config configs/sdxl_mapo.py --topology v5p-8 [--config.KEY=VALUE ...]
-        [--architecture PIPELINE_FOLDER_OR_PRESET] [--max-batch] [--dump_hlo FILE]
+        [--architecture PIPELINE_FOLDER_OR_PRESET] [--max-batch] [--dump_hlo FILE] [--text auto|ids|embeddings]
 
 The step is the one `mapo_jax.train` runs (mapo_jax/training/build.py: same state, shardings, objective, optimizer,
 attention kernel), built from abstract models (shapes only): no weights or data are read, only the
 architecture: `--architecture` is a diffusers pipeline folder (its config.json files and scheduler config) or a
-preset of models/presets.py (UNETS); by default config.pipeline, else the config file's name (sdxl_* →
-"sdxl", sd15_* → "sd15"). The reference of DPO/RPO has the model's architecture. `--topology` is a gcloud
+preset of a family (the UNets of models/presets.py, `flux1_dev`, `sd35_medium`, `tiny_flux`, ...: each family's
+PRESETS); by default config.pipeline, else the config file's name (sdxl_* → "sdxl", sd15_* → "sd15", flux_* →
+"flux1_dev", sd35_* → "sd35_medium"). The reference of DPO/RPO has the model's architecture. `--topology` is a gcloud
 accelerator type (v5p-8, v5litepod-16, v6e-8, v4-32) or a raw topology (v5e:2x2, v5p:2x2x1), mapo_jax/training/tpu.py.
 Needs libtpu (`pip install "jax[tpu]"`), not a TPU: XLA's TPU compiler runs on the host.
 
-Prints per chip: parameters, optimizer state and reference (the shards the logical-axis rules give each
-chip), XLA's temporaries, the peak and the chip's HBM; XLA's FLOP count and step-time estimate; the
+For the families that encode prompts in the train step (FLUX, SD3: a token ids cache, docs/data.md "Text
+conditioning at scale") the batch holds token ids and the step the frozen text towers, as the trainer runs it
+(`--text auto`; `--text embeddings` compiles the step on cached prompt embeddings instead).
+
+Prints per chip: parameters, optimizer state, reference and text encoders (the shards the logical-axis rules give
+each chip), XLA's temporaries, the peak and the chip's HBM; XLA's FLOP count and step-time estimate; the
 compile time; then one JSON line with the same numbers. Exit status: 0 fits, 1 does not fit, 2 any other
 error. `--max-batch` searches the largest global_batch_size that fits (each probe is one compile).
 """
@@ -38,6 +43,13 @@ _ARCHITECTURE = flags.DEFINE_string("architecture", None, "a diffusers pipeline 
 _MAX_BATCH = flags.DEFINE_bool("max_batch", False, "search the largest global_batch_size that fits; also "
                                "spelled --max-batch")
 _DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "write the compiled step's HLO text to this file")
+_TEXT = flags.DEFINE_enum("text", "auto", ["auto", "ids", "embeddings"],
+                          "how the batch conditions: ids, token ids that the step encodes with the frozen text towers "
+                          "(a token ids cache, `encode --text ids`); embeddings, cached prompt embeddings; auto, ids "
+                          "where the family encodes in the step and its text towers fit the denoiser")
+_SAMPLE = flags.DEFINE_bool("sample", False, "compile the sampling path instead of the train step: one denoiser "
+                            "call on config.global_batch_size latents (double it for classifier-free guidance), "
+                            "weights in config.param_dtype")
 DASHED_FLAGS = ("max-batch", "dump-hlo")
 
 FITS, DOES_NOT_FIT, ERROR = 0, 1, 2
@@ -54,6 +66,7 @@ class Model:
   latents: Any
   schedule: Any
   vae_downsample: int = 8  # image pixels per latent pixel (the SD / SDXL VAEs': 8)
+  folder: str | None = None  # the pipeline folder, or None for a preset
 
 
 def resolve_model(name: str | None, config, config_file: str | None) -> Model:
@@ -82,7 +95,7 @@ def resolve_model(name: str | None, config, config_file: str | None) -> Model:
   vae = read_config(path / "vae")
   return Model(str(path), family, read_config(model_folder(path, family.DENOISER)),
                family.Latents.from_vae_config(vae), diffusion.as_schedule(scheduler),
-               vae_downsample=2 ** (len(vae["block_out_channels"]) - 1))
+               vae_downsample=2 ** (len(vae["block_out_channels"]) - 1), folder=str(path))
 
 
 def check_config(config) -> None:
@@ -140,6 +153,7 @@ class Report:
   opt_state_bytes: int
   reference_bytes: int
   batch_bytes: int
+  text_encoder_bytes: int = 0  # the frozen text towers a token ids batch is encoded with (`step_text`)
   fits: bool = False
   argument_bytes: int | None = None
   output_bytes: int | None = None
@@ -149,6 +163,8 @@ class Report:
   missing_bytes: int | None = None
   flops: float | None = None
   estimated_step_seconds: float | None = None
+  model_flops: float | None = None  # the step's useful FLOPs, all chips (`model_flops_per_step`): no remat, no kernels' bookkeeping
+  mfu: float | None = None  # model_flops / (chips x peak bf16 FLOP/s x estimated_step_seconds)
   compile_seconds: float | None = None
   error: str | None = None
   compiled: Any = dataclasses.field(default=None, repr=False)
@@ -170,7 +186,8 @@ def compile_report(target: Target, config, global_batch_size: int) -> Report:
       micro_pairs_per_chip=global_batch_size / config.accum_steps / (data * fsdp), hbm_bytes=slc.hbm_bytes,
       params_bytes=shard_bytes(built.state.params) + shard_bytes(built.frozen.policy),
       opt_state_bytes=shard_bytes((built.state.opt_state, built.state.step, built.state.rng, built.state.skipped)),
-      reference_bytes=shard_bytes(built.frozen.reference), batch_bytes=shard_bytes(batch))
+      reference_bytes=shard_bytes(built.frozen.reference), batch_bytes=shard_bytes(batch),
+      text_encoder_bytes=shard_bytes(built.frozen.text))
   start = time.perf_counter()
   try:
     compiled = compile_step(built.train_step, mesh, built.state, batch, built.frozen)
@@ -199,7 +216,47 @@ def compile_report(target: Target, config, global_batch_size: int) -> Report:
     seconds = cost.get("optimal_seconds")
     # XLA's estimate. It came out negative (-19 s) for the micro demo step at 16 pairs on v5e:2x2: none then.
     report.estimated_step_seconds = seconds if seconds is not None and seconds > 0 else None
+  report.model_flops = model_flops_per_step(target, config, global_batch_size)
+  peak = slc.generation.bf16_tflops * 1e12 * slc.chips
+  if report.estimated_step_seconds and peak:
+    report.mfu = report.model_flops / (peak * report.estimated_step_seconds)
   return report
+
+
+def denoiser_forward_flops(target: Target, config) -> float:
+  """FLOPs of one denoiser forward on one latent at config.resolution, from XLA's cost analysis of the lowered
+  (not compiled) forward with plain XLA attention, so attention's matmuls are counted (a Pallas kernel's are
+  not). Counts multiplies and adds: 2 per multiply-accumulate, as model-FLOP conventions do."""
+  import jax
+  from flax import nnx
+  model = target.model
+  abstract = model.family.abstract_denoiser(model.denoiser_config, attention="xla")
+  from mapo_jax import sharding
+  one = sharding.make_mesh((1, 1, 1), jax.devices("cpu")[:1])
+  batch = model.family.abstract_batch(model.denoiser_config, config.resolution, 1, one,
+                                      vae_downsample=model.vae_downsample)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  moments = batch.pop("moments_w")
+  for key in ("moments_l", "rpo_emb"):
+    batch.pop(key, None)
+  x = jax.ShapeDtypeStruct(moments.shape[:-1] + (moments.shape[-1] // 2,), moments.dtype)
+  t = jax.ShapeDtypeStruct((1,), jax.numpy.float32)
+  graphdef, state = nnx.split(abstract)
+  lowered = jax.jit(lambda s, x, t, c: model.family.denoise(nnx.merge(graphdef, s), x, t, c)).lower(state, x, t, batch)
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0))
+
+
+def model_flops_per_step(target: Target, config, global_batch_size: int) -> float:
+  """The step's useful FLOPs: per pair, forward and backward (3 forwards) of every trained latent (2: winner and
+  loser; 1 for SFT, and for KTO on unpaired samples), plus a forward per latent of the reference (DPO and the
+  other reference objectives). Remat's recomputation is not useful work and is not counted."""
+  from mapo_jax.training import objectives
+  objective = objectives.get_objective(config.objective)
+  latents = 2 if objective.paired or objective.unpaired else 1
+  per_latent = 3 + (1 if objective.needs_reference else 0)
+  return global_batch_size * latents * per_latent * denoiser_forward_flops(target, config)
 
 
 def gib(n: int | None) -> str:
@@ -212,12 +269,17 @@ def gib(n: int | None) -> str:
 def print_report(r: Report) -> None:
   print(f"{r.model} · {r.objective} · {r.resolution} px on {r.topology} ({r.chips} chips, {r.hosts} hosts), "
         f"mesh {r.mesh}, attention {r.attention!r}")
-  print(f"batch: {r.global_batch_size} pairs per step = {r.accum_steps} micro-batches x "
-        f"{r.micro_pairs_per_chip:g} pairs per chip")
+  if r.objective == "sample":
+    print(f"batch: {r.global_batch_size} latents per denoiser call ({r.micro_pairs_per_chip:g} per chip)")
+  else:
+    print(f"batch: {r.global_batch_size} pairs per step = {r.accum_steps} micro-batches x "
+          f"{r.micro_pairs_per_chip:g} pairs per chip")
   print("per chip:")
   print(f"  parameters       {gib(r.params_bytes)}")
   print(f"  optimizer state  {gib(r.opt_state_bytes)}")
   print(f"  reference        {gib(r.reference_bytes)}")
+  if r.text_encoder_bytes:
+    print(f"  text encoders    {gib(r.text_encoder_bytes)}  (the step encodes the batch's token ids)")
   print(f"  batch            {gib(r.batch_bytes)}")
   if r.error is None:
     print(f"  arguments        {gib(r.argument_bytes)}")
@@ -234,9 +296,51 @@ def print_report(r: Report) -> None:
   if r.error:
     print(f"compile error: {r.error}")
   if r.flops is not None:
-    print(f"XLA cost model (an estimate, per chip): {r.flops:.4g} FLOP per step, "
-          f"{r.estimated_step_seconds if r.estimated_step_seconds is not None else float('nan'):.4g} s per step")
+    print(f"XLA cost model (an estimate, per chip): {r.flops:.4g} FLOP per step (remat's recompute included, "
+          f"Pallas kernels' not), {r.estimated_step_seconds if r.estimated_step_seconds is not None else float('nan'):.4g} "
+          "s per step")
+  if r.model_flops is not None:
+    print(f"model FLOPs: {r.model_flops:.4g} per step ({r.model_flops / r.global_batch_size:.4g} per pair)"
+          + (f"; MFU at XLA's estimate: {100 * r.mfu:.1f} % of {r.chips} chips' bf16 peak" if r.mfu else ""))
   print(f"compile: {r.compile_seconds:.1f} s")
+
+
+# Host memory a compile needs: measured on this project's compiles (bench/RESULTS.md, "SDXL at TPU scale"):
+# the micro preset's step peaked at 3.5 GiB; SDXL's (2.57 B parameters) at 13.1 GiB with scanned block stacks
+# and about 32 GiB unrolled.
+HOST_BASE_GIB = 4.0
+HOST_GIB_PER_BILLION = {True: 4.0, False: 12.0}  # scanned stacks, unrolled
+
+
+def host_memory_estimate(target: Target, config) -> float:
+  """GiB of host memory the compile will need: a fixed part and a part per trained or frozen parameter."""
+  import jax
+  built = target.built
+  params = sum(x.size for x in jax.tree.leaves((built.state.params, built.frozen.policy, built.frozen.reference,
+                                                built.frozen.text)))
+  return HOST_BASE_GIB + HOST_GIB_PER_BILLION[bool(config.scan_blocks)] * params / 1e9
+
+
+def host_memory_available() -> tuple[float, float]:
+  """(available RAM, free swap) in GiB, from /proc/meminfo; (inf, 0) where it cannot be read."""
+  try:
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+  except OSError:
+    return float("inf"), 0.0
+  kib = lambda key: float(info.get(key, "0 kB").split()[0])
+  return kib("MemAvailable") / 2**20, kib("SwapFree") / 2**20
+
+
+def check_host_memory(target: Target, config, log=print) -> None:
+  """One line on the host's memory before a compile; a second one, with how to add swap, if it looks short."""
+  need = host_memory_estimate(target, config)
+  ram, swap = host_memory_available()
+  log(f"host memory: the compile needs about {need:.0f} GiB; this host has {ram:.0f} GiB available and "
+      f"{swap:.0f} GiB of swap")
+  if need > ram + swap:
+    log(f"host memory: not enough for this compile ({need:.0f} > {ram + swap:.0f} GiB): it would be killed; add swap "
+        "first, e.g. (as root) fallocate -l 40G /swapfile && chmod 600 /swapfile && mkswap /swapfile && "
+        "swapon /swapfile, or compile on a larger host")
 
 
 def status(r: Report) -> int:
@@ -280,11 +384,46 @@ class Target:
   slc: Any
   model: Model
   attention: str
+  text_tokens: dict | None = None  # token ids per text tower when the step encodes the prompts (`step_text`)
 
 
-def build_target(config, topology: str, model_name: str | None = None, *, config_file: str | None = None) -> Target:
+def step_text(model: Model, config, mesh, text: str = "auto"):
+  """(towers, encode, tokens) of the frozen text towers, shapes only, when the step encodes the batch's token ids
+  (a token ids cache: `encode --text ids`, the default of the families with TEXT_IN_STEP), else None. The towers
+  are the folder's, or for a preset the family's published ones (FLUX.1's CLIP-L and T5-XXL, SD3.5's three), in
+  config.dtype as the trainer loads them. auto: where the family encodes in the step and the towers give the
+  prompt embeddings the denoiser takes (a tiny preset's widths are not the published towers'); ids: that, or a
+  ValueError."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from mapo_jax.data.cache import PROMPT_EMBED_KEYS
+  if text not in ("auto", "ids", "embeddings"):
+    raise ValueError(f"--text {text!r}: expected auto, ids or embeddings")
+  family = model.family
+  if text == "embeddings" or not getattr(family, "TEXT_IN_STEP", False):
+    if text == "ids":
+      raise ValueError(f"--text ids: {model.name} does not encode prompts in the train step")
+    return None
+  dtype = jnp.dtype(config.dtype)
+  towers, encode, tokens = family.abstract_step_text(model.folder, dtype=dtype, param_dtype=dtype)
+  graphdef, state = nnx.split(towers)
+  ids = {name: jax.ShapeDtypeStruct((1, n), jnp.int32) for name, n in tokens.items()}
+  given = jax.eval_shape(lambda s, i: encode(nnx.merge(graphdef, s), i), state, ids)
+  taken = family.abstract_batch(model.denoiser_config, config.resolution, 1, mesh, vae_downsample=model.vae_downsample)
+  if any(given[k].shape != taken[k].shape for k in PROMPT_EMBED_KEYS):
+    if text == "ids":
+      raise ValueError(f"--text ids: the text towers give {({k: given[k].shape for k in PROMPT_EMBED_KEYS})}, but "
+                       f"{model.name} takes {({k: taken[k].shape for k in PROMPT_EMBED_KEYS})}")
+    return None
+  return towers, encode, tokens
+
+
+def build_target(config, topology: str, model_name: str | None = None, *, config_file: str | None = None,
+                 text: str = "auto") -> Target:
   """The config's train step (mapo_jax/training/build.py: state, shardings, objective, optimizer, LoRA,
-  attention kernel) from abstract models on `topology`'s devices; nothing is read but config files."""
+  attention kernel) from abstract models on `topology`'s devices; nothing is read but config files. `text`: as
+  `step_text` (the frozen text towers in the step, or prompt embeddings in the batch)."""
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # the topology's libtpu beside any other
   import jax
   import jax.numpy as jnp
@@ -292,6 +431,7 @@ def build_target(config, topology: str, model_name: str | None = None, *, config
   from mapo_jax import config as config_lib
   from mapo_jax import sharding
   from mapo_jax.training import tpu
+  from mapo_jax.data.cache import TEXT_IDS_PREFIX
   from mapo_jax.training.build import build, denoiser_param_dtype, model_options, needs_reference_model
 
   check_config(config)
@@ -306,34 +446,120 @@ def build_target(config, topology: str, model_name: str | None = None, *, config
   if needs_reference_model(config):
     reference = family.abstract_denoiser(model.denoiser_config, param_dtype=jnp.dtype(config.ref_param_dtype),
                                          **options)
+  towers = step_text(model, config, mesh, text)
   empty_prompt = None
-  if config.data.empty_prompt_prob > 0:  # the empty prompt's rows, shaped like one pair's prompt keys
+  if config.data.empty_prompt_prob > 0 and towers is not None:  # the empty prompt's token ids
+    empty_prompt = {TEXT_IDS_PREFIX + k: jax.ShapeDtypeStruct((n,), jnp.int32) for k, n in towers[2].items()}
+  elif config.data.empty_prompt_prob > 0:  # the empty prompt's rows, shaped like one pair's prompt keys
     one = family.abstract_batch(model.denoiser_config, config.resolution, 1, mesh,
                                 vae_downsample=model.vae_downsample)
     empty_prompt = {k: jax.ShapeDtypeStruct(one[k].shape[1:], one[k].dtype) for k in family.PROMPT_KEYS}
-  built = build(config, family, abstract, reference, model.schedule, model.latents, mesh, empty_prompt)
-  return Target(built, mesh, slc, model, options["attention"])
+  built = build(config, family, abstract, reference, model.schedule, model.latents, mesh, empty_prompt,
+                text=None if towers is None else towers[:2])
+  return Target(built, mesh, slc, model, options["attention"], None if towers is None else towers[2])
 
 
 def abstract_batch(target: Target, config, global_batch_size: int) -> dict:
   """A training batch of `global_batch_size` pairs as sharded ShapeDtypeStructs, with the keys the objective
-  reads (SmPO: the pairs' reward scores)."""
+  reads (SmPO: the pairs' reward scores); where the step encodes the prompts (`target.text_tokens`), each text
+  tower's int32 token ids in place of the prompt embeddings, as a token ids cache holds them."""
+  import jax
+  import jax.numpy as jnp
+  from mapo_jax.data.cache import PROMPT_EMBED_KEYS, TEXT_IDS_PREFIX
   from mapo_jax.training import objectives
   model = target.model
   batch = model.family.abstract_batch(model.denoiser_config, config.resolution, global_batch_size, target.mesh,
                                       config.data.rpo_embedding, vae_downsample=model.vae_downsample)
+  if target.text_tokens:
+    for key in PROMPT_EMBED_KEYS:
+      del batch[key]
+    batch.update({TEXT_IDS_PREFIX + name: jax.ShapeDtypeStruct((global_batch_size, n), jnp.int32,
+                                                               sharding=batch["time_ids"].sharding)
+                  for name, n in target.text_tokens.items()})
   if objectives.get_objective(config.objective).needs_scores:
     score = batch["time_ids"].update(shape=(global_batch_size,))
     batch.update(score_w=score, score_l=score)
   return batch
 
 
-def run(config, topology: str, model_name: str | None = None, *, config_file: str | None = None,
-        max_batch: bool = False, log=print) -> Report:
-  """Builds the config's step from abstract models on `topology`'s devices and compiles it (with
-  `max_batch`: the largest fitting batch; its report, or the smallest probe's when none fits)."""
+def sample_report(config, topology: str, model_name: str | None = None, *, config_file: str | None = None,
+                  log=print) -> Report:
+  """The sampling path on `topology`: one call of the family's denoiser on config.global_batch_size latents at
+  config.resolution (the batch over (data, fsdp), weights by the logical-axis rules in config.param_dtype),
+  compiled and measured per chip like the train step."""
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
   from mapo_jax import config as config_lib
-  target = build_target(config, topology, model_name, config_file=config_file)
+  from mapo_jax import sharding
+  from mapo_jax.training import tpu
+  from mapo_jax.training.build import model_options
+
+  check_config(config)
+  slc = tpu.parse(topology)
+  model = resolve_model(model_name, config, config_file)
+  config_lib.validate_for_devices(config, slc.chips, slc.hosts)
+  mesh = sharding.make_mesh(config.mesh, slc.devices())
+  options = model_options(config, mesh)
+  family, n = model.family, config.global_batch_size
+  abstract = family.abstract_denoiser(model.denoiser_config, param_dtype=jnp.dtype(config.param_dtype), **options)
+  params, _ = sharding.place(abstract, mesh, nnx.Param)
+  rest, _ = sharding.place(abstract, mesh, nnx.Not(nnx.Param))
+  graphdef = nnx.graphdef(abstract)
+  batch = family.abstract_batch(model.denoiser_config, config.resolution, n, mesh,
+                                vae_downsample=model.vae_downsample)
+  moments = batch["moments_w"]
+  x = jax.ShapeDtypeStruct(moments.shape[:-1] + (moments.shape[-1] // 2,), jnp.float32, sharding=moments.sharding)
+  t = jax.ShapeDtypeStruct((n,), jnp.float32, sharding=sharding.batch_sharding(mesh))
+  cond = {k: v for k, v in batch.items() if k not in ("moments_w", "moments_l", "rpo_emb")}
+  call = jax.jit(lambda p, r, x, t, c: family.denoise(nnx.merge(graphdef, p, r), x, t, c))
+  need = HOST_BASE_GIB + HOST_GIB_PER_BILLION[bool(config.scan_blocks)] * sum(
+      v.size for v in jax.tree.leaves(params)) / 1e9 / 3  # a forward alone: about a third of a train step's program
+  ram, swap = host_memory_available()
+  log(f"host memory: the compile needs about {need:.0f} GiB; this host has {ram:.0f} GiB available and "
+      f"{swap:.0f} GiB of swap")
+  report = Report(topology=slc.topology, chips=slc.chips, hosts=slc.hosts, mesh=dict(mesh.shape), model=model.name,
+                  objective="sample", attention=options["attention"], resolution=config.resolution,
+                  global_batch_size=n, accum_steps=1,
+                  micro_pairs_per_chip=n / (mesh.shape["data"] * mesh.shape["fsdp"]), hbm_bytes=slc.hbm_bytes,
+                  params_bytes=shard_bytes(params) + shard_bytes(rest), opt_state_bytes=0, reference_bytes=0,
+                  batch_bytes=shard_bytes((x, t, cond)))
+  start = time.perf_counter()
+  try:
+    with jax.set_mesh(mesh):
+      compiled = call.lower(params, rest, x, t, cond).compile()
+  except Exception as e:  # noqa: BLE001
+    report.compile_seconds, report.error = time.perf_counter() - start, f"{type(e).__name__}: {e}"
+    if "RESOURCE_EXHAUSTED" in str(e):
+      report.missing_bytes = missing_hbm(str(e))
+    return report
+  report.compile_seconds, report.compiled = time.perf_counter() - start, compiled
+  mem = compiled.memory_analysis()
+  report.argument_bytes, report.output_bytes = mem.argument_size_in_bytes, mem.output_size_in_bytes
+  report.alias_bytes, report.temp_bytes = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+  report.peak_bytes = report.argument_bytes + report.temp_bytes + report.output_bytes - report.alias_bytes
+  report.fits = report.peak_bytes <= slc.hbm_bytes
+  if not report.fits:
+    report.missing_bytes = report.peak_bytes - slc.hbm_bytes
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if cost:
+    report.flops = cost.get("flops")
+    seconds = cost.get("optimal_seconds")
+    report.estimated_step_seconds = seconds if seconds is not None and seconds > 0 else None
+  return report
+
+
+def run(config, topology: str, model_name: str | None = None, *, config_file: str | None = None,
+        max_batch: bool = False, log=print, text: str = "auto") -> Report:
+  """Builds the config's step from abstract models on `topology`'s devices and compiles it (with
+  `max_batch`: the largest fitting batch; its report, or the smallest probe's when none fits). `text`: as
+  `step_text`."""
+  from mapo_jax import config as config_lib
+  target = build_target(config, topology, model_name, config_file=config_file, text=text)
+  check_host_memory(target, config, log)
   slc = target.slc
   probe = lambda size: compile_report(target, config, size)
   if not max_batch:
@@ -370,7 +596,11 @@ def main(argv) -> int:
     jax.config.update("jax_platforms", "cpu")  # the host compiles; never probe for local accelerators
   config_file = config_flags.get_config_filename(flags.FLAGS["config"])
   try:
-    report = run(_CONFIG.value, _TOPOLOGY.value, _ARCHITECTURE.value, config_file=config_file, max_batch=_MAX_BATCH.value)
+    if _SAMPLE.value:
+      report = sample_report(_CONFIG.value, _TOPOLOGY.value, _ARCHITECTURE.value, config_file=config_file)
+    else:
+      report = run(_CONFIG.value, _TOPOLOGY.value, _ARCHITECTURE.value, config_file=config_file,
+                   max_batch=_MAX_BATCH.value, text=_TEXT.value)
   except Exception as e:  # noqa: BLE001  (a bad config, topology or model: the message says which)
     print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
     print(json.dumps({"error": f"{type(e).__name__}: {e}"}))

@@ -11,6 +11,10 @@ w/NAME.png, l/NAME.png and NAME.txt, or tfds:NAME[:SPLIT] (see docs/data.md and
 mapo_jax/data/sources.py). Each pair stores the VAE posterior moments
 of winner and loser ([mean, logvar] on the channel axis, unscaled: the train step samples and
 scales), the prompt embeddings, the pooled embedding, SDXL time ids and the RPO embedding.
+--text ids stores each text tower's token ids instead of the prompt and pooled embeddings (a few KiB a pair
+against FLUX.1's 4 MiB of T5 states), and the train step encodes them with the frozen towers; --text auto (the
+default) takes ids for the families that encode in the step (FLUX, SD3: their TEXT_IN_STEP) and embeddings for
+the others and for unpaired samples (docs/data.md, "Text conditioning at scale").
 --vae encodes the images with another VAE folder than the pipeline's vae/ (e.g. the fp16-safe
 madebyollin/sdxl-vae-fp16-fix of the official SDXL recipes); the manifest records it and the trainer
 refuses the cache unless its config.vae names the same folder.
@@ -40,20 +44,54 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, logging
-from absl.flags import argparse_flags
 from flax import nnx
 
-from mapo_jax.data.cache import EncodeFn, EncodeSettings, OutOfDiskError, merge_caches, verify_cache, write_cache
+from mapo_jax import cli
+from mapo_jax.data.cache import (PAIRS, PROMPT_EMBED_KEYS, TEXT_IDS_PREFIX, EncodeFn, EncodeSettings, OutOfDiskError,
+                                 merge_caches, record_kind, verify_cache, write_cache)
 from mapo_jax.data.sources import open_source
 from mapo_jax.training.objectives import RPO_EMBEDDINGS
 from mapo_jax.pipelines import family, load_pipeline
 
 
 
-def make_encoder(pipe, *, rpo_embedding: str = "pooled") -> EncodeFn:
-  """VAE moments of both images and prompt embeddings, with the images split over local devices."""
+TEXT_MODES = ("auto", "ids", "embeddings")
+
+
+def text_mode(pipeline_family, text: str, source=None) -> str:
+  """"ids" or "embeddings" for `--text`: auto is ids where the family encodes prompts in the train step
+  (TEXT_IN_STEP) and the source holds pairs (unpaired samples keep their embeddings), else embeddings. ids for a
+  family that cannot encode in the step is a ValueError."""
+  if text not in TEXT_MODES:
+    raise ValueError(f"text={text!r}; expected one of {TEXT_MODES}")
+  in_step = getattr(pipeline_family, "TEXT_IN_STEP", False)
+  pairs = source is None or record_kind(source) is PAIRS
+  if text == "auto":
+    return "ids" if in_step and pairs else "embeddings"
+  if text == "ids" and not (in_step and pairs):
+    what = ("unpaired samples (KTO) are cached with their embeddings" if in_step else
+            f"{pipeline_family.__name__.rsplit('.', 1)[-1]} pipelines do not encode prompts in the train step")
+    raise ValueError(f"--text ids: {what}; use --text embeddings")
+  return text
+
+
+def make_encoder(pipe, *, rpo_embedding: str = "pooled", text: str = "embeddings") -> EncodeFn:
+  """VAE moments of both images and prompt embeddings, with the images split over local devices. With text="ids"
+  the prompts' token ids per text tower (TEXT_IDS_PREFIX + tower name, `pipe.tokenize`) take the embeddings'
+  place, and only rpo_emb is computed by the towers (`pipe.step_text`'s encode, of which XLA keeps only what
+  rpo_emb reads: CLIP alone for the pooled embedding)."""
   if rpo_embedding not in RPO_EMBEDDINGS:
     raise ValueError(f"rpo_embedding={rpo_embedding!r}; expected one of {RPO_EMBEDDINGS}")
+  if text not in ("ids", "embeddings"):
+    raise ValueError(f"text={text!r}; expected 'ids' or 'embeddings'")
+  rpo_of = lambda t: t["pooled_prompt_embeds"] if rpo_embedding == "pooled" else t["prompt_embeds"].mean(axis=1)
+  if text == "ids":
+    if not hasattr(pipe, "step_text"):
+      raise ValueError(f"{type(pipe).__module__}: this family does not encode prompts in the train step; use text "
+                       "'embeddings'")
+    towers, encode_ids = pipe.step_text()
+    tower_graphdef, tower_state = nnx.split(towers)
+    rpo_from_ids = jax.jit(lambda state, ids: rpo_of(encode_ids(nnx.merge(tower_graphdef, state), ids)))
   devices = jax.local_devices()
   mesh = jax.sharding.Mesh(np.array(devices), ("data",))
   graphdef, state = nnx.split(pipe.vae)
@@ -70,10 +108,13 @@ def make_encoder(pipe, *, rpo_embedding: str = "pooled") -> EncodeFn:
     pad = [(0, -b % len(devices))] + [(0, 0)] * 3  # equal shards of winners and of losers
     x = np.concatenate([np.pad(p, pad) for p in (pixels_w, pixels_l) if p is not None])
     m = moments(state, jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.P("data"))))
-    text = pipe.encode_prompts(list(captions))
-    rpo = text["pooled_prompt_embeds"] if rpo_embedding == "pooled" else text["prompt_embeds"].mean(axis=1)
-    out = {"moments_w": m[:b], "prompt_embeds": text["prompt_embeds"],
-           "pooled_prompt_embeds": text["pooled_prompt_embeds"], "rpo_emb": rpo.astype(jnp.float32)}
+    if text == "ids":
+      ids = pipe.tokenize(list(captions))
+      conditioning, rpo = {TEXT_IDS_PREFIX + k: v for k, v in ids.items()}, rpo_from_ids(tower_state, ids)
+    else:
+      embeds = pipe.encode_prompts(list(captions))
+      conditioning, rpo = {k: embeds[k] for k in PROMPT_EMBED_KEYS}, rpo_of(embeds)
+    out = {"moments_w": m[:b], **conditioning, "rpo_emb": rpo.astype(jnp.float32)}
     if pixels_l is not None:
       out["moments_l"] = m[len(x) // 2:len(x) // 2 + b]
     return out
@@ -83,7 +124,7 @@ def make_encoder(pipe, *, rpo_embedding: str = "pooled") -> EncodeFn:
 
 def parse_flags(argv: list[str]) -> argparse.Namespace:
   # argparse rather than absl's global flags, so importing make_encoder elsewhere defines nothing.
-  p = argparse_flags.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.parser(__doc__)
   p.add_argument("--pipeline", help="diffusers-layout pipeline folder (SDXL or SD 1.x/2.x)")
   p.add_argument("--data", help="parquet, Arrow or save_to_disk folder, .jsonl, ranked .json, w/ + l/ folder, "
                  "or tfds:NAME[:SPLIT]; options as PATH?key=value (docs/data.md)")
@@ -111,10 +152,13 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
                  help="storage dtype of moments and prompt embeddings")
   p.add_argument("--seed", type=int, default=0, help="seeds each pair's flip (and random crop)")
   p.add_argument("--random_crop", action="store_true", help="random instead of centre crop")
+  p.add_argument("--text", default="auto", choices=TEXT_MODES,
+                 help="ids: each text tower's token ids, encoded by the train step; embeddings: the prompt embeddings; "
+                 "auto: ids for FLUX and SD3 pairs, else embeddings (docs/data.md, 'Text conditioning at scale')")
   p.add_argument("--rpo_embedding", default="pooled", choices=RPO_EMBEDDINGS,
                  help="pooled: the pooled prompt embedding; mean_tokens: prompt_embeds averaged over tokens")
   p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
-  args = p.parse_args(argv[1:])
+  args = cli.parse(p, argv)
   if args.quick and not args.verify:
     p.error("--quick goes with --verify")
   if args.verify:
@@ -133,6 +177,10 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
     if args.resolution <= 0 or args.resolution % multiple:
       p.error(f"--resolution {args.resolution} must be a positive multiple of {multiple} (the VAE's and the "
               f"UNet's downsampling of {args.pipeline})")
+    try:
+      text_mode(family(args.pipeline), args.text)
+    except ValueError as e:
+      p.error(str(e))
   elif args.data is not None:
     p.error("--merge joins finished caches; it takes no --data")
   return args
@@ -189,11 +237,12 @@ def main(args: argparse.Namespace) -> int:
   if args.distributed:
     jax.distributed.initialize()
   source = open_source(args.data, **({"best_worst": True} if args.best_worst else {}))
+  text = text_mode(family(args.pipeline), args.text, source)
   vae = os.path.abspath(args.vae) if args.vae else ""
   pipe = load_pipeline(args.pipeline, components=family(args.pipeline).FROZEN, vae=vae or None)
   settings = EncodeSettings(resolution=args.resolution, seed=args.seed, random_crop=args.random_crop,
-                            cache_dtype=args.cache_dtype, shard_size=args.shard_size)
-  encode_cache(source, args.out, make_encoder(pipe, rpo_embedding=args.rpo_embedding), settings,
+                            cache_dtype=args.cache_dtype, shard_size=args.shard_size, text=text)
+  encode_cache(source, args.out, make_encoder(pipe, rpo_embedding=args.rpo_embedding, text=text), settings,
                pipeline=args.pipeline, vae=vae, batch_size=args.batch_size, strict=args.strict,
                process_index=jax.process_index(), process_count=jax.process_count(), resume_check=args.resume_check)
   return 0

@@ -30,10 +30,9 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, logging
-from absl.flags import argparse_flags
 from PIL import Image
 
-from mapo_jax import generate, rewards, sampling
+from mapo_jax import cli, generate, rewards, sampling
 from mapo_jax.rewards import scoring
 from mapo_jax.run import card
 from mapo_jax.rewards.prompts import FORMATS, read_prompt_set
@@ -138,7 +137,7 @@ def markdown(results: dict, *, per_prompt: bool = True) -> str:
 
 
 def parse_flags(argv: list[str]) -> argparse.Namespace:
-  p = argparse_flags.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.parser(__doc__)
   p.add_argument("--model-a", "--model_a", dest="model_a", required=True, help="baseline model folder")
   p.add_argument("--model-b", "--model_b", dest="model_b", required=True, help="compared (e.g. aligned) model")
   p.add_argument("--lora-b", "--lora_b", dest="lora_b", help="LoRA file applied to model B (e.g. B = A + LoRA)")
@@ -150,7 +149,7 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
                  help="write the result tables into model B's model card (README.md; with --lora-b the LoRA "
                  "file's folder), replacing the section of an earlier run on the same model A and prompts")
   generate.add_sampling_flags(p)
-  return p.parse_args(argv[1:])
+  return cli.parse(p, argv)
 
 
 def update_card(args: argparse.Namespace, results: dict) -> Path:

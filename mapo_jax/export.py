@@ -32,15 +32,14 @@ from typing import Any
 
 import jax
 from absl import app, logging
-from absl.flags import argparse_flags
 from flax import nnx
 
-from mapo_jax import pipelines
+from mapo_jax import cli, pipelines
 from mapo_jax.training import lora
 from mapo_jax.run import card as card_lib
 from mapo_jax.run.checkpoint import CHECKPOINTS, EMA, Checkpointer, abstract_like
 from mapo_jax.convert.files import EXPORT_DTYPES
-from mapo_jax.run.workdir import previous_config, remove_stale_temporaries
+from mapo_jax.run.workdir import previous_config, recorded_value, remove_stale_temporaries
 
 
 Card = Callable[[Path], Any]  # writes a model card into the (temporary) export folder it is given
@@ -116,7 +115,8 @@ def load_checkpoint_denoiser(workdir: str | os.PathLike, base: str | os.PathLike
   A LoRA run's checkpoint holds only adapters: they are attached to the base denoiser, whose weights are
   read from `base` (or, with `base_weights=False`, left abstract: enough to write the adapters)."""
   family = pipelines.family(base)
-  model = family.abstract_denoiser(base)
+  scan = bool(recorded_value(Path(workdir), "scan_blocks"))  # the checkpoint's layout: stacked blocks or not
+  model = family.abstract_denoiser(base, scan=scan)
   settings = run_lora_config(workdir)
   trainable = nnx.Param
   if settings["rank"]:
@@ -139,7 +139,7 @@ def load_checkpoint_denoiser(workdir: str | os.PathLike, base: str | os.PathLike
   nnx.replace_by_pure_dict(abstract, params)
   model = nnx.merge(graphdef, abstract, rest)
   if settings["rank"] and base_weights:
-    real = family.load_denoiser(base)
+    real = family.load_denoiser(base, scan=scan)
     layers = lora.linear_layers(real)
     for name, adapter in lora.adapted(model).items():
       lora.attach(layers[name], adapter.a.get_value(), adapter.b.get_value(), adapter.scale)
@@ -149,7 +149,7 @@ def load_checkpoint_denoiser(workdir: str | os.PathLike, base: str | os.PathLike
 
 def parse_flags(argv: list[str]) -> argparse.Namespace:
   # argparse (dashed names are the documented interface) rather than absl's global flags.
-  p = argparse_flags.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.parser(__doc__)
   p.add_argument("--checkpoint", required=True, help="the training workdir (holding checkpoints/)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   p.add_argument("--base", required=True, help="the base diffusers pipeline folder the run started from")
@@ -160,7 +160,7 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
                  help="LoRA runs: the LoRA file's format (default diffusers: pytorch_lora_weights.safetensors)")
   p.add_argument("--fuse", action="store_true", help="LoRA runs: write the full pipeline with the adapters merged")
   p.add_argument("--ema", action="store_true", help="export the parameters' moving average (config.ema_decay)")
-  return p.parse_args(argv[1:])
+  return cli.parse(p, argv)
 
 
 def main(args: argparse.Namespace) -> None:

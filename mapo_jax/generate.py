@@ -30,11 +30,10 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, logging
-from absl.flags import argparse_flags
 from PIL import Image
 
 from mapo_jax.training import lora as lora_lib
-from mapo_jax import sampling
+from mapo_jax import cli, sampling
 from mapo_jax.pipelines import load_pipeline
 
 
@@ -108,7 +107,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 def parse_flags(argv: list[str]) -> argparse.Namespace:
   # argparse rather than absl's global flags: the contract is dashed names, which absl flags lack.
-  p = argparse_flags.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.parser(__doc__)
   p.add_argument("--model", required=True, help="diffusers pipeline folder, or a workdir with export/")
   prompts = p.add_mutually_exclusive_group(required=True)
   prompts.add_argument("--prompt", help="one prompt")
@@ -122,7 +121,7 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
                  help=".npy of (N, H/8, W/8, C) float32 NHWC unit-variance initial noise")
   p.add_argument("--output-latents", "--output_latents", dest="output_latents",
                  help=".npy to save the final (N, H/8, W/8, C) NHWC latents to, before decoding")
-  return p.parse_args(argv[1:])
+  return cli.parse(p, argv)
 
 
 def main(args: argparse.Namespace) -> None:

@@ -38,10 +38,9 @@ from pathlib import Path
 import jax
 import numpy as np
 from absl import app, logging
-from absl.flags import argparse_flags
 from PIL import Image
 
-from mapo_jax import generate, rewards, sampling
+from mapo_jax import cli, generate, rewards, sampling
 from mapo_jax.rewards import scoring
 from mapo_jax.pipelines import load_pipeline
 from mapo_jax.rewards.prompts import FORMATS, read_prompt_set
@@ -128,7 +127,7 @@ def per_prompt_count(text: str) -> int:
 
 
 def parse_flags(argv: list[str]) -> argparse.Namespace:
-  p = argparse_flags.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.parser(__doc__)
   p.add_argument("--model", required=True, help="diffusers pipeline folder, or a workdir with export/")
   p.add_argument("--prompts", required=True, help=f"prompt set: {FORMATS}")
   p.add_argument("--per-prompt", "--per_prompt", dest="per_prompt", required=True, type=per_prompt_count,
@@ -137,7 +136,7 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--out", required=True, help="output folder (a re-run with the same flags resumes it)")
   p.add_argument("--pairing", default="best-worst", choices=PAIRINGS, help="which pairs of each prompt's images")
   generate.add_sampling_flags(p)
-  return p.parse_args(argv[1:])
+  return cli.parse(p, argv)
 
 
 def main(args: argparse.Namespace) -> None:

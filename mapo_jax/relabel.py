@@ -33,9 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from absl import app, logging
-from absl.flags import argparse_flags
 
-from mapo_jax import rewards
+from mapo_jax import cli, rewards
 from mapo_jax.rewards import scoring
 from mapo_jax.data import sources
 from mapo_jax.data.pairs import BadPair, _winner_is_jpg1, decode_image
@@ -265,13 +264,13 @@ def relabel(data: str, reward: rewards.Reward, out: str | os.PathLike, *, soft: 
 
 
 def parse_flags(argv: list[str]) -> argparse.Namespace:
-  p = argparse_flags.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.parser(__doc__)
   p.add_argument("--data", required=True, help="preference pairs, as `mapo_jax.encode --data` (docs/data.md)")
   p.add_argument("--reward", required=True, type=scoring.reward_flag, help="KIND=PATH, e.g. pickscore=DIR")
   p.add_argument("--out", required=True, help="the relabelled pairs, in --data's format (must not exist)")
   p.add_argument("--soft", action="store_true", help="store the winner's and loser's scores as score_w, score_l")
   p.add_argument("--margin", type=float, default=0.0, help="drop pairs whose scores differ by at most this")
-  return p.parse_args(argv[1:])
+  return cli.parse(p, argv)
 
 
 def report(stats: dict) -> str:

@@ -142,18 +142,13 @@ class MeshPartitioningError(ValueError):
   """XLA partitions a known pattern wrongly on this mesh (`check_partitioning`)."""
 
 
-def check_partitioning(mesh: Mesh) -> None:
-  """Raises MeshPartitioningError when XLA, on this mesh's own devices, computes `x @ w + x` wrongly for the
+def partitioning_error(mesh: Mesh, batch: int | None = None, width: int | None = None) -> float:
+  """Relative error of `x @ w + x` computed by XLA on `mesh` against the same computation unsharded, for the
   layout every transformer block has: x's batch over (data, fsdp) and its features over tensor, w sharded
-  (tensor, fsdp) (an attention output or feed-forward down projection). jax 0.10.2's partitioner (GSPMD
-  and Shardy alike) swaps the batch between data and fsdp for the matmul and adds the un-swapped x, on any
-  mesh whose three axes are all > 1: 72 % relative error on 8 CPU devices, and every gradient leaf of a
-  small SDXL-layout UNet wrong (bench/sharding_check.py). Two-axis meshes are unaffected. Checked here on the real devices,
-  so the refusal lifts by itself with a fixed XLA; meshes with an axis of size 1 are not checked."""
-  if sum(mesh.shape[a] > 1 for a in MESH_AXES) < len(MESH_AXES):
-    return
-  batch = mesh.shape["data"] * mesh.shape["fsdp"] * 2
-  width = mesh.shape["tensor"] * mesh.shape["fsdp"] * 16
+  (tensor, fsdp) (an attention output or feed-forward down projection). 0 up to float32 rounding where XLA
+  partitions it correctly."""
+  batch = batch or mesh.shape["data"] * mesh.shape["fsdp"] * 2
+  width = width or mesh.shape["tensor"] * mesh.shape["fsdp"] * 16
   rng = np.random.default_rng(0)
   x = rng.standard_normal((batch, 8, width)).astype(np.float32)
   w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
@@ -161,8 +156,20 @@ def check_partitioning(mesh: Mesh) -> None:
   layer = lambda x, w: x @ w + x
   sharded = jax.jit(layer)(place(x, P(BATCH_AXES, None, "tensor")), place(w, P("tensor", "fsdp")))
   whole = jax.jit(layer, out_shardings=replicated(mesh))(place(x, P()), place(w, P()))
-  error = float(jax.jit(lambda a, b: jnp.linalg.norm(a - b) / jnp.linalg.norm(b),
-                        out_shardings=replicated(mesh))(sharded, whole))
+  return float(jax.jit(lambda a, b: jnp.linalg.norm(a - b) / jnp.linalg.norm(b),
+                       out_shardings=replicated(mesh))(sharded, whole))
+
+
+def check_partitioning(mesh: Mesh) -> None:
+  """Raises MeshPartitioningError when XLA, on this mesh's own devices, gets `partitioning_error`'s pattern
+  wrong. jax 0.10.2's partitioner (GSPMD and Shardy alike) swaps the batch between data and fsdp for the
+  matmul and adds the un-swapped x, on any mesh whose three axes are all > 1: 72 % relative error on 8 CPU
+  devices, and every gradient leaf of a small SDXL-layout UNet wrong (bench/sharding_check.py). Two-axis meshes
+  are unaffected. Checked on the real devices, so the refusal lifts by itself with a fixed XLA; meshes with an
+  axis of size 1 are not checked."""
+  if sum(mesh.shape[a] > 1 for a in MESH_AXES) < len(MESH_AXES):
+    return
+  error = partitioning_error(mesh)
   if not error < 1e-5:
     raise MeshPartitioningError(
         f"XLA (jax {jax.__version__}) partitions a transformer layer wrongly on mesh {dict(mesh.shape)}: "

@@ -44,7 +44,7 @@ from mapo_jax import config as config_lib
 from mapo_jax import convert, pipelines, sampling, sharding
 from mapo_jax.data import (cached_eval_batch, cached_loader, onthefly_eval_batch, onthefly_loader, open_source,
                            read_manifest)
-from mapo_jax.data.cache import DamagedShardError, RecordLayout
+from mapo_jax.data.cache import TEXT_IDS_PREFIX, DamagedShardError, RecordLayout, is_text_ids
 from mapo_jax.encode import make_encoder
 from mapo_jax.export import export_denoiser, export_lora, run_card
 from mapo_jax.run import workdir as workdir_lib
@@ -239,6 +239,9 @@ def load_models(config: ml_collections.ConfigDict, mesh) -> Models:
   if config.resolution % multiple:
     raise config_lib.ConfigError("resolution", f"{config.resolution} is not a multiple of {multiple} "
                                  f"(the VAE's and the UNet's downsampling of {config.pipeline})")
+  # The schedule's kind decides which keys apply (DDPM's min_snr_gamma, flow matching's config.flow): checked
+  # from the scheduler config before any weight is read.
+  config_lib.validate_for_schedule(config, family.load_pipeline(config.pipeline, ("scheduler",)).schedule)
   options = model_options(config, mesh)
   model = family.load_denoiser(config.pipeline, param_dtype=denoiser_param_dtype(config), mesh=mesh, **options)
   reference = None
@@ -260,14 +263,32 @@ def load_models(config: ml_collections.ConfigDict, mesh) -> Models:
 class Input:
   data_iterator: Any  # grain iterator of global batches (checkpointed)
   eval_batch: dict[str, jax.Array] | None  # held-out pairs (config.data.eval_pairs), or None
-  empty_prompt: dict[str, np.ndarray] | None  # "" encoded once, for empty-prompt dropout in the step
+  empty_prompt: dict[str, np.ndarray] | None  # "" encoded once (or its token ids), for empty-prompt dropout in the step
+  text: tuple | None = None  # (towers, encode) that encode a token ids cache in the step (build's `text`), or None
+
+
+def step_text(config: ml_collections.ConfigDict, mesh, ids_shapes: dict[str, tuple[int, ...]]):
+  """For a token ids cache (docs/data.md, "Text conditioning at scale"): the family's frozen text towers in
+  config.dtype (T5 born sharded on `mesh`) as (towers, encode), and the empty prompt's ids. The cache's ids must be
+  what this pipeline's tokenizers give (same towers, same lengths)."""
+  family = pipelines.family(config.pipeline)
+  if not hasattr(family, "load_step_text"):
+    raise config_lib.ConfigError("data.cache_dir", f"{config.data.cache_dir} holds token ids, but "
+                                 f"{config.pipeline} is a pipeline whose train step does not encode prompts")
+  dtype = jnp.dtype(config.dtype)  # frozen: no float32 master copy (diffusers' FLUX / SD3 scripts: weight_dtype)
+  text_pipe = family.load_step_text(config.pipeline, dtype=dtype, param_dtype=dtype, mesh=mesh)
+  empty = {TEXT_IDS_PREFIX + k: v[0] for k, v in text_pipe.tokenize([""]).items()}
+  if (given := {k: tuple(v.shape) for k, v in empty.items()}) != ids_shapes:
+    raise config_lib.ConfigError("data.cache_dir", f"{config.data.cache_dir} holds token ids {ids_shapes}, but the "
+                                 f"tokenizers of {config.pipeline} give {given}: encoded with another pipeline?")
+  return text_pipe.step_text(), empty
 
 
 def open_input(config: ml_collections.ConfigDict, mesh, pipe) -> Input:
   loader_kwargs = dict(batch_size=config.global_batch_size // jax.process_count(), seed=config.seed,
                        sharding=sharding.batch_sharding(mesh), num_threads=config.data.num_threads,
                        holdout=config.data.eval_pairs)
-  eval_batch = None
+  eval_batch = text = None
   if config.data.mode == "cached":
     manifest = read_manifest(config.data.cache_dir)
     encoded_at = manifest["settings"]["resolution"]
@@ -278,8 +299,11 @@ def open_input(config: ml_collections.ConfigDict, mesh, pipe) -> Input:
     dataset = cached_loader(config.data.cache_dir, **loader_kwargs)
     if config.data.eval_pairs:
       eval_batch = cached_eval_batch(config.data.cache_dir, config.data.eval_pairs)
-    cache_dtypes = RecordLayout.from_json(manifest["record"]).dtypes
+    layout = RecordLayout.from_json(manifest["record"])
+    cache_dtypes = layout.dtypes
     check_batch_keys(config.objective, tuple(cache_dtypes), config.data.cache_dir)
+    if ids_shapes := {k: shape for k, shape in layout.shapes.items() if is_text_ids(k)}:
+      text, empty_ids = step_text(config, mesh, ids_shapes)
   else:
     source, encoder = open_source(config.data.source), make_encoder(pipe, rpo_embedding=config.data.rpo_embedding)
     pair_kwargs = dict(resolution=config.resolution, random_crop=config.data.random_crop)
@@ -290,9 +314,12 @@ def open_input(config: ml_collections.ConfigDict, mesh, pipe) -> Input:
     cache_dtypes = None
   if eval_batch is not None:
     eval_batch = place_global(eval_batch, sharding.batch_sharding(mesh))
-  # Empty-prompt dropout: "" encoded once here, swapped in per pair inside the step (train_step.augment_batch).
-  empty_prompt = pipelines.empty_prompt_rows(pipe, cache_dtypes) if config.data.empty_prompt_prob > 0 else None
-  return Input(iter(dataset), eval_batch, empty_prompt)
+  # Empty-prompt dropout: "" encoded once here (a token ids cache: its ids), swapped in per pair inside the step
+  # (train_step.augment_batch).
+  empty_prompt = None
+  if config.data.empty_prompt_prob > 0:
+    empty_prompt = empty_ids if text is not None else pipelines.empty_prompt_rows(pipe, cache_dtypes)
+  return Input(iter(dataset), eval_batch, empty_prompt, text)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -544,7 +571,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, allow_config_chan
     models = load_models(config, mesh)
     inputs = open_input(config, mesh, models.pipe)
     built = build(config, models.family, models.model, models.reference, models.pipe.schedule, models.pipe.latents,
-                  mesh, inputs.empty_prompt)
+                  mesh, inputs.empty_prompt, text=inputs.text)
     del models.model, models.reference  # their arrays now live in `built` (the trainable ones donated to the state)
     initial_norm = float(global_norm(built.state.params))  # the starting model's, for the export check
     state = restore(run, built, inputs.data_iterator)

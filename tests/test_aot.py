@@ -9,6 +9,8 @@ import importlib.util
 import json
 import math
 import os
+import re
+import resource
 import subprocess
 import sys
 
@@ -169,9 +171,16 @@ def test_cli_mapo_fits_v5e_2x2_with_the_splash_kernel(tmp_path):
   hlo = tmp_path / "step.hlo"
   cmd = [sys.executable, "-m", "mapo_jax.aot", "--config", os.path.join(REPO, "configs/demo.py"),
          "--config.resolution=256", "--config.global_batch_size=8", "--architecture", "micro", "--topology", "v5e:2x2", "--dump-hlo", str(hlo)]
+  before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  # The host-memory line, checked against this compile's measured peak: the estimate must not fall short of
+  # it (it would then miss compiles that will be killed), nor exceed it by more than a base's worth.
+  peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+  estimate = float(re.search(r"host memory: the compile needs about (\d+) GiB", proc.stdout)[1])
+  if peak_gib > before / 2**20:  # this child set the children's maximum: it is this compile's own peak
+    assert peak_gib - 0.5 <= estimate <= peak_gib + aot.HOST_BASE_GIB
   report = json.loads(proc.stdout.strip().splitlines()[-1])
   assert report["fits"] and report["error"] is None and "FITS" in proc.stdout
   assert report["attention"] == "pallas"  # the target's kernel, though this host is a CPU
@@ -184,6 +193,9 @@ def test_cli_mapo_fits_v5e_2x2_with_the_splash_kernel(tmp_path):
   assert report["peak_bytes"] == (report["argument_bytes"] + report["temp_bytes"] + report["output_bytes"]
                                   - report["alias_bytes"])
   assert report["flops"] > 0 and report["estimated_step_seconds"] > 0 and report["micro_pairs_per_chip"] == 1
+  # Model FLOPs: 8 pairs x 2 latents x (forward + backward = 3 forwards), against the lowered forward's count.
+  assert report["model_flops"] > 0 and report["mfu"] == pytest.approx(
+      report["model_flops"] / (4 * 197e12 * report["estimated_step_seconds"]))
   assert "tpu_custom_call" in hlo.read_text()  # the Mosaic (splash attention) kernels
 
 
@@ -204,3 +216,36 @@ def test_run_dpo_fits_v5p_2x2x1_with_a_bf16_reference():
   # Splash forward for the reference and the policy, dq and dkv kernels for the policy's backward.
   assert report.compiled.as_text().count("tpu_custom_call") > 0
   assert math.isclose(report.micro_pairs_per_chip, 1)
+
+
+def test_host_memory_warning_names_swap_when_the_host_is_short(monkeypatch):
+  """The estimate against a host that cannot hold it: one extra line saying so and how to add swap."""
+  target = aot.Target(built=None, mesh=None, slc=None, model=None, attention="xla")
+  monkeypatch.setattr(aot, "host_memory_estimate", lambda target, config: 40.0)
+  monkeypatch.setattr(aot, "host_memory_available", lambda: (20.0, 0.0))
+  lines = []
+  aot.check_host_memory(target, None, lines.append)
+  assert "about 40 GiB" in lines[0] and "20 GiB available" in lines[0]
+  assert len(lines) == 2 and "mkswap /swapfile && swapon /swapfile" in lines[1]
+  monkeypatch.setattr(aot, "host_memory_available", lambda: (20.0, 40.0))
+  lines.clear()
+  aot.check_host_memory(target, None, lines.append)
+  assert len(lines) == 1
+
+
+@needs_libtpu
+@pytest.mark.parametrize("preset", ["tiny_flux", "tiny_sd35"])
+def test_the_sampling_path_of_a_flow_family_compiles_for_a_slice(preset):
+  """`aot --sample`: one denoiser call of a flow-matching family, bf16 weights sharded by the rules, per chip."""
+  spec = importlib.util.spec_from_file_location("r", os.path.join(REPO, "configs/sd35_mapo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.global_batch_size, config.accum_steps, config.resolution, config.param_dtype = 8, 1, 64, "bfloat16"
+  report = aot.sample_report(config, "v5litepod-8", preset, log=lambda line: None)
+  assert report.fits and report.error is None, report.error
+  assert report.objective == "sample" and report.opt_state_bytes == 0 and report.mesh["fsdp"] == 8
+  abstract = aot.resolve_model(preset, config, None).family.abstract_denoiser(aot.resolve_model(
+      preset, config, None).denoiser_config, param_dtype=np.dtype("bfloat16"))
+  whole = sum(v.get_value().size for _, v in nnx.to_flat_state(nnx.state(abstract))) * 2
+  assert whole / 8 <= report.params_bytes <= whole  # sharded over 8 chips where the rules divide

@@ -9,8 +9,7 @@ from conftest import REPO
 
 from mapo_jax import config as config_lib
 
-RECIPES = ("sdxl_mapo", "sdxl_dpo", "sdxl_rpo", "sdxl_sft", "sd15_mapo", "sd15_dpo", "demo", "sdxl_mapo_lora",
-           "sdxl_dpo_lora", "sd15_dpo_lora")
+RECIPES = tuple(config_lib.recipe_names())  # every packaged recipe
 
 
 def load(name):

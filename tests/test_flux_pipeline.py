@@ -258,8 +258,6 @@ def test_config_checks_and_aot_presets(folders):
     flux.check_denoiser_config(dict(TINY_FLUX_PIPELINE_TRANSFORMER, patch_size=2))
   with pytest.raises(ValueError, match="out_channels"):
     flux.check_denoiser_config(dict(TINY_FLUX_PIPELINE_TRANSFORMER, out_channels=16))
-  with pytest.raises(ValueError, match="scan_blocks"):
-    flux.abstract_denoiser(TINY_FLUX_PIPELINE_TRANSFORMER, scan=True)
   with pytest.raises(ValueError, match="max_sequence_length"):
     load_pipeline(folders["dev"][0], components=(), max_sequence_length=513)
   assert flux.resolution_multiple(folders["dev"][0]) == 16

@@ -68,7 +68,7 @@ def test_model_folder_resolution(micro_sdxl_pipeline_dir, tmp_path):
 
 def test_flags():
   args = generate.parse_flags(["generate", "--model", "m", "--prompt", "a cat", "--out", "o"])
-  assert (args.steps, args.guidance, args.sampler, args.seed, args.negative_prompt) == (50, 5.0, "euler", 0, None)
+  assert (args.steps, args.guidance, args.sampler, args.seed, args.negative_prompt) == (50, None, "euler", 0, None)
   with pytest.raises(SystemExit):
     generate.parse_flags(["generate", "--model", "m", "--prompt", "a", "--prompts", "f", "--out", "o"])
   with pytest.raises(SystemExit):

@@ -17,6 +17,10 @@ from mapo_jax.data import pairs, sources
 CAPTIONS = ["a cat", "the red dog", "a dog on the red cat", "red", "dog, dog", "the cat.", "cat", "a red dog"]
 # Human winner per pair: image 0, image 1, or a tie (None); two sizes, so pairs mix image shapes.
 HUMAN = [0, 1, 0, None, 1, 0, 1, 0]
+# A score is logit_scale.exp() = e³ ≈ 20 times a float32 cosine; the two preprocessors' float32 resampling and the
+# two float32 towers move the cosine by a few 1e-6 at most, so the score by ≤ 20 · 5e-6 = 1e-4, whatever its size
+# (a relative bound fails on scores near 0).
+SCORE_ATOL = 1e-4
 
 
 def reference_score(model_dir, caption, image):
@@ -103,7 +107,7 @@ def test_jsonl_soft_margin_and_paths(setup):
     assert os.path.samefile(out.parent / r["chosen"], src / "img" / f"{i}_{winner[i]}.png")
     assert os.path.samefile(out.parent / r["rejected"], src / "img" / f"{i}_{1 - winner[i]}.png")
     np.testing.assert_allclose([r["score_w"], r["score_l"]], [scores[i, winner[i]], scores[i, 1 - winner[i]]],
-                               rtol=1e-5)
+                               rtol=0, atol=SCORE_ATOL)
   # What encode reads: every row a pair, winner first.
   source = sources.open_source(str(out))
   for row in source.read(0, len(source)):
@@ -150,7 +154,7 @@ def test_arrow_save_to_disk_and_preference_folder(setup):
   assert stats["flipped"] == sum(winner == 1)
   back = datasets.load_from_disk(str(root / "disk_out"))
   assert back["label_0"] == [float(w == 0) for w in winner]
-  np.testing.assert_allclose(back["score_w"], scores[np.arange(8), winner], rtol=1e-5)
+  np.testing.assert_allclose(back["score_w"], scores[np.arange(8), winner], rtol=0, atol=SCORE_ATOL)
   assert len(sources.open_source(str(root / "disk_out"))) == 8
 
   folder = root / "folder_src"

@@ -258,3 +258,44 @@ def test_sampling_with_a_scanned_unet(unet_dir, micro_sdxl_pipeline_dir):
   _, unrolled = sample(load_unet(path))
   assert images.shape == (2, 16, 16, 3) and np.isfinite(latents).all()
   assert rel_l2(latents, unrolled) <= 1e-6
+
+
+def test_export_reads_a_scanned_runs_checkpoint_and_an_older_runs(unet_dir, micro_sdxl_pipeline_dir, tmp_path):
+  """`python -m mapo_jax.export` rebuilds the denoiser the way the run recorded it (config.scan_blocks): a
+  scanned run's checkpoint holds stacked parameters, a run recorded before the key existed ran unrolled."""
+  import json
+  import shutil
+
+  from mapo_jax import config as config_lib
+  from mapo_jax import export
+  from mapo_jax.run import workdir as workdir_lib
+  from mapo_jax.run.checkpoint import Checkpointer
+  from mapo_jax.training import optim
+  from mapo_jax.training.train_step import create_sharded_state
+  _, path = unet_dir
+  base = tmp_path / "base"
+  shutil.copytree(micro_sdxl_pipeline_dir, base)
+  shutil.rmtree(base / "unet")
+  shutil.copytree(path, base / "unet")
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  for scan in (True, False):
+    workdir = tmp_path / f"run_scan_{scan}"
+    model = load_unet(path, scan=scan)
+    graphdef, state, *_ = create_sharded_state(model, optim.make_optimizer(optim.default_config()), mesh, seed=0)
+    state = state.replace(params=jax.tree.map(lambda p: p + 0.01, state.params))  # a trained model's weights
+    checkpointer = Checkpointer(workdir / "checkpoints")
+    checkpointer.save(3, state)
+    checkpointer.wait()
+    checkpointer.close()
+    recorded = json.loads(config_lib.base_config().to_json())
+    if scan:
+      recorded["scan_blocks"] = True
+    else:
+      del recorded["scan_blocks"]  # a run recorded before the key existed: it ran unrolled
+    workdir_lib.record_config(workdir, json.dumps(recorded), 0)
+    exported, step = export.load_checkpoint_denoiser(workdir, base)
+    assert step == 3
+    trained = nnx.merge(graphdef, state.params, nnx.state(model, nnx.Not(nnx.Param)))
+    assert convert.state_dict(exported).keys() == convert.state_dict(trained).keys()
+    for key, value in convert.state_dict(trained).items():
+      np.testing.assert_array_equal(convert.state_dict(exported)[key], value, err_msg=key)

@@ -268,8 +268,11 @@ def test_load_denoiser_sharded_as_the_trainer_calls_it(folders):
   mesh = sharding.make_mesh((1, 8, 1))
   options = dict(dtype=jax.numpy.bfloat16, remat="full", scan=True, attention="xla")
   model = sd3.load_denoiser(folder, param_dtype=jax.numpy.float32, mesh=mesh, **options)
-  q = model.transformer_blocks[0].attn.to_q.kernel.get_value()
-  assert q.shape == (32, 32) and len(q.sharding.device_set) == 8 and q.sharding.spec[0] == "fsdp"
+  path, q = next((p, x) for p, x in jax.tree_util.tree_leaves_with_path(nnx.state(model))
+                 if "to_q" in jax.tree_util.keystr(p) and "kernel" in jax.tree_util.keystr(p))
+  # the first run of identical blocks, stacked on a leading "layers" axis (unsharded) when scanned
+  assert q.shape[-2:] == (32, 32) and len(q.sharding.device_set) == 8, jax.tree_util.keystr(path)
+  assert q.sharding.spec[q.ndim - 2] == "fsdp"
   abstract = sd3.abstract_denoiser(folder, **options)
   shapes = lambda m: jax.tree.map(lambda x: (x.shape, x.dtype), nnx.state(m))
   assert shapes(abstract) == shapes(model)

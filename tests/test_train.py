@@ -7,7 +7,7 @@ import sys
 import time
 
 import numpy as np
-from conftest import CACHE_FLAG, REPO, run_trainer
+from conftest import REPO, run_trainer
 from PIL import Image
 from safetensors.numpy import load_file
 

@@ -5,7 +5,9 @@ scores), each as raw bytes in that order; or one unpaired labelled sample (`UNPA
 sources of mapo_jax/data/unpaired.py). Their keys, shapes and dtypes are in the manifest, so reading is a
 few `np.frombuffer` calls and needs no pickle. The big arrays (moments, prompt embeddings) are stored in
 `cache_dtype` (default float16: half the disk of float32; bfloat16 and float32 also work); the rest
-(time_ids, rpo_emb, scores, labels) always float32.
+(time_ids, rpo_emb, scores, labels) always float32. A token ids cache (`EncodeSettings.text` "ids", the FLUX and
+SD3 families' default: docs/data.md, "Text conditioning at scale") stores each pair's int32 token ids per text
+tower (TEXT_IDS_PREFIX + the tower's name) in the prompt embeddings' place, and the train step encodes them.
 
 Shard k holds source rows [k * shard_size, (k + 1) * shard_size); host p of n encodes the shards
 with k % n == p. A shard is written under a temporary name and renamed when complete, then its
@@ -68,6 +70,11 @@ from mapo_jax.data.sources import SCORE_KEYS, Source, UnpairedFolderSource, Unpa
 # Batch format shared with the train step: moments are NHWC [mean, logvar] on the channel axis.
 BATCH_KEYS = ("moments_w", "moments_l", "prompt_embeds", "pooled_prompt_embeds", "time_ids", "rpo_emb")
 ENCODED_KEYS = tuple(k for k in BATCH_KEYS if k != "time_ids")  # what an EncodeFn returns
+PROMPT_EMBED_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
+# A cache of token ids (`encode --text ids`: the train step encodes the prompts, docs/data.md "Text conditioning at
+# scale") holds, in place of PROMPT_EMBED_KEYS, one int32 row of ids per text tower under "ids_" + the tower's
+# model_index name (the same prefix as training/train_step.py TEXT_IDS_PREFIX).
+TEXT_IDS_PREFIX = "ids_"
 UNPAIRED_KEYS = ("moments", "label", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
 # Every key a record can hold, in record order (a pair cache's keys come in BATCH_KEYS order).
 _RECORD_KEYS = ("moments_w", "moments_l", "moments", "label", "prompt_embeds", "pooled_prompt_embeds", "time_ids",
@@ -80,12 +87,26 @@ MANIFEST = "manifest.json"
 EncodeFn = Callable[[np.ndarray, np.ndarray | None, list[str]], Mapping[str, Any]]
 
 
+def is_text_ids(key: str) -> bool:
+  """Whether a batch key holds a text tower's token ids (TEXT_IDS_PREFIX)."""
+  return key.startswith(TEXT_IDS_PREFIX)
+
+
+def encoded_keys(encoded: Mapping[str, Any]) -> tuple[str, ...]:
+  """The keys an EncodeFn's output carries into a record: ENCODED_KEYS, with the token ids keys in place of
+  PROMPT_EMBED_KEYS when it gives ids."""
+  ids = sorted(k for k in encoded if is_text_ids(k))
+  if not ids:
+    return ENCODED_KEYS
+  return tuple(k for k in ENCODED_KEYS if k not in PROMPT_EMBED_KEYS) + tuple(ids)
+
+
 def encode_pairs(encode_fn: EncodeFn, items: list[dict[str, Any]]) -> dict[str, Any]:
-  """Prepared pairs -> arrays of ENCODED_KEYS, plus SCORE_KEYS when the pairs carry reward scores (all of
-  them or none: a mix is a ValueError)."""
+  """Prepared pairs -> arrays of ENCODED_KEYS (or their token ids form, `encoded_keys`), plus SCORE_KEYS when the
+  pairs carry reward scores (all of them or none: a mix is a ValueError)."""
   stack = lambda key: np.stack([it[key] for it in items])
   encoded = encode_fn(stack("pixels_w"), stack("pixels_l"), [it["caption"] for it in items])
-  out = {k: encoded[k] for k in ENCODED_KEYS}
+  out = {k: encoded[k] for k in encoded_keys(encoded)}
   scored = sum(SCORE_KEYS[0] in it for it in items)
   if scored not in (0, len(items)):
     raise ValueError(f"{scored} of {len(items)} pairs carry {SCORE_KEYS} and the others do not; a cache "
@@ -121,9 +142,18 @@ class EncodeSettings:
   random_crop: bool = False
   cache_dtype: str = "float16"
   shard_size: int = 1000  # source rows per shard
+  text: str = "embeddings"  # "embeddings": the prompt embeddings; "ids": the towers' token ids (TEXT_IDS_PREFIX)
 
   def pair_kwargs(self) -> dict[str, Any]:
     return {"resolution": self.resolution, "seed": self.seed, "random_crop": self.random_crop}
+
+  def to_json(self) -> dict[str, Any]:
+    """The settings as recorded in sidecars and manifests; `text` only when it is "ids", so that the caches
+    written before it existed (all of embeddings) keep their identity."""
+    out = dataclasses.asdict(self)
+    if out["text"] == "embeddings":
+      del out["text"]
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,9 +168,13 @@ class RecordLayout:
 
   @classmethod
   def for_batch(cls, batch: Mapping[str, np.ndarray], cache_dtype: str) -> "RecordLayout":
-    keys = [k for k in _RECORD_KEYS if k in batch]
+    ids = sorted(k for k in batch if is_text_ids(k))
+    keys = []
+    for k in _RECORD_KEYS:  # token ids (int32) take the prompt embeddings' place in the record
+      keys += [k] if k in batch else []
+      keys += ids if k == "pooled_prompt_embeds" else []
     return cls({k: tuple(batch[k].shape[1:]) for k in keys},
-               {k: cache_dtype if k in _BIG_KEYS else "float32" for k in keys})
+               {k: cache_dtype if k in _BIG_KEYS else "int32" if is_text_ids(k) else "float32" for k in keys})
 
   @classmethod
   def from_json(cls, d: Mapping[str, Any]) -> "RecordLayout":
@@ -485,7 +519,7 @@ def write_cache(source: Source, out_dir: str | Path, encode_fn: EncodeFn, settin
   out_dir.mkdir(parents=True, exist_ok=True)
   num_shards = -(-len(source) // settings.shard_size)
   identity = {"source": source.name, "source_rows": len(source), "pipeline": pipeline, "vae": vae,
-              "settings": dataclasses.asdict(settings)}
+              "settings": settings.to_json()}
   mine = range(process_index, num_shards, process_count)
   finished = {}
   for k in mine:
@@ -650,7 +684,8 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
   return json.loads(path.read_text())
 
 
-# What must agree for records of two caches to be mixed in one batch (shard_size only groups rows).
+# What must agree for records of two caches to be mixed in one batch (shard_size only groups rows). `text` is
+# recorded for token ids caches only (EncodeSettings.to_json): absent, it reads as None on both sides.
 _MERGE_SETTINGS = tuple(f.name for f in dataclasses.fields(EncodeSettings) if f.name != "shard_size")
 _COUNTS = ("rows", "pairs", "ties_dropped", "skipped")
 
@@ -678,10 +713,12 @@ def merge_caches(parts: Iterable[str | Path], out_dir: str | Path, *, copy: bool
     raise ValueError(f"{out_dir}: the output cannot be one of the parts")
   manifests = [read_manifest(p) for p in parts]
   first = manifests[0]
+  record_keys = list(BATCH_KEYS) + sorted({k for m in manifests for k in m["record"] if is_text_ids(k)})
+
   def fields(m):  # settings first: a different resolution also changes the record shapes
     return ([(f"settings.{k}", m["settings"].get(k)) for k in _MERGE_SETTINGS]
             + [("pipeline", m["pipeline"]), ("vae", encoded_vae(m))]
-            + [(f"record.{k}", m["record"].get(k)) for k in BATCH_KEYS])
+            + [(f"record.{k}", m["record"].get(k)) for k in record_keys])
 
   for part, m in zip(parts[1:], manifests[1:]):
     for (key, want), (_, got) in zip(fields(first), fields(m)):

@@ -35,9 +35,14 @@ import jax
 import numpy as np
 from absl import logging
 
-from mapo_jax.data.cache import ENCODED_KEYS, PAIRS, EncodeFn, open_records, record_kind
+from mapo_jax.data.cache import PAIRS, EncodeFn, encoded_keys, open_records, record_kind
 from mapo_jax.data.pairs import Counts, prepare_pair, prepare_rows
 from mapo_jax.data.sources import SCORE_KEYS, Source
+
+
+def cast_floats(batch: dict[str, np.ndarray], dtype: Any) -> dict[str, np.ndarray]:
+  """Every floating array cast to `dtype`; integer arrays (a token ids cache's ids) kept as they are."""
+  return {k: v.astype(dtype, copy=False) if np.issubdtype(v.dtype, np.floating) else v for k, v in batch.items()}
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
@@ -97,15 +102,16 @@ def cached_loader(cache_dir: str | Path, *, batch_size: int, seed: int, num_epoc
   """Batches of `BATCH_KEYS` from a cache written by `python -m mapo_jax.encode`.
 
   holdout: pairs left out for evaluation (`holdout_split`; `cached_eval_batch` returns them).
-  batch_size: pairs per process. dtype: every array is cast to it (default float32); None keeps
-  the stored dtypes (cache_dtype for the big arrays, float32 for time_ids and rpo_emb).
+  batch_size: pairs per process. dtype: every floating array is cast to it (default float32); None keeps
+  the stored dtypes (cache_dtype for the big arrays, float32 for time_ids and rpo_emb). Token ids (a token ids
+  cache) stay int32.
   sharding: if given, yields global jax.Arrays; else per-process numpy arrays.
   process_index/count: default to jax's; pass them to build one process's view explicitly.
   """
   records = open_records(cache_dir)  # checked at open; a bad record raises naming its shard
 
   def finish(batch):
-    return batch if dtype is None else {k: v.astype(dtype, copy=False) for k, v in batch.items()}
+    return batch if dtype is None else cast_floats(batch, dtype)
 
   return _batches(_training_subset(grain.MapDataset.source(records), holdout), lambda record: record, finish,
                   batch_size=batch_size,
@@ -136,8 +142,8 @@ def onthefly_loader(source: Source, encode_fn: EncodeFn, *, resolution: int, bat
 
   def finish(batch):
     encoded = encode_fn(batch["pixels_w"], batch["pixels_l"], [str(c) for c in batch["caption"]])
-    encoded = jax.device_get({k: encoded[k] for k in ENCODED_KEYS})
-    return ({k: np.asarray(v, np.float32) for k, v in encoded.items()} | {"time_ids": batch["time_ids"]}
+    encoded = jax.device_get({k: encoded[k] for k in encoded_keys(encoded)})
+    return (cast_floats({k: np.asarray(v) for k, v in encoded.items()}, np.float32) | {"time_ids": batch["time_ids"]}
             | {k: np.asarray(batch[k], np.float32) for k in SCORE_KEYS if k in batch})
 
   return _batches(_training_subset(grain.MapDataset.source([row for row, _ in kept]), holdout),
@@ -147,12 +153,12 @@ def onthefly_loader(source: Source, encode_fn: EncodeFn, *, resolution: int, bat
 
 
 def cached_eval_batch(cache_dir: str | Path, holdout: int) -> dict[str, np.ndarray]:
-  """The `holdout` pairs `cached_loader(..., holdout=holdout)` leaves out, as one float32 batch (every
-  process reads all of them)."""
+  """The `holdout` pairs `cached_loader(..., holdout=holdout)` leaves out, as one float32 batch (token ids stay
+  int32; every process reads all of them)."""
   records = open_records(cache_dir)
   _, held = holdout_split(len(records), holdout)
   pairs = [records[int(i)] for i in held]
-  return {k: np.stack([p[k] for p in pairs]).astype(np.float32) for k in records.layout.keys}
+  return cast_floats({k: np.stack([p[k] for p in pairs]) for k in records.layout.keys}, np.float32)
 
 
 def onthefly_eval_batch(source: Source, encode_fn: EncodeFn, holdout: int, *, resolution: int, seed: int,
@@ -165,5 +171,5 @@ def onthefly_eval_batch(source: Source, encode_fn: EncodeFn, holdout: int, *, re
   pairs = [kept[int(i)][1] for i in held]
   stack = lambda key: np.stack([p[key] for p in pairs])
   encoded = jax.device_get(dict(encode_fn(stack("pixels_w"), stack("pixels_l"), [p["caption"] for p in pairs])))
-  return ({k: np.asarray(encoded[k], np.float32) for k in ENCODED_KEYS}
+  return (cast_floats({k: np.asarray(encoded[k]) for k in encoded_keys(encoded)}, np.float32)
           | {"time_ids": stack("time_ids").astype(np.float32)})

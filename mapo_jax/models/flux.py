@@ -37,6 +37,11 @@ float64): their error is about one float32 ulp of the angle, ~4e-6 rad at positi
 Sharding (mapo_jax.sharding logical axes): the model width is "embed" (fsdp) on every kernel's input or output
 side, attention projections "heads" and the MLP / AdaLN-modulation / embedder widths "mlp" (tensor); the text
 and pooled inputs of context_embedder / x_embedder are "kv_embed"; QK-norm scales "norm" (replicated).
+
+Scanned stacks (`Options.scan`, config.scan_blocks): `transformer_blocks` and `single_transformer_blocks` are each
+N identical blocks, so each becomes one layers.ScannedBlocks (parameters stacked on a leading "layers" axis, one
+jax.lax.scan); the double blocks carry the (image, text) pair. mapo_jax.convert maps the stacked parameters to
+diffusers' per-block keys, so files are the same either way.
 """
 from __future__ import annotations
 
@@ -54,7 +59,7 @@ from flax import nnx
 
 from mapo_jax import convert, sharding
 from mapo_jax.models.attention import dot_product_attention
-from mapo_jax.models.layers import Dropout, Linear, Options, RMSNorm, remat_call
+from mapo_jax.models.layers import Dropout, Linear, Options, RMSNorm, block_stack, run_blocks
 from mapo_jax.models.unet import TimestepEmbedding, timestep_embedding
 
 # diffusers' defaults for every FluxTransformer2DModel option (diffusers 0.42, FluxTransformer2DModel.__init__).
@@ -354,10 +359,12 @@ class FluxTransformer2DModel(nnx.Module):
                                                               guidance=cfg.guidance_embeds, opts=opts, rngs=rngs)
     self.context_embedder = lin(cfg.joint_attention_dim, dim, axes=("kv_embed", "embed"))
     self.x_embedder = lin(cfg.in_channels, dim, axes=("kv_embed", "embed"))
-    self.transformer_blocks = nnx.List([FluxTransformerBlock(dim, heads, head_dim, opts=opts, rngs=rngs)
-                                        for _ in range(cfg.num_layers)])
-    self.single_transformer_blocks = nnx.List([FluxSingleTransformerBlock(dim, heads, head_dim, opts=opts, rngs=rngs)
-                                               for _ in range(cfg.num_single_layers)])
+    # With opts.scan each stack is one ScannedBlocks (19 + 38 blocks for FLUX.1: two compiled block bodies).
+    self.transformer_blocks = block_stack(lambda: FluxTransformerBlock(dim, heads, head_dim, opts=opts, rngs=rngs),
+                                          cfg.num_layers, scan=opts.scan)
+    self.single_transformer_blocks = block_stack(
+        lambda: FluxSingleTransformerBlock(dim, heads, head_dim, opts=opts, rngs=rngs), cfg.num_single_layers,
+        scan=opts.scan)
     self.norm_out = AdaLayerNormContinuous(dim, opts=opts, rngs=rngs)
     self.proj_out = lin(dim, cfg.patch_size ** 2 * cfg.out_channels, axes=("embed", "mlp"))
 
@@ -387,12 +394,10 @@ class FluxTransformer2DModel(nnx.Module):
     angles = rope_angles(jnp.concatenate([txt_ids, img_ids], axis=0), cfg.axes_dims_rope)
     rope = (jnp.cos(angles), jnp.sin(angles))
 
-    for block in self.transformer_blocks:
-      x, context = remat_call(block, self.remat, x, context, temb, rope)
+    x, context = run_blocks(self.transformer_blocks, self.remat, (x, context), temb, rope)
     n = context.shape[1]
     joint = jnp.concatenate([context, x], axis=1)
-    for block in self.single_transformer_blocks:
-      joint = remat_call(block, self.remat, joint, temb, rope)
+    joint = run_blocks(self.single_transformer_blocks, self.remat, joint, temb, rope)
     return self.proj_out(self.norm_out(joint[:, n:], temb))
 
 
@@ -407,16 +412,17 @@ def _config_of(path_or_config) -> FluxConfig:
 
 
 def load_flux_transformer(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=jnp.float32,
-                          attention: str | None = None, remat: str = "none", variant: str | None = None,
-                          mesh=None) -> FluxTransformer2DModel:
+                          attention: str | None = None, remat: str = "none", scan: bool = False,
+                          variant: str | None = None, mesh=None) -> FluxTransformer2DModel:
   """Loads a diffusers FluxTransformer2DModel folder (or a pipeline folder's `transformer/`) without PyTorch:
   one file or shards with an index, and the fp16 / bf16 `variant` files.
 
   With `mesh`, every parameter is born sharded by the logical-axis rules (sharding.model_shardings): each
-  device receives only its block, cast to `param_dtype` on the host."""
+  device receives only its block, cast to `param_dtype` on the host. With `scan`, the two block stacks are
+  scanned (Options.scan); the folder's per-block keys fill the stacked parameters."""
   folder = convert.model_folder(path, SUBFOLDER)
   cfg = FluxConfig.from_dict(convert.read_config(folder))  # validate before reading any weights
-  options = Options(dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat)
+  options = Options(dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat, scan=scan)
   shardings = None if mesh is None else functools.partial(sharding.model_shardings, mesh=mesh)
   return convert.load_model(folder, lambda: FluxTransformer2DModel(cfg, options=options, rngs=nnx.Rngs(0)),
                             stem=convert.DIFFUSERS_STEM, variant=variant, shardings=shardings)
@@ -430,12 +436,13 @@ def save_flux_transformer(model: FluxTransformer2DModel, out_dir: str | os.PathL
 
 
 def abstract_flux_transformer(config: str | os.PathLike | Mapping[str, Any] | FluxConfig, *, dtype=jnp.float32,
-                              param_dtype=jnp.float32, attention: str | None = None, remat: str = "none"
-                              ) -> FluxTransformer2DModel:
+                              param_dtype=jnp.float32, attention: str | None = None, remat: str = "none",
+                              scan: bool = False) -> FluxTransformer2DModel:
   """The transformer of a config dict (or a transformer / pipeline folder) as shapes only: nothing read or
-  allocated (ahead-of-time compiles). The options are load_flux_transformer's."""
+  allocated (ahead-of-time compiles). The options are load_flux_transformer's (`scan` also decides the
+  parameters' layout: stacked blocks, as a scanned run's checkpoints hold them)."""
   cfg = _config_of(config)
-  options = Options(dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat)
+  options = Options(dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat, scan=scan)
   return nnx.eval_shape(lambda: FluxTransformer2DModel(cfg, options=options, rngs=nnx.Rngs(0)))
 
 

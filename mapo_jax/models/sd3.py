@@ -26,6 +26,13 @@ Built from the checkpoint's own `transformer/config.json`; attribute names mirro
       [sin(pos·ω), cos(pos·ω)], ω = 10000^(-k/(D/4)), in float64. CombinedTimestepTextProjEmbeddings: Timesteps(256,
       flip_sin_to_cos=True, downscale_freq_shift=0) → TimestepEmbedding (linear_1, SiLU, linear_2), plus
       PixArtAlphaTextProjection of the pooled text (linear_1, SiLU, linear_2).
+Scanned stacks (`Options.scan`, config.scan_blocks): the blocks are not all identical (the dual-attention ones,
+the last context_pre_only one), so each run of identical consecutive blocks is one stack (layers.block_stack:
+scanned when longer than one block). SD3.5 medium: blocks 0-12 (attn2), 13-22 and 23 are three runs. The runs live
+in `BlockRuns` (attribute `runs`), whose parameter paths `transformer_blocks.runs.{r}.{i}...` are renamed to
+diffusers' `transformer_blocks.{first block of run r + i}...` when loading and saving (`checkpoint_name`), so files
+keep the diffusers layout. Without scan, or when no run is longer than one block, `transformer_blocks` is the plain
+list of blocks, named as diffusers names them.
 The positional table is kept as a `Buffer` (an NNX variable that is not a Param: loaded and saved with the
 checkpoint, never trained), because the released checkpoints carry their own table.
 Paper: Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis",
@@ -37,7 +44,8 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +56,8 @@ from flax import nnx
 
 from mapo_jax import convert, sharding
 from mapo_jax.models.attention import dot_product_attention
-from mapo_jax.models.layers import Conv2d, Dropout, LayerNorm, Linear, Options, RMSNorm, remat_call
+from mapo_jax.models.layers import (Conv2d, Dropout, LayerNorm, Linear, Options, RMSNorm, block_stack, remat_call,
+                                    run_blocks)
 from mapo_jax.models.unet import TimestepEmbedding, timestep_embedding
 
 # diffusers' defaults for every SD3Transformer2DModel option (diffusers 0.42).
@@ -344,7 +353,8 @@ class JointTransformerBlock(nnx.Module):
     self.context_pre_only, self.dual = context_pre_only, dual
 
   def __call__(self, hidden: jax.Array, context: jax.Array, temb: jax.Array):
-    """→ (context or None after the context_pre_only block, hidden)."""
+    """→ (hidden, context or None after the context_pre_only block): the inputs' order, so a run of blocks carries
+    the pair through a scan."""
     if self.dual:
       x, gate_msa, shift_mlp, scale_mlp, gate_mlp, x2, gate_msa2 = self.norm1(hidden, temb)
     else:
@@ -361,10 +371,71 @@ class JointTransformerBlock(nnx.Module):
     hidden = hidden + gate_mlp * self.ff(self.norm2(hidden) * (1 + scale_mlp) + shift_mlp)
 
     if self.context_pre_only:
-      return None, hidden
+      return hidden, None
     context = context + c_gate_msa * context_attn_out
     context = context + c_gate_mlp * self.ff_context(self.norm2_context(context) * (1 + c_scale_mlp) + c_shift_mlp)
-    return context, hidden
+    return hidden, context
+
+
+Runs = tuple[tuple[int, int], ...]  # (first block, count) per run of identical consecutive blocks
+
+
+def block_runs(cfg: SD3Config) -> Runs:
+  """(first block, count) of each run of identical consecutive blocks. A block's structure is decided by whether it
+  has attn2 (dual_attention_layers) and whether it is the last, context_pre_only, one."""
+  kind = lambda i: (i in cfg.dual_attention_layers, i == cfg.num_layers - 1)
+  runs: list[list[int]] = []
+  for i in range(cfg.num_layers):
+    if runs and kind(i) == kind(runs[-1][0]):
+      runs[-1][1] += 1
+    else:
+      runs.append([i, 1])
+  return tuple((first, n) for first, n in runs)
+
+
+def scanned_runs(cfg: SD3Config, scan: bool) -> Runs | None:
+  """The runs a model with `Options.scan = scan` holds in `BlockRuns`, or None for the plain list of blocks (no
+  scan, or no run longer than one block: nothing to scan)."""
+  runs = block_runs(cfg)
+  return runs if scan and any(n > 1 for _, n in runs) else None
+
+
+_RUN_KEY = re.compile(r"transformer_blocks\.runs\.(\d+)\.(\d+)(?=\.|$)")
+_BLOCK_KEY = re.compile(r"transformer_blocks\.(\d+)(?=\.|$)")
+
+
+def checkpoint_name(runs: Runs, name: str) -> str:
+  """Every `transformer_blocks.runs.{r}.{i}` in `name` (a parameter key, module name or message of a `BlockRuns`
+  model) as diffusers names the block: `transformer_blocks.{first block of run r + i}`."""
+  return _RUN_KEY.sub(lambda m: f"transformer_blocks.{runs[int(m[1])][0] + int(m[2])}", name)
+
+
+def internal_name(runs: Runs, key: str) -> str:
+  """The inverse of `checkpoint_name` for one key: diffusers' `transformer_blocks.{k}...` as a `BlockRuns` path
+  (a block number past the last run is left as it is, for the loader to report as unexpected)."""
+  m = _BLOCK_KEY.match(key)
+  if m is None:
+    return key
+  k = int(m[1])
+  for r, (first, n) in enumerate(runs):
+    if first <= k < first + n:
+      return f"transformer_blocks.runs.{r}.{k - first}{key[m.end():]}"
+  return key
+
+
+class BlockRuns(nnx.Module):
+  """The transformer blocks as runs of identical consecutive blocks (`block_runs`), each a `block_stack` (scanned
+  when longer than one block), run in order on the (hidden, context) pair."""
+
+  def __init__(self, make: Callable[[int], nnx.Module], runs: Runs, *, scan: bool):
+    # Built run by run, block by block: the unrolled list's order, so the random draws are the same.
+    self.runs = nnx.List([block_stack(functools.partial(make, first), n, scan=scan) for first, n in runs])
+    self.layout = runs
+
+  def __call__(self, hidden, context, temb, *, remat: str):
+    for run in self.runs:
+      hidden, context = run_blocks(run, remat, (hidden, context), temb)
+    return hidden, context
 
 
 class SD3Transformer2DModel(nnx.Module):
@@ -382,11 +453,14 @@ class SD3Transformer2DModel(nnx.Module):
     self.time_text_embed = CombinedTimestepTextProjEmbeddings(dim, cfg.pooled_projection_dim, **kw)
     self.context_embedder = Linear(cfg.joint_attention_dim, cfg.caption_projection_dim, axes=("kv_embed", "embed"),
                                    dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
-    self.transformer_blocks = nnx.List([
-        JointTransformerBlock(dim, cfg.num_attention_heads, cfg.attention_head_dim,
-                              context_pre_only=i == cfg.num_layers - 1, dual=i in cfg.dual_attention_layers,
-                              qk_norm=cfg.qk_norm, **kw)
-        for i in range(cfg.num_layers)])
+    make = lambda i: JointTransformerBlock(dim, cfg.num_attention_heads, cfg.attention_head_dim,
+                                           context_pre_only=i == cfg.num_layers - 1,
+                                           dual=i in cfg.dual_attention_layers, qk_norm=cfg.qk_norm, **kw)
+    runs = scanned_runs(cfg, opts.scan)
+    if runs is not None:
+      self.transformer_blocks = BlockRuns(make, runs, scan=True)
+    else:  # diffusers' own layout
+      self.transformer_blocks = nnx.List([make(i) for i in range(cfg.num_layers)])
     self.norm_out = AdaLayerNormContinuous(dim, **kw)
     self.proj_out = Linear(dim, cfg.patch_size ** 2 * cfg.out_channels, axes=("embed", "mlp"), dtype=opts.dtype,
                            param_dtype=opts.param_dtype, rngs=rngs)
@@ -397,6 +471,12 @@ class SD3Transformer2DModel(nnx.Module):
     """The diffusers config dict this model was built from."""
     return json.loads(self.cfg.raw_json)
 
+  def checkpoint_name(self, name: str) -> str:
+    """The diffusers name of one of this model's parameter keys or module names (`convert.torch_key`, a LoRA
+    module name): they differ only inside scanned runs (the module-level `checkpoint_name`)."""
+    blocks = self.transformer_blocks
+    return checkpoint_name(blocks.layout, name) if isinstance(blocks, BlockRuns) else name
+
   def __call__(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array, pooled_projections: jax.Array,
                timestep: jax.Array) -> jax.Array:
     cfg, p = self.cfg, self.cfg.patch_size
@@ -406,23 +486,28 @@ class SD3Transformer2DModel(nnx.Module):
     hidden = self.pos_embed(hidden_states)
     temb = self.time_text_embed(timestep, pooled_projections)
     context = self.context_embedder(encoder_hidden_states)
-    for block in self.transformer_blocks:
-      context, hidden = remat_call(block, self.remat, hidden, context, temb)
+    if isinstance(self.transformer_blocks, BlockRuns):
+      hidden, _ = self.transformer_blocks(hidden, context, temb, remat=self.remat)
+    else:
+      for block in self.transformer_blocks:
+        hidden, context = remat_call(block, self.remat, hidden, context, temb)
     out = self.proj_out(self.norm_out(hidden, temb))
     # Unpatchify: token (r, c) holds a p × p × C patch, laid out (p_row, p_col, C) ("nhwpqc" in diffusers).
     out = out.reshape(b, rows, cols, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
     return out.reshape(b, rows * p, cols * p, cfg.out_channels)
 
 
-def _options(dtype, param_dtype, attention, remat) -> Options:
-  return Options(dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat)
+def _options(dtype, param_dtype, attention, remat, scan) -> Options:
+  return Options(dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat, scan=scan)
 
 
 def abstract_sd3_transformer(config: Mapping[str, Any] | SD3Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                             attention: str | None = None, remat: str = "none") -> SD3Transformer2DModel:
-  """The model with ShapeDtypeStructs for arrays (nnx.eval_shape): shardings, ahead-of-time compiles, counts."""
+                             attention: str | None = None, remat: str = "none", scan: bool = False
+                             ) -> SD3Transformer2DModel:
+  """The model with ShapeDtypeStructs for arrays (nnx.eval_shape): shardings, ahead-of-time compiles, counts.
+  `scan` also decides the parameters' layout (scanned runs, as a scanned run's checkpoints hold them)."""
   cfg = config if isinstance(config, SD3Config) else SD3Config.from_dict(config)
-  options = _options(dtype, param_dtype, attention, remat)
+  options = _options(dtype, param_dtype, attention, remat, scan)
   return nnx.eval_shape(lambda: SD3Transformer2DModel(cfg, options=options, rngs=nnx.Rngs(0)))
 
 
@@ -434,19 +519,28 @@ def init_sd3_transformer(config: Mapping[str, Any] | SD3Config, *, options: Opti
 
 
 def load_sd3_transformer(path, dtype=jnp.float32, *, param_dtype=jnp.float32, attention: str | None = None,
-                         remat: str = "none", variant: str | None = None, mesh=None) -> SD3Transformer2DModel:
+                         remat: str = "none", scan: bool = False, variant: str | None = None, mesh=None
+                         ) -> SD3Transformer2DModel:
   """Loads a diffusers SD3Transformer2DModel folder (or a pipeline folder's `transformer/`) without PyTorch;
   sharded safetensors and variants (e.g. "fp16") as convert.load_model reads them.
 
-  With `mesh`, every parameter (and the position table) is born sharded by the logical-axis rules."""
+  With `mesh`, every parameter (and the position table) is born sharded by the logical-axis rules. With `scan`,
+  each run of identical consecutive blocks is scanned (`BlockRuns`); the folder's per-block keys fill them."""
   folder = convert.model_folder(path, "transformer")
   cfg = SD3Config.from_dict(convert.read_config(folder))  # validate before reading any weights
-  options = _options(dtype, param_dtype, attention, remat)
+  options = _options(dtype, param_dtype, attention, remat, scan)
   shardings = None if mesh is None else functools.partial(sharding.model_shardings, mesh=mesh)
   has_table = cfg.pos_embed_max_size is not None
-  model = convert.load_model(
-      folder, lambda: SD3Transformer2DModel(cfg, options=options, rngs=nnx.Rngs(0)), stem=convert.DIFFUSERS_STEM,
-      variant=variant, shardings=shardings, ignore=[POS_EMBED_KEY.replace(".", r"\.")] if has_table else ())
+  runs = scanned_runs(cfg, scan)
+  try:
+    model = convert.load_model(
+        folder, lambda: SD3Transformer2DModel(cfg, options=options, rngs=nnx.Rngs(0)), stem=convert.DIFFUSERS_STEM,
+        variant=variant, shardings=shardings, rename=None if runs is None else functools.partial(internal_name, runs),
+        ignore=[POS_EMBED_KEY.replace(".", r"\.")] if has_table else ())
+  except convert.CheckpointMismatchError as e:
+    if runs is None:
+      raise
+    raise convert.CheckpointMismatchError(checkpoint_name(runs, str(e))) from None  # diffusers' key names
   if has_table:
     buffer = model.pos_embed.pos_embed
     with convert.open_weights(folder, convert.DIFFUSERS_STEM, variant) as weights:
@@ -474,7 +568,8 @@ def save_sd3_transformer(model: SD3Transformer2DModel, out_dir: str | os.PathLik
   if dtype is not None and dtype not in convert.NUMPY_DTYPES:
     raise ValueError(f"export dtype {dtype!r} is not one of {sorted(convert.NUMPY_DTYPES)}")
   cast = convert.NUMPY_DTYPES[dtype] if dtype else None
-  tensors = convert.state_dict(model, cast)
+  # Keys in the unrolled model's order (convert.state_dict), named as diffusers names them.
+  tensors = {model.checkpoint_name(k): v for k, v in convert.state_dict(model, cast).items()}
   if model.pos_embed.pos_embed is not None:
     table = convert.host_params(model.pos_embed.pos_embed.get_value())
     tensors[POS_EMBED_KEY] = table if cast is None else table.astype(cast)

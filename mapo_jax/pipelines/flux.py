@@ -52,6 +52,7 @@ from flax import nnx
 from mapo_jax import convert, diffusion, sharding
 from mapo_jax.models import presets
 from mapo_jax.models.clip import CLIPTextModel, load_text_encoder
+from mapo_jax.models.layers import Options
 from mapo_jax.models.flux import (FluxConfig, FluxTransformer2DModel, abstract_flux_transformer, latent_image_ids,
                                   load_flux_transformer, save_flux_transformer)
 from mapo_jax.models.t5 import T5EncoderModel, load_t5_encoder
@@ -117,11 +118,10 @@ def load_denoiser(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=jnp
                   remat: str = "none", scan: bool = False, variant: str | None = None,
                   mesh=None) -> FluxTransformer2DModel:
   """The transformer of a FluxPipeline folder (or a transformer folder): safetensors, sharded or not, fp16 / bf16
-  `variant`s; with `mesh`, each parameter is born sharded by the logical-axis rules. `scan` (scanned block stacks)
-  is not available for FLUX yet and fails."""
-  _no_scan(scan)
+  `variant`s; with `mesh`, each parameter is born sharded by the logical-axis rules. With `scan`, the double- and
+  single-stream block stacks are scanned (models/flux.py); the files keep diffusers' per-block keys."""
   check_denoiser_config(convert.read_config(convert.model_folder(path, DENOISER)))
-  return load_flux_transformer(path, dtype, param_dtype=param_dtype, attention=attention, remat=remat,
+  return load_flux_transformer(path, dtype, param_dtype=param_dtype, attention=attention, remat=remat, scan=scan,
                                variant=variant, mesh=mesh)
 
 
@@ -133,17 +133,13 @@ def save_denoiser(model: FluxTransformer2DModel, out_dir: str | os.PathLike, *, 
 def abstract_denoiser(path_or_config: str | os.PathLike | Mapping[str, Any], *, dtype=jnp.float32,
                       param_dtype=jnp.float32, attention: str | None = None, remat: str = "none",
                       scan: bool = False) -> FluxTransformer2DModel:
-  """The transformer of a pipeline (or transformer) folder, or of a config.json dict, as shapes only."""
-  _no_scan(scan)
+  """The transformer of a pipeline (or transformer) folder, or of a config.json dict, as shapes only. `scan`, as in
+  load_denoiser, also decides the parameters' layout (stacked blocks, as a scanned run's checkpoints hold them)."""
   config = (path_or_config if isinstance(path_or_config, Mapping)
             else convert.read_config(convert.model_folder(path_or_config, DENOISER)))
   check_denoiser_config(config)
-  return abstract_flux_transformer(config, dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat)
-
-
-def _no_scan(scan: bool) -> None:
-  if scan:
-    raise ValueError("scan_blocks: the FLUX transformer has no scanned block layout yet; set scan_blocks=False")
+  return abstract_flux_transformer(config, dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat,
+                                   scan=scan)
 
 
 def pack(x: jax.Array) -> jax.Array:
@@ -335,13 +331,31 @@ class Pipeline:
     graphdef, state = nnx.split((self.text_encoder, self.text_encoder_2))
     return functools.partial(_encode, graphdef, state)
 
+  def tokenize(self, captions: Sequence[str]) -> dict[str, np.ndarray]:
+    """`tokenize(self, captions)`: token ids per tower name."""
+    return tokenize(self, captions)
+
+  def step_text(self) -> tuple[tuple[CLIPTextModel, T5EncoderModel], Callable]:
+    """(towers, encode): the loaded text towers (CLIP, T5) and `encode_ids`, for a train step that encodes a
+    cache's token ids itself (TEXT_IN_STEP; docs/data.md, "Text conditioning at scale")."""
+    missing = [name for name in _TOKENIZER if getattr(self, name) is None]
+    if missing:
+      raise ValueError(f"the train step's prompt encoding needs {missing}, which load_pipeline did not load")
+    return (self.text_encoder, self.text_encoder_2), encode_ids
+
+
+def encode_ids(towers: tuple[CLIPTextModel, T5EncoderModel], ids: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """`tokenize`'s ids through (CLIP, T5) -> {"prompt_embeds", "pooled_prompt_embeds"}: FluxPipeline.encode_prompt as
+  a pure function of the towers, which `encode_prompts` jits and the train step runs on a cache's token ids."""
+  clip, t5 = towers
+  return {"prompt_embeds": t5(ids["text_encoder_2"])["last_hidden_state"],
+          "pooled_prompt_embeds": clip(ids["text_encoder"])["pooler_output"]}
+
 
 @functools.partial(jax.jit, static_argnums=0)
 def _encode(graphdef, state, ids):
   # One jit for every pipeline with the same towers (the graphdef is the key): reloading a folder recompiles nothing.
-  clip, t5 = nnx.merge(graphdef, state)
-  return {"prompt_embeds": t5(ids["text_encoder_2"])["last_hidden_state"],
-          "pooled_prompt_embeds": clip(ids["text_encoder"])["pooler_output"]}
+  return encode_ids(nnx.merge(graphdef, state), ids)
 
 
 def _check_sequence_length(n: int) -> None:
@@ -411,6 +425,41 @@ def tokenize(pipeline: Pipeline, captions: Sequence[str]) -> dict[str, np.ndarra
                             truncation=True, return_tensors="np")["input_ids"]
   return {"text_encoder": np.asarray(clip, np.int32),
           "text_encoder_2": t5_tokenize(pipeline.tokenizer_2, captions, pipeline.max_sequence_length)}
+
+
+# --- Text conditioning in the train step (docs/data.md, "Text conditioning at scale") -----------------------------
+# A FLUX cache stores each pair's token ids (a few KiB) and the train step runs the frozen towers on them, instead of
+# storing T5's 512 x 4096 states per pair (4 MiB in fp16). `python -m mapo_jax.encode --text auto` follows this.
+TEXT_IN_STEP = True
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+# black-forest-labs/FLUX.1-dev text_encoder/config.json (CLIP ViT-L/14's text tower, 123 M parameters) and
+# text_encoder_2/config.json (T5 v1.1 XXL's encoder, 4.76 B), the keys that shape them: aot's towers for the presets.
+CLIP_L_CONFIG = dict(architectures=["CLIPTextModel"], model_type="clip_text_model", vocab_size=49408,
+                     hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
+                     num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                     bos_token_id=0, eos_token_id=2, pad_token_id=1)
+T5_XXL_CONFIG = dict(architectures=["T5EncoderModel"], model_type="t5", vocab_size=32128, d_model=4096, d_kv=64,
+                     d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
+                     relative_attention_max_distance=128, feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6)
+CLIP_TOKENS = 77  # CLIPTokenizer's model_max_length in FLUX.1's tokenizer/
+
+
+def load_step_text(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None) -> Pipeline:
+  """The tokenizers and text towers of a FluxPipeline folder, for `Pipeline.step_text`; with `mesh`, T5 (nearly all
+  of the text weights) is born sharded by the logical-axis rules (CLIP is placed by the caller)."""
+  kwargs = dict(dtype=dtype, param_dtype=param_dtype)
+  return load_pipeline(path, TEXT_COMPONENTS, text_encoder_kwargs=kwargs, text_encoder_2_kwargs=dict(kwargs, mesh=mesh))
+
+
+def abstract_step_text(path: str | os.PathLike | None = None, *, dtype=jnp.float32, param_dtype=jnp.float32):
+  """(towers, encode, tokens) as `step_text` gives them, shapes only (aot): the towers of a pipeline folder's
+  text_encoder*/config.json, or of FLUX.1's published configs (path None); tokens: each tower's id count."""
+  configs = ((CLIP_L_CONFIG, T5_XXL_CONFIG) if path is None else
+             tuple(convert.read_config(Path(path) / name) for name in _TOKENIZER))
+  options = Options(dtype=dtype, param_dtype=param_dtype)
+  towers = nnx.eval_shape(lambda: (CLIPTextModel(configs[0], options=options, rngs=nnx.Rngs(0)),
+                                   T5EncoderModel(configs[1], options=options, rngs=nnx.Rngs(0))))
+  return towers, encode_ids, {"text_encoder": CLIP_TOKENS, "text_encoder_2": MAX_SEQUENCE_LENGTH}
 
 
 def encode_prompts(pipeline: Pipeline, captions: Sequence[str]) -> dict[str, jax.Array]:

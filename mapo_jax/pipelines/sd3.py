@@ -46,6 +46,7 @@ from mapo_jax import convert, diffusion, sharding
 from mapo_jax.models import presets
 from mapo_jax.models import t5 as t5_lib
 from mapo_jax.models.clip import CLIPTextModel, load_text_encoder
+from mapo_jax.models.layers import Options
 from mapo_jax.models.sd3 import (DIFFUSERS_DEFAULTS, SD3Config, SD3Transformer2DModel, abstract_sd3_transformer,
                                  load_sd3_transformer, save_sd3_transformer)
 from mapo_jax.models.t5 import T5EncoderModel, load_t5_encoder
@@ -80,11 +81,10 @@ def load_denoiser(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=jnp
                   remat: str = "none", scan: bool = False, variant: str | None = None, mesh=None
                   ) -> SD3Transformer2DModel:
   """The pipeline's (or a bare folder's) SD3 transformer, `load_sd3_transformer`: sharded safetensors and
-  variants; with `mesh` each parameter is born sharded. `scan` is accepted for the trainer's uniform call and
-  has no effect: the SD3 blocks are not identical (the dual-attention blocks, the last context_pre_only block),
-  so they always run unrolled, and abstract_denoiser builds the same layout."""
-  del scan
-  return load_sd3_transformer(path, dtype, param_dtype=param_dtype, attention=attention, remat=remat,
+  variants; with `mesh` each parameter is born sharded. With `scan`, each run of identical consecutive blocks is
+  scanned (models/sd3.py `BlockRuns`: SD3.5 medium's dual-attention blocks, the plain ones, the last
+  context_pre_only one); the files keep diffusers' per-block keys."""
+  return load_sd3_transformer(path, dtype, param_dtype=param_dtype, attention=attention, remat=remat, scan=scan,
                               variant=variant, mesh=mesh)
 
 
@@ -96,12 +96,12 @@ def save_denoiser(model: SD3Transformer2DModel, out_dir: str | os.PathLike, dtyp
 def abstract_denoiser(path_or_config: str | os.PathLike | Mapping[str, Any], *, dtype=jnp.float32,
                       param_dtype=jnp.float32, attention: str | None = None, remat: str = "none",
                       scan: bool = False) -> SD3Transformer2DModel:
-  """The transformer of a pipeline (or transformer) folder, or of a config.json dict, as shapes only. `scan`:
-  as in load_denoiser, no effect."""
-  del scan
+  """The transformer of a pipeline (or transformer) folder, or of a config.json dict, as shapes only. `scan`, as in
+  load_denoiser, also decides the parameters' layout (scanned runs, as a scanned run's checkpoints hold them)."""
   config = (path_or_config if isinstance(path_or_config, Mapping)
             else convert.read_config(convert.model_folder(path_or_config, DENOISER)))
-  return abstract_sd3_transformer(config, dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat)
+  return abstract_sd3_transformer(config, dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat,
+                                  scan=scan)
 
 
 def denoise(model: SD3Transformer2DModel, x: jax.Array, t: jax.Array, cond: Mapping[str, jax.Array]) -> jax.Array:
@@ -146,6 +146,18 @@ def abstract_batch(denoiser_config: Mapping[str, Any], resolution: int, pairs: i
             "rpo_emb": (pairs, pooled if rpo_embedding == "pooled" else width)}
   batch_sharding = sharding.batch_sharding(mesh)
   return {k: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sharding) for k, shape in shapes.items()}
+
+
+def encode_ids(towers: tuple, ids: Mapping[str, jax.Array], *, width: int, t5_tokens: int) -> dict[str, jax.Array]:
+  """`tokenize`'s ids through the towers (CLIP-L, CLIP-G[, T5]) -> {"prompt_embeds", "pooled_prompt_embeds"} float32:
+  encode_prompt as a pure function of the towers, which `encode_prompts` jits and the train step runs on a cache's
+  token ids. `width`: the prompt embeddings' width; `t5_tokens`: the zero rows standing in for an absent T5."""
+  clip = [tower(ids[name]) for tower, name in zip(towers[:2], CLIP_TOWERS)]
+  states = jnp.concatenate([o["hidden_states"][-2].astype(jnp.float32) for o in clip], axis=-1)
+  t5 = (towers[2](ids[T5_TOWER])["last_hidden_state"].astype(jnp.float32) if len(towers) > 2
+        else jnp.zeros((states.shape[0], t5_tokens, width), jnp.float32))
+  return {"prompt_embeds": jnp.concatenate([_fit_width(states, width), t5], axis=1),
+          "pooled_prompt_embeds": jnp.concatenate([o["text_embeds"].astype(jnp.float32) for o in clip], axis=-1)}
 
 
 def _fit_width(x: jax.Array, width: int) -> jax.Array:
@@ -264,20 +276,22 @@ class Pipeline:
         raise ValueError(f"{self.path / name}: SD3 needs a CLIPTextModelWithProjection (its pooled text_embeds); "
                          "this tower has no text_projection")
     graphdef, state = nnx.split(tuple(getattr(self, name) for name in names))
-    width, t5_tokens = self.text_width, self.max_sequence_length
-    with_t5 = T5_TOWER in names
+    encode = functools.partial(encode_ids, width=self.text_width, t5_tokens=self.max_sequence_length)
+    return functools.partial(jax.jit(lambda state, ids: encode(nnx.merge(graphdef, state), ids)), state)
 
-    def encode(state, ids):
-      towers = nnx.merge(graphdef, state)
-      clip = [tower(ids[name]) for tower, name in zip(towers[:2], CLIP_TOWERS)]
-      states = jnp.concatenate([o["hidden_states"][-2].astype(jnp.float32) for o in clip], axis=-1)
-      batch = states.shape[0]
-      t5 = (towers[2](ids[T5_TOWER])["last_hidden_state"].astype(jnp.float32) if with_t5
-            else jnp.zeros((batch, t5_tokens, width), jnp.float32))
-      return {"prompt_embeds": jnp.concatenate([_fit_width(states, width), t5], axis=1),
-              "pooled_prompt_embeds": jnp.concatenate([o["text_embeds"].astype(jnp.float32) for o in clip], axis=-1)}
+  def tokenize(self, captions: Sequence[str]) -> dict[str, np.ndarray]:
+    """`tokenize(self, captions)`: token ids per tower name."""
+    return tokenize(self, captions)
 
-    return functools.partial(jax.jit(encode), state)
+  def step_text(self) -> tuple[tuple, Callable]:
+    """(towers, encode): the loaded text towers (CLIP-L, CLIP-G, then T5 when the folder has it) and `encode_ids`
+    at this pipeline's widths, for a train step that encodes a cache's token ids itself (TEXT_IN_STEP;
+    docs/data.md, "Text conditioning at scale")."""
+    missing = [name for name in self.towers if getattr(self, name) is None]
+    if missing:
+      raise ValueError(f"the train step's prompt encoding needs {missing}, which load_pipeline did not load")
+    return (tuple(getattr(self, name) for name in self.towers),
+            functools.partial(encode_ids, width=self.text_width, t5_tokens=self.max_sequence_length))
 
 
 def _load_t5_tokenizer(folder: Path):
@@ -288,13 +302,15 @@ def _load_t5_tokenizer(folder: Path):
 def load_pipeline(path: str | os.PathLike, components: Iterable[str] = COMPONENTS, *,
                   transformer_kwargs: Mapping[str, Any] | None = None, vae_kwargs: Mapping[str, Any] | None = None,
                   text_encoder_kwargs: Mapping[str, Any] | None = None, vae: str | os.PathLike | None = None,
-                  max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> Pipeline:
+                  max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+                  text_encoder_3_kwargs: Mapping[str, Any] | None = None) -> Pipeline:
   """Loads the named components of a StableDiffusion3Pipeline folder.
 
   `components` are model_index.json names ("scheduler" reads scheduler/scheduler_config.json into
   `scheduler_config`); one the folder lacks (text_encoder_3 may be absent) stays None. The kwargs go to
   `load_denoiser`, `load_vae` and the three text towers (`load_text_encoder`, `load_t5_encoder`), e.g.
-  `transformer_kwargs=dict(dtype=jnp.bfloat16, mesh=mesh)`. `vae`: a VAE folder used instead of the pipeline's.
+  `transformer_kwargs=dict(dtype=jnp.bfloat16, mesh=mesh)`; `text_encoder_3_kwargs`, if given, replace
+  `text_encoder_kwargs` for T5 (e.g. its `mesh`, which the CLIP loader does not take). `vae`: a VAE folder used instead of the pipeline's.
   `max_sequence_length`: T5's tokens (diffusers' default 256, at most 512).
   """
   path = Path(path)
@@ -311,7 +327,8 @@ def load_pipeline(path: str | os.PathLike, components: Iterable[str] = COMPONENT
       "vae": lambda folder: load_vae(folder, **(vae_kwargs or {})),
       "text_encoder": lambda folder: load_text_encoder(folder, **text),
       "text_encoder_2": lambda folder: load_text_encoder(folder, **text),
-      "text_encoder_3": lambda folder: load_t5_encoder(folder, **text),
+      "text_encoder_3": lambda folder: load_t5_encoder(folder, **(text if text_encoder_3_kwargs is None
+                                                                  else text_encoder_3_kwargs)),
       "tokenizer": load_clip_tokenizer,
       "tokenizer_2": load_clip_tokenizer,
       "tokenizer_3": _load_t5_tokenizer,
@@ -341,6 +358,56 @@ def tokenize(pipeline: Pipeline, captions: Sequence[str]) -> dict[str, np.ndarra
     tokens = tokenizer(list(captions), padding="max_length", max_length=length, truncation=True, return_tensors="np")
     ids[name] = tokens["input_ids"].astype(np.int32)
   return ids
+
+
+# --- Text conditioning in the train step (docs/data.md, "Text conditioning at scale") -----------------------------
+# An SD3 cache stores each pair's token ids and the train step runs the frozen towers on them, instead of storing
+# the (77 + 256) x 4096 prompt embeddings per pair (2.6 MiB in fp16). `python -m mapo_jax.encode --text auto`
+# follows this.
+TEXT_IN_STEP = True
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+# stabilityai/stable-diffusion-3.5-medium (and -large) text_encoder/, text_encoder_2/, text_encoder_3/ config.json:
+# CLIP-L (123 M parameters) and OpenCLIP bigG (695 M), both with projections, and T5 v1.1 XXL's encoder (4.76 B); the
+# keys that shape them: aot's towers for the presets.
+SD35_TEXT_CONFIGS = {
+    "text_encoder": dict(architectures=["CLIPTextModelWithProjection"], model_type="clip_text_model",
+                         vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768,
+                         num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                         hidden_act="quick_gelu", layer_norm_eps=1e-5, eos_token_id=2),
+    "text_encoder_2": dict(architectures=["CLIPTextModelWithProjection"], model_type="clip_text_model",
+                           vocab_size=49408, hidden_size=1280, intermediate_size=5120, projection_dim=1280,
+                           num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77,
+                           hidden_act="gelu", layer_norm_eps=1e-5, eos_token_id=49407),
+    "text_encoder_3": dict(architectures=["T5EncoderModel"], model_type="t5", vocab_size=32128, d_model=4096,
+                           d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
+                           relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+                           layer_norm_epsilon=1e-6),
+}
+
+
+def load_step_text(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None) -> Pipeline:
+  """The tokenizers and text towers of a StableDiffusion3Pipeline folder, for `Pipeline.step_text`; with `mesh`,
+  T5 (most of the text weights) is born sharded by the logical-axis rules (the CLIP towers are placed by the
+  caller)."""
+  kwargs = dict(dtype=dtype, param_dtype=param_dtype)
+  return load_pipeline(path, TEXT_COMPONENTS, text_encoder_kwargs=kwargs, text_encoder_3_kwargs=dict(kwargs, mesh=mesh))
+
+
+def abstract_step_text(path: str | os.PathLike | None = None, *, dtype=jnp.float32, param_dtype=jnp.float32):
+  """(towers, encode, tokens) as `step_text` gives them, shapes only (aot): the towers of a pipeline folder's
+  config.json files (T5 when its model_index has it), or SD3.5's published configs (path None); tokens: each
+  tower's id count (77 for both CLIP towers, max_sequence_length for T5)."""
+  if path is None:
+    configs, width = SD35_TEXT_CONFIGS, SD35_TEXT_CONFIGS[T5_TOWER]["d_model"]
+  else:
+    pipe = Pipeline(path=Path(path), model_index=json.loads((Path(path) / "model_index.json").read_text()))
+    configs, width = {name: convert.read_config(Path(path) / name) for name in pipe.towers}, pipe.text_width
+  options = Options(dtype=dtype, param_dtype=param_dtype)
+  build = lambda name: (T5EncoderModel if name == T5_TOWER else CLIPTextModel)(configs[name], options=options,
+                                                                               rngs=nnx.Rngs(0))
+  towers = nnx.eval_shape(lambda: tuple(build(name) for name in configs))
+  tokens = {name: MAX_SEQUENCE_LENGTH if name == T5_TOWER else TEXT_TOKENS for name in configs}
+  return towers, functools.partial(encode_ids, width=width, t5_tokens=MAX_SEQUENCE_LENGTH), tokens
 
 
 def encode_prompts(pipeline: Pipeline, captions: Sequence[str]) -> dict[str, jax.Array]:

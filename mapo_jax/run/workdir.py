@@ -28,7 +28,10 @@ from mapo_jax import config as config_lib
 # Config keys that define what a run trains: changing one on resume trains a different thing.
 DEFINING_KEYS = ("objective", "pipeline", "reference", "vae", "resolution", "data.mode", "data.cache_dir",
                  "data.source", "data.eval_pairs",  # eval_pairs: which pairs are trained on
-                 "lora.rank", "lora.targets")  # the shapes of what trains
+                 "lora.rank", "lora.targets",  # the shapes of what trains
+                 "scan_blocks")  # the checkpoint's layout: stacked or per-block parameters
+# Keys whose default is not the behaviour before they existed: a run recorded without the key ran like this.
+BEFORE_THE_KEY = {"scan_blocks": False}
 
 
 class WorkdirBusyError(RuntimeError):
@@ -69,6 +72,15 @@ class WorkdirLock:
       self.file = None
 
 
+def recorded_value(workdir: Path, key: str) -> Any:
+  """The newest recorded run's value of config `key` (dotted), with BEFORE_THE_KEY / the defaults for a run
+  recorded before the key existed; KeyError for an unknown key."""
+  recorded = previous_config(workdir)
+  values = {**config_lib.flatten(json.loads(config_lib.base_config().to_json())), **BEFORE_THE_KEY,
+            **(config_lib.flatten(recorded[1]) if recorded else {})}
+  return values[key]
+
+
 def previous_config(workdir: Path) -> tuple[Path, dict[str, Any]] | None:
   """The newest run's config (config.<step>.json with the largest step; config.json of older versions)."""
   runs = sorted(((int(m.group(1)), p) for p in Path(workdir).glob("config.*.json")
@@ -90,7 +102,7 @@ def check_resume_config(workdir: Path, config: dict[str, Any], *, allow_change: 
   path, old = previous
   # A key the previous run did not record (an older version) ran with its default: new keys default to the
   # behaviour before them (config.lora.rank 0 = a full fine-tune).
-  defaults = config_lib.flatten(json.loads(config_lib.base_config().to_json()))
+  defaults = {**config_lib.flatten(json.loads(config_lib.base_config().to_json())), **BEFORE_THE_KEY}
   old, new = {**defaults, **config_lib.flatten(old)}, config_lib.flatten(config)
   changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
   defining = [k for k in changed if k in DEFINING_KEYS]

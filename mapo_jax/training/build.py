@@ -20,8 +20,8 @@ from mapo_jax.training import lora
 from mapo_jax.training import objectives
 from mapo_jax.training import optim
 from mapo_jax.models.attention import default_implementation, mesh_platform
-from mapo_jax.training.train_step import (Frozen, StepConfig, create_sharded_state, jit_eval_step, jit_train_step, make_eval_step,
-                                 make_train_step, step_compiler_options)
+from mapo_jax.training.train_step import (Frozen, StepConfig, TextEncoder, create_sharded_state, jit_eval_step,
+                                          jit_train_step, make_eval_step, make_train_step, step_compiler_options)
 
 
 def model_options(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
@@ -89,11 +89,13 @@ def step_config(config: ml_collections.ConfigDict, family: ModuleType, latents, 
 
 
 def build(config: ml_collections.ConfigDict, family: ModuleType, model: nnx.Module, reference: nnx.Module | None,
-          schedule, latents, mesh, empty_prompt: dict | None = None) -> Built:
+          schedule, latents, mesh, empty_prompt: dict | None = None, text: tuple | None = None) -> Built:
   """The train state of `model` (and the reference's parameters) on `mesh`, and the jitted step of
   `config.objective`. Models may be abstract (nnx.eval_shape): everything is then ShapeDtypeStructs.
-  `empty_prompt`: the empty prompt's conditioning rows (needed when config.data.empty_prompt_prob > 0),
-  arrays or ShapeDtypeStructs; placed replicated.
+  `empty_prompt`: the empty prompt's conditioning rows, or its token ids for a token ids cache (needed when
+  config.data.empty_prompt_prob > 0), arrays or ShapeDtypeStructs; placed replicated.
+  `text`: (towers, encode), a family's `Pipeline.step_text()`, for batches of token ids: the towers' parameters are
+  placed on `mesh` by the logical-axis rules (Frozen.text) and the steps encode the ids with them.
   With config.lora.rank > 0 the adapters are attached to `model` here (config.lora) and only they train;
   `reference` is then None (see `needs_reference_model`)."""
   tx = optim.make_optimizer(config.optim)
@@ -123,17 +125,25 @@ def build(config: ml_collections.ConfigDict, family: ModuleType, model: nnx.Modu
           np.shape(x), s, lambda index, x=np.asarray(x): x[index]), empty_prompt, empty_shardings)
   else:
     empty_prompt = None
-  frozen_shardings = Frozen(policy=frozen_shardings, reference=ref_shardings, empty_prompt=empty_shardings)
+  text_encoder = text_params = text_shardings = None
+  if text is not None:  # every variable of the towers (as the reference's): `nnx.merge` in the step needs them all
+    towers, encode = text
+    text_encoder = TextEncoder(nnx.graphdef(towers), encode)
+    text_params, text_shardings = sharding.place(towers, mesh, ...)
+  frozen_shardings = Frozen(policy=frozen_shardings, reference=ref_shardings, empty_prompt=empty_shardings,
+                            text=text_shardings)
   opt_shardings = state_shardings.opt_state if config.optim.offload else None
   train_step = jit_train_step(make_train_step(family.denoise, graphdef, ref_graphdef, tx, schedule, cfg, mesh,
-                                              opt_shardings),
+                                              opt_shardings, text=text_encoder),
                               state_shardings, mesh, frozen_shardings, step_compiler_options(cfg, mesh))
-  eval_step = jit_eval_step(make_eval_step(family.denoise, graphdef, ref_graphdef, schedule, cfg, mesh),
+  eval_step = jit_eval_step(make_eval_step(family.denoise, graphdef, ref_graphdef, schedule, cfg, mesh,
+                                           text=text_encoder),
                             state_shardings.params, mesh, frozen_shardings,
                             micro_pairs=config.global_batch_size // config.accum_steps,
                             compiler_options=step_compiler_options(cfg, mesh))
   return Built(graphdef, state, state_shardings, Frozen(policy=frozen_params, reference=ref_params,
-                                                        empty_prompt=empty_prompt), train_step, eval_step)
+                                                        empty_prompt=empty_prompt, text=text_params),
+               train_step, eval_step)
 
 
 def compile_step(train_step, mesh, state, batch, frozen):  # also the eval step, with state.params for state

@@ -25,6 +25,7 @@ class Generation:
   dims: int  # 2: a 2D torus of chips (v5e, v6e), 3: 3D (v4, v5p)
   max_host_chips: int  # the largest slice that is a single host
   chip_config: str = "default"  # libtpu chip config: v4 runs its two cores as one device ("megacore")
+  bf16_tflops: float = 0.0  # peak dense bf16 TFLOP/s per chip (Google Cloud's TPU pages): the MFU denominator
 
   def grid(self, chips: int) -> tuple[int, ...]:
     """The standard chip grid of a slice of `chips`: dimensions doubled in turn from 1x1 / 2x2x1."""
@@ -45,10 +46,12 @@ class Generation:
     return tuple(shape)
 
 GENERATIONS = (
-    Generation("v4", ("v4",), hbm_gib=32, cores_per_chip=2, dims=3, max_host_chips=4, chip_config="megacore"),
-    Generation("v5e", ("v5litepod", "v5e", "v5lite"), hbm_gib=16, cores_per_chip=1, dims=2, max_host_chips=8),
-    Generation("v5p", ("v5p",), hbm_gib=95, cores_per_chip=2, dims=3, max_host_chips=4),
-    Generation("v6e", ("v6e",), hbm_gib=32, cores_per_chip=1, dims=2, max_host_chips=8),
+    Generation("v4", ("v4",), hbm_gib=32, cores_per_chip=2, dims=3, max_host_chips=4, chip_config="megacore",
+               bf16_tflops=275),
+    Generation("v5e", ("v5litepod", "v5e", "v5lite"), hbm_gib=16, cores_per_chip=1, dims=2, max_host_chips=8,
+               bf16_tflops=197),
+    Generation("v5p", ("v5p",), hbm_gib=95, cores_per_chip=2, dims=3, max_host_chips=4, bf16_tflops=459),
+    Generation("v6e", ("v6e",), hbm_gib=32, cores_per_chip=1, dims=2, max_host_chips=8, bf16_tflops=918),
 )
 
 

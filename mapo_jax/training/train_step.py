@@ -17,7 +17,11 @@ with accum_steps = k > 1 it is not the same as one step on the whole global batc
 Before the noise, the step may fix the time ids, add the guidance a guidance-distilled model is trained at
 (`StepConfig.guidance`: FLUX.1-dev's embedded guidance scale), swap captions for the empty prompt and swap winners
 with losers (`prepare_batch`, `augment_batch`): per pair, for the whole global batch, from a key folded from
-the step's key, so a resumed run takes the same choices.
+the step's key, so a resumed run takes the same choices. A batch of token ids (a token ids cache: keys
+TEXT_IDS_PREFIX + tower name, docs/data.md "Text conditioning at scale") is then encoded by the frozen text towers
+(`TextEncoder`, their parameters in `Frozen.text`), once for the whole global batch (`encode_text`): the empty
+prompt is swapped in as ids, before the encoding, as the official Diffusion-DPO trainer replaces the caption by ""
+before its text encoders.
 
 The objective sees per-sample statistics (`per_sample_statistics`: errors, the reference's errors and
 deviations, the winner-loser residual product), optionally weighted per sample (`diffusion.loss_weights`: DDPM's
@@ -64,6 +68,7 @@ NOT_CONDITIONING = LATENT_KEYS + (UNPAIRED_KEY, LABEL_KEY, EMBEDDING_KEY) + SCOR
 _SUFFIX = {"moments_w": "_w", "moments_l": "_l", UNPAIRED_KEY: ""}
 _EPS = {"moments_w": "eps_w", "moments_l": "eps_l", UNPAIRED_KEY: "eps_w"}
 TIME_IDS_KEY = "time_ids"
+TEXT_IDS_PREFIX = "ids_"  # a text tower's token ids: "ids_" + its model_index name (data/cache.py, the same prefix)
 GUIDANCE_KEY = "guidance"  # conditioning: the embedded guidance scale of a guidance-distilled model (FLUX.1-dev)
 TIME_KEYS = ("t", "sigma")  # the draws `diffusion.training_times` gives: the model's time, and flow matching's sigma
 AUGMENT_STREAM = 1  # fold_in(step key, this): the augmentation's draws, apart from draw_noise's split
@@ -87,8 +92,19 @@ class Frozen:
   policy: Params  # the trained model's parameters outside the trainable filter ({} for a full fine-tune)
   reference: Params | None = None  # the frozen reference model (DPO, RPO), or None
   # The empty prompt's conditioning, one row per key without the batch axis ({"prompt_embeds": (77, D),
-  # "pooled_prompt_embeds": (P,)}), swapped in for captions at `StepConfig.empty_prompt_prob`; else None.
+  # "pooled_prompt_embeds": (P,)}; for a token ids batch its ids, {"ids_text_encoder": (77,), ...}), swapped in for
+  # captions at `StepConfig.empty_prompt_prob`; else None.
   empty_prompt: dict | None = None
+  text: Params | None = None  # the frozen text towers' parameters (`TextEncoder`), for token ids batches; else None
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoder:
+  """The frozen text towers a step runs on a batch's token ids: their graphdef (the parameters travel in
+  Frozen.text) and the family's `encode(towers, ids) -> conditioning` (`Pipeline.step_text`), ids keyed by tower
+  name. The step knows no family: the family says what the towers give."""
+  graphdef: Any
+  encode: Callable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,8 +183,9 @@ def prepare_batch(batch: Batch, cfg: StepConfig) -> Batch:
 
 def augment_batch(key: jax.Array, batch: Batch, empty_prompt: dict | None, cfg: StepConfig):
   """Per pair, independently: with p = empty_prompt_prob every conditioning key of `empty_prompt`
-  (prompt_embeds, pooled_prompt_embeds; not time_ids) becomes the empty prompt's; with p = label_noise_prob
-  moments_w and moments_l trade places. Returns (batch, {"empty_prompt_fraction", "label_flip_fraction"}).
+  (prompt_embeds, pooled_prompt_embeds, or a token ids batch's ids; not time_ids) becomes the empty prompt's; with
+  p = label_noise_prob moments_w and moments_l trade places. Returns (batch, {"empty_prompt_fraction",
+  "label_flip_fraction"}).
 
   `rpo_emb` is not swapped: it says which pairs RPO compares (their captions' similarity), and a pair
   whose conditioning was dropped still shows what its caption describes.
@@ -192,6 +209,19 @@ def augment_batch(key: jax.Array, batch: Batch, empty_prompt: dict | None, cfg: 
     out[LATENT_KEYS[1]] = jnp.where(per_pair(flip, w), w, l)
     stats["label_flip_fraction"] = jnp.mean(flip.astype(jnp.float32))
   return out, stats
+
+
+def encode_text(text: TextEncoder | None, params: Params | None, batch: Batch) -> Batch:
+  """A token ids batch (keys TEXT_IDS_PREFIX + tower name) with its ids replaced by the towers' conditioning
+  (float32, no gradient: the towers are frozen); any other batch as it is."""
+  ids = {k[len(TEXT_IDS_PREFIX):]: v for k, v in batch.items() if k.startswith(TEXT_IDS_PREFIX)}
+  if not ids:
+    return batch
+  if text is None or params is None:
+    raise ValueError(f"the batch holds token ids {sorted(ids)} but the step has no text towers (build's `text`)")
+  cond = text.encode(nnx.merge(text.graphdef, params), ids)
+  out = {k: v for k, v in batch.items() if not k.startswith(TEXT_IDS_PREFIX)}
+  return out | {k: jax.lax.stop_gradient(jnp.asarray(v, jnp.float32)) for k, v in cond.items()}
 
 
 def posterior_sample(moments: jax.Array, eps: jax.Array) -> jax.Array:
@@ -330,8 +360,9 @@ def in_mesh(mesh):
 
 
 def make_train_step(denoise: Callable, graphdef, ref_graphdef, tx, schedule, cfg: StepConfig, mesh=None,
-                    opt_shardings=None):
-  """Returns `step(state, batch, frozen) -> (state, metrics)`; jit it with the state donated.
+                    opt_shardings=None, text: TextEncoder | None = None):
+  """Returns `step(state, batch, frozen) -> (state, metrics)`; jit it with the state donated. `text`: the text
+  towers that encode a token ids batch (parameters in frozen.text).
 
   With `mesh`, each micro-batch is pinned to the (data, fsdp) batch sharding: XLA cannot infer it
   through the micro-batch reshape and would otherwise replicate and re-partition activations.
@@ -350,6 +381,7 @@ def make_train_step(denoise: Callable, graphdef, ref_graphdef, tx, schedule, cfg
   def _step(state: TrainState, batch: Batch, frozen: Frozen):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     batch, augmented = augment_batch(key, prepare_batch(batch, cfg), frozen.empty_prompt, cfg)
+    batch = encode_text(text, frozen.text, batch)
     draws = draw_noise(key, batch, schedule, cfg.flow)
     if cfg.adapter_dropout:
       n = batch[latent_key(batch)].shape[0]
@@ -388,7 +420,8 @@ def make_train_step(denoise: Callable, graphdef, ref_graphdef, tx, schedule, cfg
   return step
 
 
-def make_eval_step(denoise: Callable, graphdef, ref_graphdef, schedule, cfg: StepConfig, mesh=None):
+def make_eval_step(denoise: Callable, graphdef, ref_graphdef, schedule, cfg: StepConfig, mesh=None,
+                   text: TextEncoder | None = None):
   """Returns `evaluate(params, batch, frozen, micro_pairs) -> metrics`: the objective's loss and metrics on
   held-out pairs with one fixed key (EVAL_SEED), so every evaluation draws the same noise and timesteps and
   the curve moves only with the parameters. No empty prompts or label noise; `fixed_time_ids` apply. The
@@ -404,7 +437,7 @@ def make_eval_step(denoise: Callable, graphdef, ref_graphdef, schedule, cfg: Ste
       return _evaluate(params, batch, frozen, micro_pairs)
 
   def _evaluate(params, batch: Batch, frozen: Frozen, micro_pairs: int):
-    batch = prepare_batch(batch, cfg)
+    batch = encode_text(text, frozen.text, prepare_batch(batch, cfg))
     draws = draw_noise(jax.random.key(EVAL_SEED), batch, schedule, cfg.flow)
     micro = lambda x: x.reshape(micro_pairs, -1, *x.shape[1:]).swapaxes(0, 1)
     metrics = jax.lax.map(lambda xs: loss_fn(params, frozen, *pin(xs))[1], jax.tree.map(micro, (batch, draws)))
