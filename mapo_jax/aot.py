@@ -188,17 +188,28 @@ def compile_report(target: Target, config, global_batch_size: int) -> Report:
       opt_state_bytes=shard_bytes((built.state.opt_state, built.state.step, built.state.rng, built.state.skipped)),
       reference_bytes=shard_bytes(built.frozen.reference), batch_bytes=shard_bytes(batch),
       text_encoder_bytes=shard_bytes(built.frozen.text))
+  if not compile_into(report, slc, lambda: compile_step(built.train_step, mesh, built.state, batch, built.frozen)):
+    return report
+  report.model_flops = model_flops_per_step(target, config, global_batch_size)
+  peak = slc.generation.bf16_tflops * 1e12 * slc.chips
+  if report.estimated_step_seconds and peak:
+    report.mfu = report.model_flops / (peak * report.estimated_step_seconds)
+  return report
+
+
+def compile_into(report: Report, slc, compile_fn) -> bool:
+  """Runs `compile_fn` and fills `report` from the executable: compile time, XLA's memory figures and the peak
+  against the slice's HBM, XLA's cost model. False (with report.error, and report.missing_bytes when XLA says
+  how much HBM is short) if it did not compile."""
   start = time.perf_counter()
   try:
-    compiled = compile_step(built.train_step, mesh, built.state, batch, built.frozen)
+    compiled = compile_fn()
   except Exception as e:  # noqa: BLE001  (XLA raises JaxRuntimeError; anything else is a bug to report)
-    report.compile_seconds = time.perf_counter() - start
-    report.error = f"{type(e).__name__}: {e}"
+    report.compile_seconds, report.error = time.perf_counter() - start, f"{type(e).__name__}: {e}"
     if "RESOURCE_EXHAUSTED" in str(e):
       report.missing_bytes = missing_hbm(str(e))
-    return report
-  report.compile_seconds = time.perf_counter() - start
-  report.compiled = compiled
+    return False
+  report.compile_seconds, report.compiled = time.perf_counter() - start, compiled
   mem = compiled.memory_analysis()
   report.argument_bytes, report.output_bytes = mem.argument_size_in_bytes, mem.output_size_in_bytes
   report.alias_bytes, report.temp_bytes = mem.alias_size_in_bytes, mem.temp_size_in_bytes
@@ -216,11 +227,7 @@ def compile_report(target: Target, config, global_batch_size: int) -> Report:
     seconds = cost.get("optimal_seconds")
     # XLA's estimate. It came out negative (-19 s) for the micro demo step at 16 pairs on v5e:2x2: none then.
     report.estimated_step_seconds = seconds if seconds is not None and seconds > 0 else None
-  report.model_flops = model_flops_per_step(target, config, global_batch_size)
-  peak = slc.generation.bf16_tflops * 1e12 * slc.chips
-  if report.estimated_step_seconds and peak:
-    report.mfu = report.model_flops / (peak * report.estimated_step_seconds)
-  return report
+  return True
 
 
 def denoiser_forward_flops(target: Target, config) -> float:
@@ -526,29 +533,12 @@ def sample_report(config, topology: str, model_name: str | None = None, *, confi
                   micro_pairs_per_chip=n / (mesh.shape["data"] * mesh.shape["fsdp"]), hbm_bytes=slc.hbm_bytes,
                   params_bytes=shard_bytes(params) + shard_bytes(rest), opt_state_bytes=0, reference_bytes=0,
                   batch_bytes=shard_bytes((x, t, cond)))
-  start = time.perf_counter()
-  try:
+
+  def compile_forward():
     with jax.set_mesh(mesh):
-      compiled = call.lower(params, rest, x, t, cond).compile()
-  except Exception as e:  # noqa: BLE001
-    report.compile_seconds, report.error = time.perf_counter() - start, f"{type(e).__name__}: {e}"
-    if "RESOURCE_EXHAUSTED" in str(e):
-      report.missing_bytes = missing_hbm(str(e))
-    return report
-  report.compile_seconds, report.compiled = time.perf_counter() - start, compiled
-  mem = compiled.memory_analysis()
-  report.argument_bytes, report.output_bytes = mem.argument_size_in_bytes, mem.output_size_in_bytes
-  report.alias_bytes, report.temp_bytes = mem.alias_size_in_bytes, mem.temp_size_in_bytes
-  report.peak_bytes = report.argument_bytes + report.temp_bytes + report.output_bytes - report.alias_bytes
-  report.fits = report.peak_bytes <= slc.hbm_bytes
-  if not report.fits:
-    report.missing_bytes = report.peak_bytes - slc.hbm_bytes
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  if cost:
-    report.flops = cost.get("flops")
-    seconds = cost.get("optimal_seconds")
-    report.estimated_step_seconds = seconds if seconds is not None and seconds > 0 else None
+      return call.lower(params, rest, x, t, cond).compile()
+
+  compile_into(report, slc, compile_forward)
   return report
 
 
