@@ -172,7 +172,8 @@ def test_encode_cli_writes_flux_cache(folders, pipes, tmp_path):
     encode.parse_flags(["encode", "--pipeline", str(path), "--data", str(tmp_path / "pairs.jsonl"), "--out",
                         str(tmp_path / "bad"), "--resolution", "40"])
   encode.main(encode.parse_flags(["encode", "--pipeline", str(path), "--data", str(tmp_path / "pairs.jsonl"),
-                                  "--out", str(tmp_path / "cache"), "--resolution", "32", "--cache_dtype", "float32"]))
+                                  "--out", str(tmp_path / "cache"), "--resolution", "32", "--cache_dtype", "float32",
+      "--text", "embeddings"]))  # per-pair embeddings; token ids (the default): test_text_conditioning.py
   manifest, records = read_cache(tmp_path / "cache")
   assert manifest["pairs"] == 3
   assert {k: v["shape"] for k, v in manifest["record"].items()} == {

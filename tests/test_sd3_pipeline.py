@@ -217,7 +217,8 @@ def test_encode_cli(folders, pipes, tmp_path):
   # The command's own flag parsing and main, in this process (generate's test above starts a real process).
   encode.main(encode.parse_flags([
       "encode", "--pipeline", str(folder), "--data", str(tmp_path / "pairs.parquet"), "--out", str(tmp_path / "cache"),
-      "--resolution", "32", "--cache_dtype", "float32"]))
+      "--resolution", "32", "--cache_dtype", "float32",
+      "--text", "embeddings"]))  # per-pair embeddings; token ids (the default): test_text_conditioning.py
   manifest, records = read_cache(tmp_path / "cache")
   assert manifest["pairs"] == 3
   assert {k: v["shape"] for k, v in manifest["record"].items()} == {

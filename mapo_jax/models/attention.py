@@ -139,11 +139,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implement
     return sharded(functools.partial(_splash_attention, scale=scale), q, k, v)
   if impl == "cudnn":
     return sharded(functools.partial(_cudnn_attention, scale=scale), q, k, v)
-  if impl == "xla":  # plain XLA ops: GSPMD partitions them itself
+  if impl == "xla":
     if upcast:
       q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
-    return out.astype(v.dtype)
+    # Per shard, as the kernels: left to GSPMD, the (tokens x tokens) logits of FLUX.1-dev's forward at 1024 px
+    # were laid out for the whole batch on every chip of an fsdp mesh (33 GiB of temporaries per chip on
+    # v5litepod-8 against 0.5 GiB with the per-shard kernel; bench/RESULTS.md).
+    xla = functools.partial(jax.nn.dot_product_attention, scale=scale, implementation="xla")
+    return sharded(xla, q, k, v).astype(v.dtype)
   raise ValueError(f"attention implementation {impl!r} is not one of {IMPLEMENTATIONS}")
 
 
