@@ -96,9 +96,11 @@ def global_batch(batch, mesh):
   return jax.device_put(batch, sharding.batch_sharding(mesh))
 
 
-@pytest.mark.parametrize("objective", ["mapo", "dpo", "rpo", "sft"])
+# The two headline objectives through the whole step for 20 steps; that every objective's gradient lowers the
+# winner's error is tests/test_objectives_variants.py's (per objective, in a fraction of the time).
+@pytest.mark.parametrize("objective", ["mapo", "dpo"])
 def test_training_lowers_the_objective_on_a_fixed_batch(objective):
-  mesh, graphdef, state, step, frozen, cfg = setup(objective, lr=1e-3 if objective in ("mapo", "sft") else 1e-5)
+  mesh, graphdef, state, step, frozen, cfg = setup(objective, lr=1e-3 if objective == "mapo" else 1e-5)
   batch = global_batch(make_batch(), mesh)
   loss_fn = jax.jit(make_loss_fn(sd.denoise, graphdef, graphdef, SCHEDULE, cfg))
 
@@ -114,7 +116,7 @@ def test_training_lowers_the_objective_on_a_fixed_batch(objective):
   if objective == "dpo":  # policy == reference at step 0: every inside term is 0 up to float32 rounding
     assert losses[0] == pytest.approx(math.log(2), abs=loss_bound("dpo", first_step_errors((1, 1, 1))))
   assert all(np.isfinite(losses))
-  assert eval_loss(state.params) < before * (0.95 if objective in ("mapo", "sft") else 1.0) - 1e-4
+  assert eval_loss(state.params) < before * (0.95 if objective == "mapo" else 1.0) - 1e-4
   assert int(state.step) == 20 and int(state.skipped) == 0
 
 
