@@ -426,6 +426,20 @@ def step_text(model: Model, config, mesh, text: str = "auto"):
   return towers, encode, tokens
 
 
+def slice_model_and_mesh(config, topology: str, model_name: str | None, config_file: str | None):
+  """What every compile starts from: the checked config's slice, model and mesh, and the model options."""
+  from mapo_jax import config as config_lib
+  from mapo_jax import sharding
+  from mapo_jax.training import tpu
+  from mapo_jax.training.build import model_options
+  check_config(config)
+  slc = tpu.parse(topology)
+  model = resolve_model(model_name, config, config_file)
+  config_lib.validate_for_devices(config, slc.chips, slc.hosts)
+  mesh = sharding.make_mesh(config.mesh, slc.devices())
+  return slc, model, mesh, model_options(config, mesh)
+
+
 def build_target(config, topology: str, model_name: str | None = None, *, config_file: str | None = None,
                  text: str = "auto") -> Target:
   """The config's train step (mapo_jax/training/build.py: state, shardings, objective, optimizer, LoRA,
@@ -435,18 +449,10 @@ def build_target(config, topology: str, model_name: str | None = None, *, config
   import jax
   import jax.numpy as jnp
 
-  from mapo_jax import config as config_lib
-  from mapo_jax import sharding
-  from mapo_jax.training import tpu
   from mapo_jax.data.cache import TEXT_IDS_PREFIX
-  from mapo_jax.training.build import build, denoiser_param_dtype, model_options, needs_reference_model
+  from mapo_jax.training.build import build, denoiser_param_dtype, needs_reference_model
 
-  check_config(config)
-  slc = tpu.parse(topology)
-  model = resolve_model(model_name, config, config_file)
-  config_lib.validate_for_devices(config, slc.chips, slc.hosts)
-  mesh = sharding.make_mesh(config.mesh, slc.devices())
-  options = model_options(config, mesh)
+  slc, model, mesh, options = slice_model_and_mesh(config, topology, model_name, config_file)
   family = model.family
   abstract = family.abstract_denoiser(model.denoiser_config, param_dtype=denoiser_param_dtype(config), **options)
   reference = None
@@ -499,17 +505,9 @@ def sample_report(config, topology: str, model_name: str | None = None, *, confi
   import jax.numpy as jnp
   from flax import nnx
 
-  from mapo_jax import config as config_lib
   from mapo_jax import sharding
-  from mapo_jax.training import tpu
-  from mapo_jax.training.build import model_options
 
-  check_config(config)
-  slc = tpu.parse(topology)
-  model = resolve_model(model_name, config, config_file)
-  config_lib.validate_for_devices(config, slc.chips, slc.hosts)
-  mesh = sharding.make_mesh(config.mesh, slc.devices())
-  options = model_options(config, mesh)
+  slc, model, mesh, options = slice_model_and_mesh(config, topology, model_name, config_file)
   family, n = model.family, config.global_batch_size
   abstract = family.abstract_denoiser(model.denoiser_config, param_dtype=jnp.dtype(config.param_dtype), **options)
   params, _ = sharding.place(abstract, mesh, nnx.Param)
