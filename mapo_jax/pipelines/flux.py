@@ -61,7 +61,7 @@ from mapo_jax.models.vae import AutoencoderKL, load_vae
 # The latent normalisation is the same formula for every family ((z - shift - mean) * scale / std); it lives in
 # sd.py, the first family, and is shared from there.
 from mapo_jax.models.vae import Latents
-from mapo_jax.pipelines.folders import in_folder
+from mapo_jax.pipelines.folders import PipelineFolder, in_folder
 
 CLASS_NAMES = ("FluxPipeline",)  # model_index.json _class_name
 DENOISER = "transformer"  # the model_index name of the model that trains
@@ -218,7 +218,7 @@ _TOKENIZER = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 
 
 @dataclasses.dataclass(eq=False)
-class Pipeline:
+class Pipeline(PipelineFolder):
   """The components asked for (None when not asked for). `max_sequence_length`: the T5 token count prompts are
   encoded at (diffusers' call argument; 512 by default, 256 is BFL's choice for schnell)."""
   path: Path
@@ -248,30 +248,9 @@ class Pipeline:
     return self.transformer.config if self.transformer is not None else convert.read_config(self.path / DENOISER)
 
   @functools.cached_property
-  def _vae_config(self) -> dict[str, Any]:
-    if self.vae is not None:
-      return self.vae.config
-    return convert.read_config(convert.model_folder(self.vae_path or self.path, "vae"))
-
-  @functools.cached_property
-  def latents(self) -> Latents:
-    """The VAE's latent normalisation: (z - shift_factor) * scaling_factor."""
-    return Latents.from_vae_config(self._vae_config)
-
-  @property
-  def latent_channels(self) -> int:
-    return int(self._vae_config.get("latent_channels", 4))
-
-  @property
-  def vae_scale_factor(self) -> int:
-    """Pixels per latent along each axis (8), as FluxPipeline computes it."""
-    return 2 ** (len(self._vae_config.get("block_out_channels", (64,))) - 1)
-
-  @functools.cached_property
   def schedule(self) -> diffusion.FlowMatchSchedule:
     """The training schedule, from scheduler/scheduler_config.json."""
-    config = self.scheduler_config or json.loads((self.path / "scheduler" / "scheduler_config.json").read_text())
-    schedule = diffusion.as_schedule(config)
+    schedule = diffusion.as_schedule(self._scheduler_config)
     if not schedule.is_flow:
       raise ValueError(f"{self.path}: a FluxPipeline needs a flow-matching scheduler config")
     return schedule

@@ -39,7 +39,7 @@ from mapo_jax.models import presets
 from mapo_jax.models.layers import Options
 from mapo_jax.models.unet import UNet2DConditionModel, UNetConfig, load_unet, save_unet
 from mapo_jax.models.vae import AutoencoderKL, Latents, load_vae
-from mapo_jax.pipelines.folders import in_folder, load_clip_tokenizer
+from mapo_jax.pipelines.folders import PipelineFolder, in_folder, load_clip_tokenizer
 
 CLASS_NAMES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # model_index.json _class_name
 DENOISER = "unet"  # the model_index name of the model that trains
@@ -132,7 +132,7 @@ _TOKENIZER = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 
 
 @dataclasses.dataclass(eq=False)
-class Pipeline:
+class Pipeline(PipelineFolder):
   """The components asked for; one not asked for, or absent from the folder (SD 1.x has no *_2), is None."""
   path: Path
   model_index: dict[str, Any]
@@ -146,17 +146,9 @@ class Pipeline:
   vae_path: Path | None = None  # a VAE folder used instead of `path/vae` (load_pipeline's `vae`)
 
   @functools.cached_property
-  def latents(self) -> Latents:
-    """The VAE's latent normalisation, from the loaded VAE or, when it was not loaded, its config.json."""
-    config = (self.vae.config if self.vae is not None
-              else convert.read_config(convert.model_folder(self.vae_path or self.path, "vae")))
-    return Latents.from_vae_config(config)
-
-  @functools.cached_property
   def schedule(self) -> diffusion.NoiseSchedule:
     """The training noise schedule, from scheduler/scheduler_config.json."""
-    config = self.scheduler_config or json.loads((self.path / "scheduler" / "scheduler_config.json").read_text())
-    return diffusion.NoiseSchedule.from_config(config)
+    return diffusion.NoiseSchedule.from_config(self._scheduler_config)
 
   denoise = staticmethod(denoise)
 
@@ -164,20 +156,6 @@ class Pipeline:
   def denoiser(self) -> UNet2DConditionModel | None:
     """The model that trains (DENOISER), if loaded."""
     return self.unet
-
-  @property
-  def latent_channels(self) -> int:
-    return int(self.vae.cfg.latent_channels if self.vae is not None else self._vae_config["latent_channels"])
-
-  @property
-  def vae_scale_factor(self) -> int:
-    """Pixels per latent along each axis (8 for SD/SDXL), as diffusers' pipelines compute it."""
-    channels = self.vae.cfg.block_out_channels if self.vae is not None else self._vae_config["block_out_channels"]
-    return 2 ** (len(channels) - 1)
-
-  @functools.cached_property
-  def _vae_config(self) -> dict[str, Any]:
-    return convert.read_config(convert.model_folder(self.vae_path or self.path, "vae"))
 
   def sample_options(self, steps: int) -> tuple:
     """Extra static arguments of `diffusion.sample` for this family: none (the scheduler config says all)."""

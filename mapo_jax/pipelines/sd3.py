@@ -52,7 +52,7 @@ from mapo_jax.models.sd3 import (DIFFUSERS_DEFAULTS, SD3Config, SD3Transformer2D
 from mapo_jax.models.t5 import T5EncoderModel, load_t5_encoder
 from mapo_jax.models.vae import AutoencoderKL, load_vae
 from mapo_jax.models.vae import Latents
-from mapo_jax.pipelines.folders import in_folder, load_clip_tokenizer
+from mapo_jax.pipelines.folders import PipelineFolder, in_folder, load_clip_tokenizer, vae_scale_factor
 
 CLASS_NAMES = ("StableDiffusion3Pipeline",)  # model_index.json _class_name
 DENOISER = "transformer"  # the model_index name of the model that trains
@@ -109,14 +109,10 @@ def denoise(model: SD3Transformer2DModel, x: jax.Array, t: jax.Array, cond: Mapp
   return model(x, cond["prompt_embeds"], cond["pooled_prompt_embeds"], t)
 
 
-def _vae_factor(vae_config: Mapping[str, Any]) -> int:
-  return 2 ** (len(vae_config.get("block_out_channels", (64,))) - 1)
-
-
 def resolution_multiple(path: str | os.PathLike) -> int:
   """Image sizes must be multiples of this: the VAE's downsampling times the transformer's patch size, so the
   latents split into whole patches. Reads only the two config.json files."""
-  vae_factor = _vae_factor(convert.read_config(convert.model_folder(path, "vae")))
+  vae_factor = vae_scale_factor(convert.read_config(convert.model_folder(path, "vae")))
   if not (Path(path) / DENOISER / "config.json").is_file():  # an encoder-only folder (VAE and text towers)
     return vae_factor
   return vae_factor * SD3Config.from_dict(convert.read_config(Path(path) / DENOISER)).patch_size
@@ -168,7 +164,7 @@ def _fit_width(x: jax.Array, width: int) -> jax.Array:
 
 
 @dataclasses.dataclass(eq=False)
-class Pipeline:
+class Pipeline(PipelineFolder):
   """The components asked for; one not asked for, or absent from the folder (text_encoder_3 may be), is None."""
   path: Path
   model_index: dict[str, Any]
@@ -196,29 +192,9 @@ class Pipeline:
     return self.transformer.config if self.transformer is not None else convert.read_config(self.path / DENOISER)
 
   @functools.cached_property
-  def _vae_config(self) -> dict[str, Any]:
-    return self.vae.config if self.vae is not None else convert.read_config(
-        convert.model_folder(self.vae_path or self.path, "vae"))
-
-  @functools.cached_property
-  def latents(self) -> Latents:
-    """The VAE's latent normalisation, from the loaded VAE or, when it was not loaded, its config.json."""
-    return Latents.from_vae_config(self._vae_config)
-
-  @property
-  def latent_channels(self) -> int:
-    return int(self.vae.cfg.latent_channels if self.vae is not None else self._vae_config.get("latent_channels", 4))
-
-  @property
-  def vae_scale_factor(self) -> int:
-    """Pixels per latent along each axis (8 for SD3), as the pipeline computes it."""
-    return _vae_factor(self._vae_config)
-
-  @functools.cached_property
   def schedule(self) -> diffusion.Schedule:
     """The flow-matching schedule, from scheduler/scheduler_config.json."""
-    config = self.scheduler_config or json.loads((self.path / "scheduler" / "scheduler_config.json").read_text())
-    return diffusion.as_schedule(config)
+    return diffusion.as_schedule(self._scheduler_config)
 
   def sample_options(self, steps: int) -> tuple:
     """Extra static arguments of `diffusion.sample`: with use_dynamic_shifting, the transformer's patch size (the
