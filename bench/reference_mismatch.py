@@ -1,10 +1,12 @@
 """MaPO's reference-mismatch claim (arXiv 2406.06424), tested in the toy world: every objective, from the same
-pretrained base (mapo_jax/toy/base), on the same pairs, batches and noise, in two regimes:
+pretrained base (mapo_jax/toy/base; `--family flux`: its FLUX.1 twin, mapo_jax/toy/flux_base, trained on velocity
+errors), on the same pairs, batches and noise, in two regimes:
 
   mismatch  the pairs prefer filled shapes, which the base draws ~7 % of the time;
   match     the pairs prefer outlined shapes, which the base already draws ~93 % of the time.
 
     python bench/reference_mismatch.py --out bench/reference_mismatch        # about an hour on 2 CPU cores
+    python bench/reference_mismatch.py --family flux --out bench/reference_mismatch_flux
 
 Protocol (mapo_jax/toy/preference.py runs each training):
 1. Learning rate, searched evenly: every objective and regime tries every --lrs value on the tuning seed
@@ -38,7 +40,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mapo_jax.training import objectives
 from mapo_jax.toy import demo, pretrain as toy_pretrain
 from mapo_jax.toy import preference as toy_preference
-from mapo_jax.pipelines import load_pipeline  # noqa: E402
 
 REGIMES = {"mismatch": "filled", "match": "outlined"}  # regime -> the preferred style
 
@@ -120,7 +121,9 @@ def plot(results: dict, chosen: dict, regimes, names, seeds, path: Path) -> None
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", type=Path, required=True)
-  parser.add_argument("--pipeline", type=Path, default=demo.BASE)
+  parser.add_argument("--family", choices=sorted(demo.BASES), default="sdxl",
+                      help="the toy base: sdxl (mapo_jax/toy/base) or its FLUX.1 twin (mapo_jax/toy/flux_base)")
+  parser.add_argument("--pipeline", type=Path, default=None, help="another base folder (default: --family's)")
   parser.add_argument("--objectives", nargs="+", default=sorted(objectives.OBJECTIVES),
                       choices=sorted(objectives.OBJECTIVES))
   parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
@@ -140,7 +143,7 @@ def main(argv=None) -> None:
   results = json.loads(results_path.read_text()) if results_path.exists() else {}
   start = time.time()
   log = lambda message: print(f"[{time.time() - start:7.1f} s] {message}", flush=True)
-  aligner = toy_preference.Aligner(load_pipeline(args.pipeline), batch=args.batch)
+  aligner = toy_preference.Aligner(demo.load_toy(args.pipeline or demo.BASES[args.family]), batch=args.batch)
 
   def run(regime, name, lr, seed):
     key = run_key(regime, name, lr, seed)

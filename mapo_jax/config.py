@@ -56,6 +56,11 @@ def base_config() -> ml_collections.ConfigDict:
   # the pipeline's vae/ for on-the-fly encoding, sample grids and the latent normalisation; "" = the
   # pipeline's. A cache must have been encoded by the same VAE (`encode --vae`, recorded in its manifest).
   config.vae = ""
+  # T5 tokens per prompt in the families that have a T5 tower (FLUX.1, SD3): the pipelines' and the training
+  # scripts' `max_sequence_length`; 0 = the family's default (FluxPipeline 512, StableDiffusion3Pipeline 256). Prompts
+  # are encoded at it for training (a cache must be encoded at it too: `encode --max_sequence_length`), sample
+  # grids and the judge. Must stay 0 for SD / SDXL.
+  config.max_sequence_length = 0
 
   # Data. mode "cached": batches from `python -m mapo_jax.encode --out {cache_dir}`; "onthefly": decode
   # and encode `source` (parquet file/folder or JSONL) every step, for small datasets.
@@ -174,8 +179,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.peer_timeout_s = 100
   config.save_timeout_s = 900
 
-  # Demo only: a folder where `mapo_jax.toy.demo` creates its tiny pipeline, dataset and cache if missing.
+  # Demo only: a folder where `mapo_jax.toy.demo` creates its tiny pipeline, dataset and cache if missing, from
+  # the toy base `demo_base` ("sdxl": mapo_jax/toy/base; "flux": its FLUX.1 twin, mapo_jax/toy/flux_base).
   config.demo_assets = ""
+  config.demo_base = "sdxl"
   return config
 
 
@@ -335,6 +342,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   choice("objective_safeguard", ("",) + tuple(objectives.SAFEGUARDS))
   choice("dpo.loss_type", objectives.DPO_LOSS_TYPES)
   choice("dspo.form", objectives.DSPO_FORMS)
+  choice("demo_base", ("sdxl", "flux"))  # mapo_jax/toy/demo.py BASES
   if given["objective_safeguard"] and not objectives.get_objective(given["objective"]).paired:
     raise ConfigError("objective_safeguard", f"{given['objective_safeguard']!r} scales the loser's gradient; "
                       f"objective {given['objective']!r} has no loser")
@@ -409,6 +417,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("optim.b1", "optim.b2"):
     if not 0 <= given[key] < 1:
       raise ConfigError(key, f"{given[key]!r} must be in [0, 1)")
+  if not 0 <= given["max_sequence_length"] <= 512:
+    raise ConfigError("max_sequence_length", f"{given['max_sequence_length']!r} must be in [1, 512] T5 tokens, "
+                      "or 0 for the family's default")
   if given["resolution"] < 8 or given["resolution"] % 8:
     raise ConfigError("resolution", f"{given['resolution']} must be a positive multiple of 8 (the VAE's /8)")
   if given["global_batch_size"] % given["accum_steps"]:

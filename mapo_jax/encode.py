@@ -51,7 +51,7 @@ from mapo_jax.data.cache import (PAIRS, PROMPT_EMBED_KEYS, TEXT_IDS_PREFIX, Enco
                                  merge_caches, record_kind, verify_cache, write_cache)
 from mapo_jax.data.sources import open_source
 from mapo_jax.training.objectives import RPO_EMBEDDINGS
-from mapo_jax.pipelines import family, load_pipeline
+from mapo_jax.pipelines import family, load_pipeline, text_options
 
 
 
@@ -155,6 +155,9 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--text", default="auto", choices=TEXT_MODES,
                  help="ids: each text tower's token ids, encoded by the train step; embeddings: the prompt embeddings; "
                  "auto: ids for FLUX and SD3 pairs, else embeddings (docs/data.md, 'Text conditioning at scale')")
+  p.add_argument("--max_sequence_length", type=int, default=0,
+                 help="T5 tokens per prompt for FLUX.1 / SD3 pipelines (the training scripts' --max_sequence_length; "
+                 "0: the pipeline's default, 512 FLUX and 256 SD3); train with the same config.max_sequence_length")
   p.add_argument("--rpo_embedding", default="pooled", choices=RPO_EMBEDDINGS,
                  help="pooled: the pooled prompt embedding; mean_tokens: prompt_embeds averaged over tokens")
   p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
@@ -181,6 +184,10 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
       text_mode(family(args.pipeline), args.text)
     except ValueError as e:
       p.error(str(e))
+    try:
+      text_options(args.pipeline, args.max_sequence_length)
+    except ValueError as e:
+      p.error(f"--max_sequence_length {args.max_sequence_length}: {e}")
   elif args.data is not None:
     p.error("--merge joins finished caches; it takes no --data")
   return args
@@ -239,9 +246,11 @@ def main(args: argparse.Namespace) -> int:
   source = open_source(args.data, **({"best_worst": True} if args.best_worst else {}))
   text = text_mode(family(args.pipeline), args.text, source)
   vae = os.path.abspath(args.vae) if args.vae else ""
-  pipe = load_pipeline(args.pipeline, components=family(args.pipeline).FROZEN, vae=vae or None)
+  pipe = load_pipeline(args.pipeline, components=family(args.pipeline).FROZEN, vae=vae or None,
+                       **text_options(args.pipeline, args.max_sequence_length))
   settings = EncodeSettings(resolution=args.resolution, seed=args.seed, random_crop=args.random_crop,
-                            cache_dtype=args.cache_dtype, shard_size=args.shard_size, text=text)
+                            cache_dtype=args.cache_dtype, shard_size=args.shard_size, text=text,
+                            max_sequence_length=args.max_sequence_length)
   encode_cache(source, args.out, make_encoder(pipe, rpo_embedding=args.rpo_embedding, text=text), settings,
                pipeline=args.pipeline, vae=vae, batch_size=args.batch_size, strict=args.strict,
                process_index=jax.process_index(), process_count=jax.process_count(), resume_check=args.resume_check)

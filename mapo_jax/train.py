@@ -48,8 +48,10 @@ from mapo_jax.data.cache import TEXT_IDS_PREFIX, DamagedShardError, RecordLayout
 from mapo_jax.encode import make_encoder
 from mapo_jax.export import export_denoiser, export_lora, run_card
 from mapo_jax.run import workdir as workdir_lib
-from mapo_jax.run.checkpoint import CHECKPOINTS, CheckpointSaveError, Checkpointer, NoGoodCheckpointError, abstract_like
-from mapo_jax.run.guards import DivergedError, check_cache_vae, check_exportable, check_skipped, global_norm
+from mapo_jax.run.checkpoint import (CHECKPOINTS, CheckpointSaveError, Checkpointer, NoGoodCheckpointError, abstract_like,
+                                     release_freed_memory)
+from mapo_jax.run.guards import (DivergedError, check_cache_text_tokens, check_cache_vae, check_exportable, check_skipped,
+                                 global_norm)
 from mapo_jax.run.metrics import MetricsWriter
 from mapo_jax.run.workdir import WorkdirLock
 from mapo_jax.toy import demo, judging
@@ -79,7 +81,10 @@ DASHED_FLAGS = ("stop-after-step", "allow-config-change", "print-config")  # abs
 
 
 def host_rss_mib() -> float:
-  """This process's resident memory now (not its peak), MiB: logged, so a slow leak shows in metrics.jsonl."""
+  """This process's resident memory now (not its peak), MiB: logged, so a slow leak shows in metrics.jsonl.
+  Freed heap is handed back to the OS first, so what is left is live memory: glibc's arenas otherwise keep a
+  varying amount of freed memory that hides a slow leak under noise (bench/RESULTS.md, "Soak")."""
+  release_freed_memory()
   try:
     with open("/proc/self/statm") as f:
       return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -212,7 +217,7 @@ def make_mesh(run: Run) -> jax.sharding.Mesh:
   logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), jax.device_count(), jax.process_count())
   if config.demo_assets:
     if run.lead:
-      demo.ensure_assets(config.demo_assets)
+      demo.ensure_assets(config.demo_assets, config.demo_base)
     multihost_utils.sync_global_devices("demo assets")
   return mesh
 
@@ -235,6 +240,10 @@ def load_models(config: ml_collections.ConfigDict, mesh) -> Models:
   if config.vae and not Path(config.vae).exists():
     raise config_lib.ConfigError("vae", f"{config.vae!r} does not exist: a VAE folder (config.json and weights), "
                                  "or '' for the pipeline's own vae/")
+  try:
+    text_options = pipelines.text_options(config.pipeline, config.max_sequence_length)
+  except ValueError as e:
+    raise config_lib.ConfigError("max_sequence_length", f"{config.max_sequence_length}: {e}") from None
   multiple = family.resolution_multiple(config.pipeline)
   if config.resolution % multiple:
     raise config_lib.ConfigError("resolution", f"{config.resolution} is not a multiple of {multiple} "
@@ -251,7 +260,7 @@ def load_models(config: ml_collections.ConfigDict, mesh) -> Models:
   needs_frozen = (config.sample_every > 0 or bool(config.judge) or config.data.mode == "onthefly"
                   or config.data.empty_prompt_prob > 0)
   pipe = family.load_pipeline(config.pipeline, (family.FROZEN if needs_frozen else ()) + ("scheduler",),
-                              vae=config.vae or None)
+                              vae=config.vae or None, **text_options)
   return Models(family, model, reference, pipe)
 
 
@@ -276,11 +285,13 @@ def step_text(config: ml_collections.ConfigDict, mesh, ids_shapes: dict[str, tup
     raise config_lib.ConfigError("data.cache_dir", f"{config.data.cache_dir} holds token ids, but "
                                  f"{config.pipeline} is a pipeline whose train step does not encode prompts")
   dtype = jnp.dtype(config.dtype)  # frozen: no float32 master copy (diffusers' FLUX / SD3 scripts: weight_dtype)
-  text_pipe = family.load_step_text(config.pipeline, dtype=dtype, param_dtype=dtype, mesh=mesh)
+  text_pipe = family.load_step_text(config.pipeline, dtype=dtype, param_dtype=dtype, mesh=mesh,
+                                    **pipelines.text_options(config.pipeline, config.max_sequence_length))
   empty = {TEXT_IDS_PREFIX + k: v[0] for k, v in text_pipe.tokenize([""]).items()}
   if (given := {k: tuple(v.shape) for k, v in empty.items()}) != ids_shapes:
     raise config_lib.ConfigError("data.cache_dir", f"{config.data.cache_dir} holds token ids {ids_shapes}, but the "
-                                 f"tokenizers of {config.pipeline} give {given}: encoded with another pipeline?")
+                                 f"tokenizers of {config.pipeline} give {given}: encoded with another pipeline, or at another "
+                                 "max_sequence_length (`encode --max_sequence_length`, config.max_sequence_length)?")
   return text_pipe.step_text(), empty
 
 
@@ -296,6 +307,7 @@ def open_input(config: ml_collections.ConfigDict, mesh, pipe) -> Input:
       raise config_lib.ConfigError("resolution", f"{config.resolution}, but {config.data.cache_dir} was "
                                    f"encoded at {encoded_at}")
     check_cache_vae(manifest, config.data.cache_dir, config.vae)
+    check_cache_text_tokens(manifest, config.data.cache_dir, config.max_sequence_length)
     dataset = cached_loader(config.data.cache_dir, **loader_kwargs)
     if config.data.eval_pairs:
       eval_batch = cached_eval_batch(config.data.cache_dir, config.data.eval_pairs)

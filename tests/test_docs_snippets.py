@@ -7,7 +7,7 @@ inside a list item is dedented first. Every doc in DOCS must hold at least one s
 fails too.
 
 What is substituted: each top-level assignment `NAME = "..."` of a name in PATHS gets the test's path instead of
-the documented one: BASE the shipped toy base; WORKDIR a finished LoRA run's work directory, whose
+the documented one: BASE the shipped toy base; FLUX_BASE its FLUX.1 twin; WORKDIR a finished LoRA run's work directory, whose
 export/pytorch_lora_weights.safetensors is written from the toy base's UNet with the trainer's own writer
 (`mapo_jax.export.export_lora`, as train.py's end of run). Nothing else changes. The block runs in a temporary
 working directory (the files it writes land there), in this process (conftest.py's torchvision fix applies).
@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-DOCS = ("mapo_jax/toy/base/README.md", "docs/lora.md")
-PATHS = ("BASE", "WORKDIR")
+DOCS = ("mapo_jax/toy/base/README.md", "mapo_jax/toy/flux_base/README.md", "docs/lora.md")
+PATHS = ("BASE", "FLUX_BASE", "WORKDIR")
 _MARKER = re.compile(r"^\s*<!-- test\b")
 _FENCE = re.compile(r"^(\s*)```python\s*$")
 
@@ -82,9 +82,9 @@ def lora_workdir(tmp_path_factory):
 
 @pytest.mark.parametrize("doc,index", CASES)
 def test_doc_snippet_runs_on_the_toy_base(doc, index, request, tmp_path, monkeypatch):
-  from mapo_jax.toy.demo import BASE
+  from mapo_jax.toy.demo import BASE, FLUX_BASE
   code = snippets(doc)[index]
-  paths = {"BASE": BASE}
+  paths = {"FLUX_BASE": FLUX_BASE} if re.search(r"^FLUX_BASE\s*=", code, re.M) else {"BASE": BASE}
   if re.search(r"^WORKDIR\s*=", code, re.M):
     paths["WORKDIR"] = request.getfixturevalue("lora_workdir")
   code, found = with_paths(code, paths)

@@ -45,6 +45,8 @@ FLOW_PAIRS = 16  # demo pairs encoded for the flow families' tiny pipelines
 
 
 def family_of(name):
+  if name.startswith("demo"):  # the demos name their toy base in the config
+    return {"sdxl": "sd", "flux": "flux"}[recipe(name).demo_base]
   return FAMILY_OF[name.split("_")[0]]
 
 

@@ -43,6 +43,7 @@ from mapo_jax.training import train_step
 CAPTIONS = ["a cat", "the red dog", "a photo of the blue sky", "a dog on the red cat"]
 PAIRS, RESOLUTION = 16, 32  # 16 pairs, each caption 4 times; 32 px: a multiple of 16 (both families)
 TOL = 1e-5  # float32: the same towers (or the same step) in two XLA programs
+SHORT = 16  # T5 tokens of the `encode --max_sequence_length` cache (the FLUX fixture's default: 512)
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +61,12 @@ def world(tmp_path_factory):
       (root / f"{side}{i}.png").write_bytes(image_bytes(rng.integers(0, 256, (40, 36, 3))))
     lines.append(json.dumps({"prompt": CAPTIONS[i % len(CAPTIONS)], "chosen": f"w{i}.png", "rejected": f"l{i}.png"}))
   (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
-  for name, family, text in (("flux_ids", "flux", "auto"), ("flux_embeddings", "flux", "embeddings"),
-                             ("sd3_ids", "sd3", "auto")):
+  for name, family, text, tokens in (("flux_ids", "flux", "auto", 0), ("flux_embeddings", "flux", "embeddings", 0),
+                                     ("sd3_ids", "sd3", "auto", 0), (f"flux_ids_{SHORT}", "flux", "auto", SHORT)):
     encode.main(encode.parse_flags(["encode", "--pipeline", str(root / family), "--data", str(root / "pairs.jsonl"),
                                     "--out", str(root / name), "--resolution", str(RESOLUTION), "--cache_dtype",
-                                    "float32", "--text", text, "--batch_size", "8"]))
+                                    "float32", "--text", text, "--batch_size", "8",
+                                    "--max_sequence_length", str(tokens)]))
   return root
 
 
@@ -147,6 +149,46 @@ def test_empty_prompt_dropout_swaps_the_drawn_pairs_ids_for_the_empty_prompts(wo
     assert rel_l2(got, dropped_embeds[key_name]) <= TOL  # what the embeddings design trains on
 
 
+def test_encode_max_sequence_length_is_the_cache_s_t5_length_and_the_trainer_holds_to_it(world):
+  """`encode --max_sequence_length` (the training scripts' flag) gives T5 ids of that length, as the pipeline loaded
+  with it tokenizes; the manifest records it; a trainer set to another length is refused naming the key, and so is
+  a length for a family without T5."""
+  from mapo_jax import config as config_lib
+  from mapo_jax.data.cache import read_manifest
+  from mapo_jax.pipelines import text_options
+  from mapo_jax.run.guards import check_cache_text_tokens
+  short = load_pipeline(world / "flux", ("tokenizer", "tokenizer_2"), **text_options(world / "flux", SHORT))
+  batch = whole_cache(world / f"flux_ids_{SHORT}")
+  ids = {cache.TEXT_IDS_PREFIX + k: v for k, v in short.tokenize(CAPTIONS).items()}
+  assert batch[cache.TEXT_IDS_PREFIX + "text_encoder_2"].shape == (PAIRS, SHORT)
+  for i, caption in enumerate(captions_of(batch, short)):  # every row is its caption's ids at 16 T5 tokens
+    for k, v in ids.items():
+      np.testing.assert_array_equal(batch[k][i], v[CAPTIONS.index(caption)])
+  manifest = read_manifest(world / f"flux_ids_{SHORT}")
+  assert manifest["settings"]["max_sequence_length"] == SHORT
+  assert "max_sequence_length" not in read_manifest(world / "flux_ids")["settings"]  # old caches keep their identity
+  check_cache_text_tokens(manifest, "c", SHORT)
+  check_cache_text_tokens(read_manifest(world / "flux_ids"), "c", 0)
+  for cached, configured in ((manifest, 0), (manifest, 512), (read_manifest(world / "flux_ids"), SHORT)):
+    with pytest.raises(config_lib.ConfigError, match="^config.max_sequence_length: "):
+      check_cache_text_tokens(cached, "c", configured)
+  assert text_options(world / "flux", 0) == {} and text_options(world / "sd3", 77) == {"max_sequence_length": 77}
+
+
+def test_a_t5_length_for_a_pipeline_without_t5_is_refused_naming_the_key(demo_assets, capsys):
+  from mapo_jax import config as config_lib
+  from mapo_jax import train
+  config = config_lib.base_config()
+  config.pipeline, config.max_sequence_length = str(demo_assets / "pipeline"), 256
+  with pytest.raises(config_lib.ConfigError, match="^config.max_sequence_length: 256: .* StableDiffusionXLPipeline "
+                                                    "folder, whose prompts have no T5 tokens"):
+    train.load_models(config, mesh=None)
+  with pytest.raises(SystemExit):
+    encode.parse_flags(["encode", "--pipeline", config.pipeline, "--data", "pairs.jsonl", "--out", "cache",
+                        "--resolution", "32", "--max_sequence_length", "256"])
+  assert "--max_sequence_length 256: " in capsys.readouterr().err
+
+
 # --- The trainer, end to end (one subprocess: the trainer's own flags, one start-up for every run) ---------------
 
 RUNS = """
@@ -171,6 +213,9 @@ train.train(config(flux_mapo_lora, "flux", 4), out / "resumed", stop_after=2)
 train.train(config(flux_mapo_lora, "flux", 4), out / "resumed")
 train.train(config(flux_mapo_lora, "flux", 4, "embeddings"), out / "embeddings")
 train.train(config(sd35_mapo, "sd3", 2), out / "sd3")
+short = config(flux_mapo_lora, "flux", 1, "ids_16")  # T5 at 16 tokens: the cache's and the towers' in the step
+short.max_sequence_length = 16
+train.train(short, out / "short")
 """
 
 
@@ -216,6 +261,11 @@ def test_a_flux_step_from_token_ids_equals_the_step_from_per_pair_embeddings(run
   assert set(ids) == set(embeds)
   for key in set(ids) - timing:
     assert np.isclose(ids[key], embeds[key], rtol=TOL, atol=1e-7), (key, ids[key], embeds[key])
+
+
+def test_the_trainer_trains_flux_from_a_cache_at_another_t5_length(runs):
+  logged = metrics(runs / "short")
+  assert SHORT == 16 and [m["step"] for m in logged] == [1] and np.isfinite(logged[0]["loss"])
 
 
 def test_the_trainer_trains_sd3_from_token_ids(runs):

@@ -143,16 +143,19 @@ class EncodeSettings:
   cache_dtype: str = "float16"
   shard_size: int = 1000  # source rows per shard
   text: str = "embeddings"  # "embeddings": the prompt embeddings; "ids": the towers' token ids (TEXT_IDS_PREFIX)
+  max_sequence_length: int = 0  # T5 tokens per prompt (FLUX.1, SD3); 0: the family's default
 
   def pair_kwargs(self) -> dict[str, Any]:
     return {"resolution": self.resolution, "seed": self.seed, "random_crop": self.random_crop}
 
   def to_json(self) -> dict[str, Any]:
-    """The settings as recorded in sidecars and manifests; `text` only when it is "ids", so that the caches
-    written before it existed (all of embeddings) keep their identity."""
+    """The settings as recorded in sidecars and manifests; `text` only when it is "ids" and max_sequence_length
+    only when it is set, so that the caches written before they existed keep their identity."""
     out = dataclasses.asdict(self)
     if out["text"] == "embeddings":
       del out["text"]
+    if not out["max_sequence_length"]:
+      del out["max_sequence_length"]
     return out
 
 

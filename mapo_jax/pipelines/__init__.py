@@ -58,6 +58,22 @@ def load_pipeline(path: str | os.PathLike, components=None, **kwargs):
   return module.load_pipeline(path, module.COMPONENTS if components is None else components, **kwargs)
 
 
+def text_options(path: str | os.PathLike, max_sequence_length: int) -> dict[str, int]:
+  """`load_pipeline` / `load_step_text` keyword arguments that encode prompts of the pipeline at `path` at
+  `max_sequence_length` T5 tokens (0: the family's default, no arguments). A family without a T5 tower refuses
+  a length."""
+  if not max_sequence_length:
+    return {}
+  module = family(path)
+  if not hasattr(module, "MAX_SEQUENCE_LENGTH"):
+    name = json.loads((Path(path) / "model_index.json").read_text())["_class_name"]
+    raise ValueError(f"{path} is a {name} folder, whose prompts have no T5 tokens (a T5 length applies to FLUX.1 "
+                     "and SD3 pipelines only; 0 for the others)")
+  if not 1 <= max_sequence_length <= 512:
+    raise ValueError(f"{max_sequence_length} T5 tokens: the pipelines take 1..512")
+  return {"max_sequence_length": max_sequence_length}
+
+
 def empty_prompt_rows(pipe, dtypes: dict[str, str] | None = None) -> dict[str, np.ndarray]:
   """The empty prompt "" through the pipeline's text towers, one row per prompt key, as the official
   Diffusion-DPO trainer encodes its dropped captions (SalesforceAIResearch/DiffusionDPO train.py:

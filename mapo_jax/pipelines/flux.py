@@ -423,11 +423,13 @@ T5_XXL_CONFIG = dict(architectures=["T5EncoderModel"], model_type="t5", vocab_si
 CLIP_TOKENS = 77  # CLIPTokenizer's model_max_length in FLUX.1's tokenizer/
 
 
-def load_step_text(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None) -> Pipeline:
+def load_step_text(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None,
+                   max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> Pipeline:
   """The tokenizers and text towers of a FluxPipeline folder, for `Pipeline.step_text`; with `mesh`, T5 (nearly all
   of the text weights) is born sharded by the logical-axis rules (CLIP is placed by the caller)."""
   kwargs = dict(dtype=dtype, param_dtype=param_dtype)
-  return load_pipeline(path, TEXT_COMPONENTS, text_encoder_kwargs=kwargs, text_encoder_2_kwargs=dict(kwargs, mesh=mesh))
+  return load_pipeline(path, TEXT_COMPONENTS, text_encoder_kwargs=kwargs, text_encoder_2_kwargs=dict(kwargs, mesh=mesh),
+                       max_sequence_length=max_sequence_length)
 
 
 def abstract_step_text(path: str | os.PathLike | None = None, *, dtype=jnp.float32, param_dtype=jnp.float32):

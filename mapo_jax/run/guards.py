@@ -30,6 +30,18 @@ def check_cache_vae(manifest: dict, cache_dir: str, vae: str) -> None:
                                  "set config.vae to the VAE that encoded the cache (`encode --vae`), or re-encode")
 
 
+def check_cache_text_tokens(manifest: dict, cache_dir: str, max_sequence_length: int) -> None:
+  """ConfigError naming config.max_sequence_length unless the cache's prompts were encoded at it (`encode
+  --max_sequence_length`; 0 = the family's default): prompts at another T5 length are another conditioning, and
+  sample grids would not see what the model trained on."""
+  encoded = manifest["settings"].get("max_sequence_length", 0)
+  if encoded != max_sequence_length:
+    describe = lambda n: f"{n} T5 tokens" if n else "the family's default T5 length (0)"
+    raise config_lib.ConfigError("max_sequence_length", f"{describe(max_sequence_length)}, but {cache_dir} was "
+                                 f"encoded at {describe(encoded)}: set config.max_sequence_length to "
+                                 f"{encoded}, or re-encode with `encode --max_sequence_length {max_sequence_length}`")
+
+
 class DivergedError(RuntimeError):
   """Training diverged: too many skipped updates, or parameters unfit to export."""
 

@@ -1,20 +1,24 @@
-"""The embedded demo's assets, created locally and deterministically, without PyTorch or diffusers:
+"""The embedded demos' assets, created locally and deterministically, without PyTorch or diffusers:
 
-  pipeline/      the pretrained toy-world pipeline (mapo_jax/toy/base, mapo_jax/toy/pretrain.py: a tiny
-                 SDXL-architecture UNet, a /4 VAE, frozen random CLIP towers; 32 px), copied;
+  pipeline/      a pretrained toy-world pipeline, copied: the SDXL-architecture base (mapo_jax/toy/base: a tiny
+                 UNet, a /4 VAE, frozen random CLIP towers; 32 px) or its FLUX.1 twin (mapo_jax/toy/flux_base: a
+                 tiny FluxTransformer2DModel on the same VAE, a CLIP and a T5 tower; mapo_jax/toy/pretrain.py
+                 builds both);
   pairs.parquet  toy-world preference pairs (mapo_jax/toy/world.py) in Pick-a-Pic's columns: the preferred
                  image shows the captioned shape and colour filled, the other the same shape outlined or a
-                 wrong shape or colour; the base draws ~7 % filled shapes;
-  cache/         the pairs encoded by the pipeline's VAE and text towers (`mapo_jax.encode`'s format);
+                 wrong shape or colour; both bases draw < 10 % filled shapes;
+  cache/         the pairs encoded by the pipeline's VAE and text towers (`mapo_jax.encode`'s format; the FLUX
+                 twin's T5 at FLUX_T5_TOKENS tokens);
   unpaired/      unpaired labelled samples for Diffusion-KTO (unpaired.jsonl + PNGs): the preferred images
                  of such pairs are desirable (+1), the others undesirable (-1);
   cache_unpaired/  those samples encoded (configs/demo_kto.py trains on it).
 
-`configs/demo.py` points the trainer here; `python -m mapo_jax.train --config configs/demo.py` calls
-`ensure_assets` first, which builds whatever is missing. Each part is written under a temporary name and
-renamed when complete, so an interrupted run never leaves a half-written part behind.
+`configs/demo.py` (SDXL) and `configs/demo_flux.py` (FLUX; config.demo_base = "flux") point the trainer at such a
+folder; `python -m mapo_jax.train --config configs/demo.py` calls `ensure_assets` first, which builds whatever is
+missing. A folder holds one base: asked for the other, it is refused. Each part is written under a temporary name
+and renamed when complete, so an interrupted run never leaves a half-written part behind.
 
-`write_pipeline` writes a random pipeline of the same architecture (a /8 VAE, 64 px): toy_pretrain.py
+`write_pipeline` writes a random pipeline of the SDXL architecture (a /8 VAE, 64 px): toy_pretrain.py
 starts from its text towers, and tests use it where the weights do not matter.
 """
 from __future__ import annotations
@@ -37,12 +41,19 @@ from mapo_jax.data.cache import EncodeSettings, read_manifest, write_cache
 from mapo_jax.data.sources import ParquetSource, open_source
 from mapo_jax.encode import make_encoder
 from mapo_jax.models import AutoencoderKL, CLIPTextModel, save_text_encoder, save_unet, save_vae
-from mapo_jax.pipelines import family, load_pipeline
+from mapo_jax.pipelines import family, flux, load_pipeline
 from mapo_jax.run.workdir import remove_stale_temporaries
 from mapo_jax.models.presets import MICRO_SDXL_UNET
 from mapo_jax.models.unet import UNet2DConditionModel
 
 BASE = Path(__file__).resolve().parent / "base"  # the pretrained toy base that ships (mapo_jax/toy/pretrain.py builds it)
+# Its FLUX.1 twin (`python -m mapo_jax.toy.pretrain --family flux`), a FluxPipeline on the same world.
+FLUX_BASE = Path(__file__).resolve().parent / "flux_base"
+# The twin's T5 length: FluxPipeline's max_sequence_length (512 by default there; BFL's CLI uses 256 for schnell). The
+# toy's captions take 4 T5 tokens with the closing </s>; at 512 the transformer would spend ~97 % of its work on
+# padding, a training step ~70x slower on 2 CPU cores. Everything that encodes the twin's prompts uses it.
+FLUX_T5_TOKENS = 8
+BASES = {"sdxl": BASE, "flux": FLUX_BASE}
 RESOLUTION = 64  # the random pipeline's
 NUM_PAIRS = 512
 # The UNet's cross_attention_dim (24) = tower 1 width (8) + tower 2 width (16); the pooled embedding (16)
@@ -73,7 +84,8 @@ TEXT_ENCODER_2 = {**_CLIP, "architectures": ["CLIPTextModelWithProjection"], "hi
 TOY_SIZE = 32  # px: the pretrained toy pipeline's (mapo_jax/toy_pretrain.SIZE)
 
 
-def _tokenizer_files(folder: Path, pad_token: str) -> None:
+def clip_tokenizer_files(folder: Path, pad_token: str) -> None:
+  """A CLIPTokenizer folder over the hand-made vocabulary above."""
   folder.mkdir(parents=True)
   (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(_VOCAB)}))
   (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(_MERGES) + "\n")
@@ -106,6 +118,12 @@ def random_model(build, seed: int):
   return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
 
 
+def load_toy(folder: str | os.PathLike, components=None):
+  """`load_pipeline` for a toy pipeline folder of either family: the FLUX twin's prompts at FLUX_T5_TOKENS."""
+  kwargs = {"max_sequence_length": FLUX_T5_TOKENS} if family(folder) is flux else {}
+  return load_pipeline(folder, components, **kwargs)
+
+
 def write_pipeline(out: Path, seed: int = 0, *, unet: UNet2DConditionModel | None = None,
                    vae: AutoencoderKL | None = None, dtype: str | None = None,
                    force_zeros_for_empty_prompt: bool = True) -> None:
@@ -121,8 +139,8 @@ def write_pipeline(out: Path, seed: int = 0, *, unet: UNet2DConditionModel | Non
                     out / "text_encoder", dtype=dtype)
   save_text_encoder(random_model(lambda: CLIPTextModel(TEXT_ENCODER_2, rngs=nnx.Rngs(0)), seed + 3),
                     out / "text_encoder_2", dtype=dtype)
-  _tokenizer_files(out / "tokenizer", pad_token="<|endoftext|>")
-  _tokenizer_files(out / "tokenizer_2", pad_token="!")  # SDXL's second tokenizer pads with "!"
+  clip_tokenizer_files(out / "tokenizer", pad_token="<|endoftext|>")
+  clip_tokenizer_files(out / "tokenizer_2", pad_token="!")  # SDXL's second tokenizer pads with "!"
   (out / "scheduler").mkdir()
   (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
   (out / "model_index.json").write_text(json.dumps({
@@ -172,8 +190,15 @@ def write_unpaired(out: Path, num_samples: int = 2 * NUM_PAIRS, seed: int = 1) -
               + "\n")
 
 
-def copy_toy_pipeline(out: Path) -> None:
-  shutil.copytree(BASE, out, ignore=shutil.ignore_patterns("samples.png", "metrics.json", "README.md"))
+def copy_toy_pipeline(out: Path, base: Path = BASE) -> None:
+  shutil.copytree(base, out, ignore=shutil.ignore_patterns("samples.png", "metrics.json", "README.md"))
+
+
+def held_base(folder: Path) -> str | None:
+  """Which toy base (a BASES key) the assets folder's pipeline/ holds; None before it exists."""
+  if not (folder / "pipeline" / "model_index.json").is_file():
+    return None
+  return "flux" if family(folder / "pipeline") is flux else "sdxl"
 
 
 def _build(final: Path, write) -> None:
@@ -192,22 +217,28 @@ def _build(final: Path, write) -> None:
     shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
-def ensure_assets(folder: str | os.PathLike) -> dict[str, Path]:
+def ensure_assets(folder: str | os.PathLike, base: str = "sdxl") -> dict[str, Path]:
   """Creates whatever of pipeline/, pairs.parquet, cache/, unpaired/ and cache_unpaired/ is missing;
-  returns their paths."""
+  returns their paths. `base`: "sdxl" or "flux", the toy base (BASES) the folder holds; a folder whose
+  pipeline/ holds the other one is refused."""
   folder = Path(folder).expanduser()
+  if base not in BASES:
+    raise ValueError(f"base={base!r}; expected one of {sorted(BASES)}")
+  if (held := held_base(folder)) not in (None, base):
+    raise ValueError(f"{folder}/pipeline holds the {held} toy base, not {base}: choose another assets folder")
   folder.mkdir(parents=True, exist_ok=True)
   remove_stale_temporaries(folder)
   paths = {"pipeline": folder / "pipeline", "pairs": folder / "pairs.parquet", "cache": folder / "cache",
            "unpaired": folder / "unpaired", "cache_unpaired": folder / "cache_unpaired"}
-  _build(paths["pipeline"], copy_toy_pipeline)
+  _build(paths["pipeline"], lambda out: copy_toy_pipeline(out, BASES[base]))
   _build(paths["pairs"], write_pairs)
   _build(paths["unpaired"], write_unpaired)
 
   def encoder(source):
     def encode(tmp: Path) -> None:
-      pipe = load_pipeline(paths["pipeline"], components=family(paths["pipeline"]).FROZEN)
-      write_cache(source, tmp, make_encoder(pipe), EncodeSettings(resolution=TOY_SIZE),
+      pipe = load_toy(paths["pipeline"], components=family(paths["pipeline"]).FROZEN)
+      tokens = FLUX_T5_TOKENS if base == "flux" else 0
+      write_cache(source, tmp, make_encoder(pipe), EncodeSettings(resolution=TOY_SIZE, max_sequence_length=tokens),
                   pipeline=str(paths["pipeline"]), batch_size=128, process_index=0, process_count=1)
     return encode
 

@@ -1,8 +1,8 @@
-"""Preference training in the toy world (mapo_jax/toy/world.py) from the pretrained, biased base
-(mapo_jax/toy/base/, mapo_jax/toy/pretrain.py), with the trainer's own step (mapo_jax/training/train_step.py), fast
+"""Preference training in the toy world (mapo_jax/toy/world.py) from a pretrained, biased base (the SDXL-layout
+mapo_jax/toy/base/ or its FLUX.1 twin mapo_jax/toy/flux_base/; mapo_jax/toy/pretrain.py), with the trainer's own step (mapo_jax/training/train_step.py), fast
 enough to run every objective many times (bench/reference_mismatch.py, tests/test_toy_preference.py):
 
-    aligner = Aligner(load_pipeline(demo.BASE))
+    aligner = Aligner(demo.load_toy(demo.BASE))      # or demo.load_toy(demo.FLUX_BASE)
     run = aligner.run("mapo", preferred="filled", lr=1e-4, steps=100, seed=0)
     run.curve    # [{"step", "caption_accuracy", "filled_rate", "outlined_rate"}, ...] on fixed sampling seeds
 
@@ -29,7 +29,7 @@ from mapo_jax.training import objectives
 from mapo_jax.toy import world as toy_world
 from mapo_jax.training import train_step
 from mapo_jax.toy import pretrain as tp
-from mapo_jax.pipelines import empty_prompt_rows, sd
+from mapo_jax.pipelines import empty_prompt_rows, family
 
 NUM_PAIRS = 2048
 WARMUP_STEPS = 10
@@ -68,9 +68,13 @@ class Aligner:
     names = tp.all_captions()
     self.names = names
     self.cond = {k: np.asarray(v) for k, v in jax.device_get(pipe.encode_prompts(names)).items()}
-    self.graphdef, params, self.rest = nnx.split(pipe.unet, nnx.Param, ...)
+    self.graphdef, params, self.rest = nnx.split(pipe.denoiser, nnx.Param, ...)
     self.base = jax.tree.map(np.array, params)  # a copy: steps donate their state
-    self.reference = jax.tree.map(np.asarray, nnx.state(pipe.unet))
+    self.reference = jax.tree.map(np.asarray, nnx.state(pipe.denoiser))
+    # The FLUX twin trains at the embedded guidance it was pretrained at; SDXL's fixed micro-conditioning rows.
+    self.guidance = tp.FLUX_TRAIN_GUIDANCE if tp.is_flux(pipe) else None
+    time_ids = getattr(family(pipe.path), "time_ids", None)
+    self.extra = {"time_ids": time_ids(tp.SIZE, tp.SIZE, batch)} if time_ids else {}
     # Adam, a linear warm-up over WARMUP_STEPS, then the learning rate (a state entry: one compile for all).
     warmup = optax.linear_schedule(1 / WARMUP_STEPS, 1.0, WARMUP_STEPS - 1)
     self.tx = optax.chain(optax.scale_by_adam(), optax.scale_by_schedule(warmup),
@@ -84,8 +88,7 @@ class Aligner:
       which = np.array([self.names.index(c) for c in captions])
       self._data[key] = {"moments_w": tp.encode_world(self.pipe.vae, wins),
                          "moments_l": tp.encode_world(self.pipe.vae, loses),
-                         "prompt_embeds": self.cond["prompt_embeds"][which],
-                         "pooled_prompt_embeds": self.cond["pooled_prompt_embeds"][which],
+                         **{k: v[which] for k, v in self.cond.items()},
                          "score_w": scores[:, 0], "score_l": scores[:, 1]}
     return self._data[key]
 
@@ -95,8 +98,8 @@ class Aligner:
     if key not in self._steps:
       spec = objectives.get_objective(objective)
       cfg = train_step.StepConfig(objective, spec.hparams(hparams, num_timesteps=self.pipe.schedule.num_train_timesteps),
-                                  self.pipe.latents, empty_prompt_prob=tp.EMPTY_PROMPT_PROB)
-      step = train_step.make_train_step(self.pipe.denoise, self.graphdef, nnx.graphdef(self.pipe.unet), self.tx,
+                                  self.pipe.latents, empty_prompt_prob=tp.EMPTY_PROMPT_PROB, guidance=self.guidance)
+      step = train_step.make_train_step(self.pipe.denoise, self.graphdef, nnx.graphdef(self.pipe.denoiser), self.tx,
                                         self.pipe.schedule, cfg)
       self._steps[key] = jax.jit(step, donate_argnums=0)
     return self._steps[key]
@@ -112,7 +115,6 @@ class Aligner:
     state.opt_state[-1].hyperparams["step_size"] = jnp.asarray(-lr, jnp.float32)  # descend
     reference = self.reference if objectives.needs_reference(objective) else None
     frozen = train_step.Frozen(policy=self.rest, reference=reference, empty_prompt=empty_prompt_rows(self.pipe))
-    time_ids = sd.time_ids(tp.SIZE, tp.SIZE, self.batch)
     rpo = objective == "rpo"
     curve, images = [], {}
 
@@ -128,7 +130,7 @@ class Aligner:
     for i in range(1, steps + 1):
       idx = rng.integers(0, self.num_pairs, self.batch)
       batch = {k: v[idx] for k, v in data.items()}
-      batch["time_ids"] = time_ids
+      batch.update(self.extra)
       if rpo:  # RPO's per-pair embedding: the caption's pooled text embedding (config.data.rpo_embedding)
         batch[train_step.EMBEDDING_KEY] = batch["pooled_prompt_embeds"]
       state, _ = step_fn(state, batch, frozen)
