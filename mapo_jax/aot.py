@@ -415,11 +415,13 @@ def step_text(model: Model, config, mesh, text: str = "auto"):
       raise ValueError(f"--text ids: {model.name} does not encode prompts in the train step")
     return None
   dtype = jnp.dtype(config.dtype)
-  towers, encode, tokens = family.abstract_step_text(model.folder, dtype=dtype, param_dtype=dtype)
+  towers, encode, tokens = family.abstract_step_text(model.folder, dtype=dtype, param_dtype=dtype,
+                                                     **text_length(config, family))
   graphdef, state = nnx.split(towers)
   ids = {name: jax.ShapeDtypeStruct((1, n), jnp.int32) for name, n in tokens.items()}
   given = jax.eval_shape(lambda s, i: encode(nnx.merge(graphdef, s), i), state, ids)
-  taken = family.abstract_batch(model.denoiser_config, config.resolution, 1, mesh, vae_downsample=model.vae_downsample)
+  taken = family.abstract_batch(model.denoiser_config, config.resolution, 1, mesh, vae_downsample=model.vae_downsample,
+                                **text_length(config, family))
   if any(given[k].shape != taken[k].shape for k in PROMPT_EMBED_KEYS):
     if text == "ids":
       raise ValueError(f"--text ids: the text towers give {({k: given[k].shape for k in PROMPT_EMBED_KEYS})}, but "
@@ -467,11 +469,23 @@ def build_target(config, topology: str, model_name: str | None = None, *, config
     empty_prompt = {TEXT_IDS_PREFIX + k: jax.ShapeDtypeStruct((n,), jnp.int32) for k, n in towers[2].items()}
   elif config.data.empty_prompt_prob > 0:  # the empty prompt's rows, shaped like one pair's prompt keys
     one = family.abstract_batch(model.denoiser_config, config.resolution, 1, mesh,
-                                vae_downsample=model.vae_downsample)
+                                vae_downsample=model.vae_downsample, **text_length(config, family))
     empty_prompt = {k: jax.ShapeDtypeStruct(one[k].shape[1:], one[k].dtype) for k in family.PROMPT_KEYS}
   built = build(config, family, abstract, reference, model.schedule, model.latents, mesh, empty_prompt,
                 text=None if towers is None else towers[:2])
   return Target(built, mesh, slc, model, options["attention"], None if towers is None else towers[2])
+
+
+def text_length(config, family) -> dict[str, int]:
+  """The T5 length the run encodes prompts at (config.max_sequence_length; 0: the family's default), as the
+  families' abstract_batch / abstract_step_text take it; ConfigError for a family without T5."""
+  if not config.max_sequence_length:
+    return {}
+  if not hasattr(family, "MAX_SEQUENCE_LENGTH"):
+    from mapo_jax.config import ConfigError
+    raise ConfigError("max_sequence_length", f"{config.max_sequence_length}: {family.__name__.rsplit('.', 1)[-1]} "
+                      "pipelines have no T5 tokens (0 for them)")
+  return {"max_sequence_length": config.max_sequence_length}
 
 
 def abstract_batch(target: Target, config, global_batch_size: int) -> dict:
@@ -484,7 +498,8 @@ def abstract_batch(target: Target, config, global_batch_size: int) -> dict:
   from mapo_jax.training import objectives
   model = target.model
   batch = model.family.abstract_batch(model.denoiser_config, config.resolution, global_batch_size, target.mesh,
-                                      config.data.rpo_embedding, vae_downsample=model.vae_downsample)
+                                      config.data.rpo_embedding, vae_downsample=model.vae_downsample,
+                                      **text_length(config, model.family))
   if target.text_tokens:
     for key in PROMPT_EMBED_KEYS:
       del batch[key]

@@ -268,3 +268,22 @@ def test_xla_attention_keeps_each_chips_batch_shard():
   heads = aot.resolve_model("tiny_flux", config, None).denoiser_config["num_attention_heads"]
   tokens = (512 // 16) ** 2 + 512  # image tokens (2x2 patches of /8 latents) + FLUX.1-dev's 512 T5 tokens
   assert report.temp_bytes <= 2 * heads * tokens ** 2 * 4, report.temp_bytes
+
+
+@pytest.mark.parametrize("preset,t5_tower", [("tiny_flux", "text_encoder_2"), ("tiny_sd35", "text_encoder_3")])
+def test_the_compiled_batch_holds_config_max_sequence_length_t5_tokens(preset, t5_tower):
+  """aot compiles the step the trainer runs: prompt embeddings (a tiny preset's towers are not its width, so the
+  embeddings design) and the published towers' T5 ids at config.max_sequence_length, not at the family's default;
+  an SD pipeline refuses a T5 length naming the key."""
+  from mapo_jax import config as config_lib
+  config = config_lib.base_config()
+  config.resolution, config.global_batch_size, config.accum_steps, config.max_sequence_length = 64, 4, 1, 24
+  target = aot.build_target(config, "v5p-8", preset)
+  family = target.model.family
+  got = aot.abstract_batch(target, config, 4)["prompt_embeds"].shape
+  default = family.abstract_batch(target.model.denoiser_config, 64, 4, target.mesh)["prompt_embeds"].shape
+  assert default[1] - got[1] == family.MAX_SEQUENCE_LENGTH - 24 and got[0] == 4
+  _, _, tokens = family.abstract_step_text(None, **aot.text_length(config, family))
+  assert tokens[t5_tower] == 24
+  with pytest.raises(config_lib.ConfigError, match="^config.max_sequence_length: 24: sd pipelines have no T5"):
+    aot.text_length(config, sd)

@@ -10,15 +10,11 @@ Everything else is configs/demo.py's (batch, steps, learning rate, float32), so 
 matching: sigma drawn uniformly, no loss weighting (train_dreambooth_lora_flux.py's defaults), the embedded guidance
 3.5 in training and sampling, as the twin was pretrained.
 """
-import importlib.util
 import os
 import tempfile
 
+from mapo_jax.configs import demo
 from mapo_jax.toy.demo import FLUX_T5_TOKENS
-
-_spec = importlib.util.spec_from_file_location("demo_config", os.path.join(os.path.dirname(__file__), "demo.py"))
-demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(demo)
 
 
 def get_config():

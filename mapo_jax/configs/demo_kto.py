@@ -3,12 +3,7 @@ each desirable or not), against the frozen initial model as reference.
 
     python -m mapo_jax.train --config configs/demo_kto.py --workdir /tmp/mapo_demo_kto
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("demo_config", os.path.join(os.path.dirname(__file__), "demo.py"))
-demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(demo)
+from mapo_jax.configs import demo
 
 
 def get_config():

@@ -195,17 +195,17 @@ def preset_latents(denoiser_config: Mapping[str, Any]) -> Latents:
 
 def abstract_batch(denoiser_config: Mapping[str, Any], resolution: int, pairs: int, mesh,
                    rpo_embedding: str = "pooled", vae_downsample: int = VAE_DOWNSAMPLE,
-                   text_tokens: int = MAX_SEQUENCE_LENGTH) -> dict[str, jax.ShapeDtypeStruct]:
+                   max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> dict[str, jax.ShapeDtypeStruct]:
   """A training batch of `pairs` as ShapeDtypeStructs sharded over the batch axes, with the keys, shapes and
   dtypes (float32, the loader's cast) of data/cache.py batches: VAE moments [mean, logvar] of 2 x latent
-  channels (32 for FLUX.1), T5 prompt embeddings (text_tokens, joint_attention_dim), the CLIP pooled embedding
+  channels (32 for FLUX.1), T5 prompt embeddings (max_sequence_length, joint_attention_dim), the CLIP pooled embedding
   (pooled_projection_dim), the six time ids every cache holds (unused by FLUX) and rpo_emb (the pooled embedding,
   or the prompt embeddings' mean)."""
   cfg = check_denoiser_config(denoiser_config)
   side = resolution // vae_downsample
   moments = (pairs, side, side, 2 * cfg.in_channels // (PATCH * PATCH))
   shapes = {"moments_w": moments, "moments_l": moments,
-            "prompt_embeds": (pairs, text_tokens, cfg.joint_attention_dim),
+            "prompt_embeds": (pairs, max_sequence_length, cfg.joint_attention_dim),
             "pooled_prompt_embeds": (pairs, cfg.pooled_projection_dim), "time_ids": (pairs, 6),
             "rpo_emb": (pairs, cfg.pooled_projection_dim if rpo_embedding == "pooled" else cfg.joint_attention_dim)}
   batch_sharding = sharding.batch_sharding(mesh)
@@ -432,7 +432,8 @@ def load_step_text(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jn
                        max_sequence_length=max_sequence_length)
 
 
-def abstract_step_text(path: str | os.PathLike | None = None, *, dtype=jnp.float32, param_dtype=jnp.float32):
+def abstract_step_text(path: str | os.PathLike | None = None, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                       max_sequence_length: int = MAX_SEQUENCE_LENGTH):
   """(towers, encode, tokens) as `step_text` gives them, shapes only (aot): the towers of a pipeline folder's
   text_encoder*/config.json, or of FLUX.1's published configs (path None); tokens: each tower's id count."""
   configs = ((CLIP_L_CONFIG, T5_XXL_CONFIG) if path is None else
@@ -440,7 +441,7 @@ def abstract_step_text(path: str | os.PathLike | None = None, *, dtype=jnp.float
   options = Options(dtype=dtype, param_dtype=param_dtype)
   towers = nnx.eval_shape(lambda: (CLIPTextModel(configs[0], options=options, rngs=nnx.Rngs(0)),
                                    T5EncoderModel(configs[1], options=options, rngs=nnx.Rngs(0))))
-  return towers, encode_ids, {"text_encoder": CLIP_TOKENS, "text_encoder_2": MAX_SEQUENCE_LENGTH}
+  return towers, encode_ids, {"text_encoder": CLIP_TOKENS, "text_encoder_2": max_sequence_length}
 
 
 def encode_prompts(pipeline: Pipeline, captions: Sequence[str]) -> dict[str, jax.Array]:

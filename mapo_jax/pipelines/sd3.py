@@ -371,7 +371,8 @@ def load_step_text(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jn
                        max_sequence_length=max_sequence_length)
 
 
-def abstract_step_text(path: str | os.PathLike | None = None, *, dtype=jnp.float32, param_dtype=jnp.float32):
+def abstract_step_text(path: str | os.PathLike | None = None, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                       max_sequence_length: int = MAX_SEQUENCE_LENGTH):
   """(towers, encode, tokens) as `step_text` gives them, shapes only (aot): the towers of a pipeline folder's
   config.json files (T5 when its model_index has it), or SD3.5's published configs (path None); tokens: each
   tower's id count (77 for both CLIP towers, max_sequence_length for T5)."""
@@ -384,8 +385,8 @@ def abstract_step_text(path: str | os.PathLike | None = None, *, dtype=jnp.float
   build = lambda name: (T5EncoderModel if name == T5_TOWER else CLIPTextModel)(configs[name], options=options,
                                                                                rngs=nnx.Rngs(0))
   towers = nnx.eval_shape(lambda: tuple(build(name) for name in configs))
-  tokens = {name: MAX_SEQUENCE_LENGTH if name == T5_TOWER else TEXT_TOKENS for name in configs}
-  return towers, functools.partial(encode_ids, width=width, t5_tokens=MAX_SEQUENCE_LENGTH), tokens
+  tokens = {name: max_sequence_length if name == T5_TOWER else TEXT_TOKENS for name in configs}
+  return towers, functools.partial(encode_ids, width=width, t5_tokens=max_sequence_length), tokens
 
 
 def encode_prompts(pipeline: Pipeline, captions: Sequence[str]) -> dict[str, jax.Array]:

@@ -61,8 +61,7 @@ from mapo_jax.models.flux import FluxTransformer2DModel, save_flux_transformer
 from mapo_jax.models.presets import MICRO_SDXL_UNET
 from mapo_jax.models.t5 import T5EncoderModel, save_t5_encoder
 from mapo_jax.models.unet import UNet2DConditionModel
-from mapo_jax.pipelines import empty_prompt_rows, flux, load_pipeline, sd
-from mapo_jax.pipelines.sd import FROZEN
+from mapo_jax.pipelines import empty_prompt_rows, family, flux, sd
 from mapo_jax.sampling import generate_images, make_grid
 
 SIZE = 32  # px: small enough to pretrain on 2 CPU cores; the judge reads 32 px drawings (tests/test_toy_world.py)
@@ -298,20 +297,29 @@ def build(out: Path, *, vae_steps: int, unet_steps: int, batch: int, seed: int =
              "vae_train_seconds": round(time.time() - start), "reconstruction_accuracy": reconstruction_accuracy(vae)}
   log(f"reconstruction judge accuracy {metrics['reconstruction_accuracy']}")
   vae = with_scaling_factor(vae, latent_scale(vae))
+  placeholder = random_model(lambda: UNet2DConditionModel(UNET, rngs=nnx.Rngs(0)), seed)
+  # The sampler's unconditional branch encodes "" (force_zeros off): what empty_prompt_prob trained on.
+  write = lambda tmp: write_pipeline(tmp, seed, unet=placeholder, vae=vae, dtype="fp16",
+                                     force_zeros_for_empty_prompt=False)
+  train = lambda pipe: train_unet(pipe, unet_steps, batch, seed, log=log)
+  return _ship(out, write, train, save_unet, metrics, "unet_train_seconds", log)
+
+
+def _ship(out: Path, write, train, save, metrics: dict, seconds_key: str, log) -> dict:
+  """Writes the pipeline (`write(folder)`) under a temporary name, trains its denoiser on what the written fp16 VAE
+  and text towers produce (`train(pipe)`, read back from the folder), saves it in fp16 (`save`), measures, renames
+  the folder to `out`; returns the metrics."""
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
-  # The UNet trains on what the shipped fp16 VAE and text towers produce: written first, read back.
-  placeholder = random_model(lambda: UNet2DConditionModel(UNET, rngs=nnx.Rngs(0)), seed)
-  # The sampler's unconditional branch encodes "" (force_zeros off): what empty_prompt_prob trained on.
-  write_pipeline(tmp, seed, unet=placeholder, vae=vae, dtype="fp16", force_zeros_for_empty_prompt=False)
-  pipe = load_pipeline(tmp, components=FROZEN + ("scheduler",))
+  write(tmp)
+  family_module = family(tmp)
+  pipe = load_toy(tmp, family_module.FROZEN + ("scheduler",))
   start = time.time()
-  unet = train_unet(pipe, unet_steps, batch, seed, log=log)
-  metrics["unet_train_seconds"] = round(time.time() - start)
-  shutil.rmtree(tmp / "unet")
-  save_unet(unet, tmp / "unet", dtype="fp16")
-
+  model = train(pipe)
+  metrics[seconds_key] = round(time.time() - start)
+  shutil.rmtree(tmp / family_module.DENOISER)
+  save(model, tmp / family_module.DENOISER, dtype="fp16")
   measure(tmp, metrics, log=log)
   os.replace(tmp, out)
   return metrics
@@ -380,21 +388,10 @@ def build_flux(out: Path, *, steps: int, batch: int, seed: int = 0, lr: float = 
   vae = with_vae_config(vae, shift_factor=shift, scaling_factor=scale)
   metrics = {"family": "flux", "steps": steps, "batch": batch, "lr": lr, "seed": seed, "t5_tokens": FLUX_T5_TOKENS,
              "train_guidance": FLUX_TRAIN_GUIDANCE, "vae_shift_factor": shift, "vae_scaling_factor": scale}
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-  shutil.rmtree(tmp, ignore_errors=True)
-  # The transformer trains on what the shipped fp16 VAE and towers produce: written first, read back.
-  write_flux_pipeline(tmp, seed, transformer=random_flux_transformer(seed), vae=vae)
-  pipe = load_toy(tmp, flux.FROZEN + ("scheduler",))
-  start = time.time()
-  transformer = train_denoiser(pipe, random_flux_transformer(seed), steps, batch, seed, lr,
-                               guidance=FLUX_TRAIN_GUIDANCE, log=log)
-  metrics["train_seconds"] = round(time.time() - start)
-  shutil.rmtree(tmp / "transformer")
-  save_flux_transformer(transformer, tmp / "transformer", dtype="fp16")
-  measure(tmp, metrics, log=log)
-  os.replace(tmp, out)
-  return metrics
+  write = lambda tmp: write_flux_pipeline(tmp, seed, transformer=random_flux_transformer(seed), vae=vae)
+  train = lambda pipe: train_denoiser(pipe, random_flux_transformer(seed), steps, batch, seed, lr,
+                                      guidance=FLUX_TRAIN_GUIDANCE, log=log)
+  return _ship(out, write, train, save_flux_transformer, metrics, "train_seconds", log)
 
 
 def measure(folder: Path, metrics: dict, log=print) -> None:
