@@ -18,4 +18,10 @@ case "$where" in "$work/venv/"*) ;; *) echo "the wheel's mapo_jax is not the one
 "$work/venv/bin/python" -m mapo_jax.generate --model "$work/run" --prompt "a red circle" --out "$work/images" \
     --steps 2 --guidance 3
 test -f "$work/images/0000.png" && test -f "$work/run/export/model_index.json"
-echo "wheel check: installed $(basename "$work"/dist/mapo_jax-*.whl), trained the demo by recipe name and sampled it"
+# The FLUX.1 twin's demo: its base (mapo_jax/toy/flux_base) ships in the wheel too.
+"$work/venv/bin/python" -m mapo_jax.train --config demo_flux --workdir "$work/run_flux" --config.steps=2 \
+    --config.demo_assets="$work/assets_flux" --config.compile_cache= --config.judge_every=2
+"$work/venv/bin/python" -m mapo_jax.generate --model "$work/run_flux" --prompt "a red circle" --out "$work/images_flux" \
+    --steps 2 --max-sequence-length 8
+test -f "$work/images_flux/0000.png" && test -f "$work/run_flux/export/transformer/config.json"
+echo "wheel check: installed $(basename "$work"/dist/mapo_jax-*.whl), trained both demos by recipe name and sampled them"

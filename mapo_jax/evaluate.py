@@ -97,7 +97,7 @@ def summarize(scores: dict[str, dict[str, np.ndarray]], categories: list[str] | 
 
 
 def sample(model: str, prompts: list[str], args: argparse.Namespace, lora: str | None = None) -> np.ndarray:
-  pipe = generate.load_model(model, lora)
+  pipe = generate.load_model(model, lora, max_sequence_length=args.max_sequence_length)
   negatives = None if args.negative_prompt is None else [args.negative_prompt] * len(prompts)
   images, _ = sampling.generate_images(
       pipe, prompts, negative_prompts=negatives, steps=args.steps, guidance=args.guidance, seed=args.seed,
@@ -179,8 +179,7 @@ def main(args: argparse.Namespace) -> None:
     del reward
 
   settings = {k: getattr(args, k) for k in ("model_a", "model_b", "lora_b", "rewards", "prompts", "seed", "steps",
-                                            "guidance",
-                                            "negative_prompt", "sampler")}
+                                            "guidance", "negative_prompt", "sampler", "max_sequence_length")}
   settings |= {"height": int(images["a"].shape[1]), "width": int(images["a"].shape[2]),
                "bootstrap_samples": BOOTSTRAP_SAMPLES, "bootstrap_seed": BOOTSTRAP_SEED}
   summary = summarize(scores, prompt_set.categories)

@@ -34,7 +34,7 @@ from PIL import Image
 
 from mapo_jax.training import lora as lora_lib
 from mapo_jax import cli, sampling
-from mapo_jax.pipelines import load_pipeline
+from mapo_jax.pipelines import load_pipeline, text_options
 
 
 def resolve_pipeline(path: str | os.PathLike) -> Path:
@@ -52,10 +52,17 @@ def resolve_pipeline(path: str | os.PathLike) -> Path:
       "`python -m mapo_jax.export`, which writes the pipeline to WORKDIR/export/.")
 
 
-def load_model(model: str | os.PathLike, lora: str | os.PathLike | None = None, lora_scale: float = 1.0):
+def load_model(model: str | os.PathLike, lora: str | os.PathLike | None = None, lora_scale: float = 1.0,
+               max_sequence_length: int = 0):
   """The pipeline `model` names (`resolve_pipeline`), with the LoRA file `lora` on its UNet at weight
-  `lora_scale`: the one way generate and evaluate load what they sample."""
-  pipe = load_pipeline(resolve_pipeline(model))
+  `lora_scale`, its prompts at `max_sequence_length` T5 tokens (0: the family's default): the one way generate,
+  evaluate and make_pairs load what they sample."""
+  folder = resolve_pipeline(model)
+  try:
+    options = text_options(folder, max_sequence_length)
+  except ValueError as e:
+    raise ValueError(f"--max-sequence-length {max_sequence_length}: {e}") from None
+  pipe = load_pipeline(folder, **options)
   if lora is not None:
     lora_lib.load_into(pipe.denoiser, lora, scale=lora_scale)
   return pipe
@@ -103,6 +110,9 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--sampler", default="euler", choices=sampling.SAMPLERS, help="Euler discrete or DDIM (eta 0)")
   p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=8,
                  help="prompts per sampler call (the last batch is padded)")
+  p.add_argument("--max-sequence-length", "--max_sequence_length", dest="max_sequence_length", type=int, default=0,
+                 help="FLUX / SD3 only: T5 tokens per prompt, as the pipelines' max_sequence_length (default 0: the "
+                 "family's, 512 FLUX and 256 SD3); a model trained at another length samples best at that one")
 
 
 def parse_flags(argv: list[str]) -> argparse.Namespace:
@@ -127,7 +137,7 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> None:
   prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
   model = resolve_pipeline(args.model)
-  pipe = load_model(model, args.lora, args.lora_scale)
+  pipe = load_model(model, args.lora, args.lora_scale, args.max_sequence_length)
   init = None if args.init_latents is None else np.load(args.init_latents)
   negatives = None if args.negative_prompt is None else [args.negative_prompt] * len(prompts)
   images, latents = sampling.generate_images(
@@ -139,7 +149,7 @@ def main(args: argparse.Namespace) -> None:
   if args.output_latents:
     np.save(args.output_latents, latents)
   settings = {k: getattr(args, k) for k in ("steps", "guidance", "true_cfg", "seed", "negative_prompt", "sampler",
-                                            "init_latents", "lora", "lora_scale")}
+                                            "init_latents", "lora", "lora_scale", "max_sequence_length")}
   metadata = {"model": str(model), **settings, "height": int(images.shape[1]), "width": int(images.shape[2]),
               "images": [{"file": name, "prompt": prompt} for name, prompt in zip(names, prompts)]}
   (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")

@@ -42,7 +42,6 @@ from PIL import Image
 
 from mapo_jax import cli, generate, rewards, sampling
 from mapo_jax.rewards import scoring
-from mapo_jax.pipelines import load_pipeline
 from mapo_jax.rewards.prompts import FORMATS, read_prompt_set
 
 PAIRINGS = ("best-worst", "all", "curriculum")
@@ -148,6 +147,8 @@ def main(args: argparse.Namespace) -> None:
   settings = {key: getattr(args, key) for key in SETTINGS} | {  # absolute: a re-run may start elsewhere
       "model": str(model.resolve()), "prompts": str(Path(args.prompts).resolve()),
       "reward": f"{kind}={Path(reward_path).resolve()}"}
+  if args.max_sequence_length:  # recorded only when set: earlier outputs keep their settings
+    settings["max_sequence_length"] = args.max_sequence_length
   writer = jax.process_index() == 0
   if writer:
     check_settings(out, settings)
@@ -160,7 +161,7 @@ def main(args: argparse.Namespace) -> None:
   logging.info("%d of %d prompts done; sampling %d images for each of the %d left", len(done), len(prompts), k,
                len(todo))
   if todo:
-    pipe = load_pipeline(model)
+    pipe = generate.load_model(model, max_sequence_length=args.max_sequence_length)
     f = pipe.vae_scale_factor
     height, width = args.height or sampling.default_size(pipe)[0], args.width or sampling.default_size(pipe)[1]
     if height % f or width % f:

@@ -49,7 +49,7 @@ from mapo_jax.encode import make_encoder
 from mapo_jax.export import export_denoiser, export_lora, run_card
 from mapo_jax.run import workdir as workdir_lib
 from mapo_jax.run.checkpoint import (CHECKPOINTS, CheckpointSaveError, Checkpointer, NoGoodCheckpointError, abstract_like,
-                                     release_freed_memory)
+                                     limit_heap_arenas, release_freed_memory)
 from mapo_jax.run.guards import (DivergedError, check_cache_text_tokens, check_cache_vae, check_exportable, check_skipped,
                                  global_norm)
 from mapo_jax.run.metrics import MetricsWriter
@@ -565,6 +565,7 @@ def export(run: Run, built: Built, state, first_step: int, initial_norm: float, 
 
 def main(argv) -> None:
   del argv
+  limit_heap_arenas()  # a long run's resident memory stays flat (run/checkpoint.py says why)
   if _PRINT_CONFIG.value:
     print("\n".join(f"config.{k} = {v!r}" for k, v in config_lib.flatten(_CONFIG.value).items()))
     return

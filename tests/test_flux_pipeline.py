@@ -119,7 +119,8 @@ def test_packing_ids_and_prompts_match_diffusers(folders, pipes):
 
 def test_generate_cli_round_trip(folders, tmp_path):
   """python -m mapo_jax.generate (its main, in this process) with --init-latents / --output-latents: 16-channel
-  NHWC latents in and out, the same as sampling.generate_images, images at the latents' size."""
+  NHWC latents in and out, the same as sampling.generate_images, images at the latents' size; prompts at
+  --max-sequence-length T5 tokens, as the pipeline loaded with that max_sequence_length encodes them."""
   path = folders["dev"][0]
   init = noise(2)
   np.save(tmp_path / "noise.npy", init)
@@ -127,14 +128,16 @@ def test_generate_cli_round_trip(folders, tmp_path):
   args = generate.parse_flags(["generate", "--model", str(path), "--prompts", str(tmp_path / "prompts.txt"),
                                "--out", str(tmp_path / "out"), "--steps", str(STEPS), "--guidance", "4",
                                "--init-latents", str(tmp_path / "noise.npy"),
-                               "--output-latents", str(tmp_path / "latents.npy")])
+                               "--output-latents", str(tmp_path / "latents.npy"), "--max-sequence-length", "16"])
   generate.main(args)
   latents = np.load(tmp_path / "latents.npy")
-  _, want = sampling.generate_images(load_pipeline(path), PROMPTS, steps=STEPS, guidance=4.0, init_latents=init)
+  _, want = sampling.generate_images(load_pipeline(path, max_sequence_length=16), PROMPTS, steps=STEPS, guidance=4.0,
+                                     init_latents=init)
   assert latents.shape == (len(PROMPTS), HEIGHT // 8, WIDTH // 8, 16)
   np.testing.assert_allclose(latents, want, rtol=1e-6, atol=1e-6)
   assert Image.open(tmp_path / "out" / "0007.png").size == (WIDTH, HEIGHT)
-  assert json.loads((tmp_path / "out" / "metadata.json").read_text())["images"][3]["prompt"] == PROMPTS[3]
+  metadata = json.loads((tmp_path / "out" / "metadata.json").read_text())
+  assert metadata["images"][3]["prompt"] == PROMPTS[3] and metadata["max_sequence_length"] == 16
 
 
 def test_export_round_trip(folders, tmp_path):

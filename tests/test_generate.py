@@ -58,6 +58,8 @@ def test_init_latents_reproduce_the_seeded_run(seeded, micro_sdxl_pipeline_dir):
 
 def test_model_folder_resolution(micro_sdxl_pipeline_dir, tmp_path):
   assert generate.resolve_pipeline(micro_sdxl_pipeline_dir) == micro_sdxl_pipeline_dir
+  with pytest.raises(ValueError, match="^--max-sequence-length 8: .* whose prompts have no T5 tokens"):
+    generate.load_model(micro_sdxl_pipeline_dir, max_sequence_length=8)
   (tmp_path / "workdir").mkdir()
   (tmp_path / "workdir" / "export").symlink_to(micro_sdxl_pipeline_dir)
   assert generate.resolve_pipeline(tmp_path / "workdir") == tmp_path / "workdir" / "export"
@@ -69,6 +71,7 @@ def test_model_folder_resolution(micro_sdxl_pipeline_dir, tmp_path):
 def test_flags():
   args = generate.parse_flags(["generate", "--model", "m", "--prompt", "a cat", "--out", "o"])
   assert (args.steps, args.guidance, args.sampler, args.seed, args.negative_prompt) == (50, None, "euler", 0, None)
+  assert args.max_sequence_length == 0  # the family's T5 length
   with pytest.raises(SystemExit):
     generate.parse_flags(["generate", "--model", "m", "--prompt", "a", "--prompts", "f", "--out", "o"])
   with pytest.raises(SystemExit):

@@ -53,6 +53,22 @@ class NoGoodCheckpointError(RuntimeError):
 abstract_like = sharding.with_shardings  # restore targets: shapes, dtypes and the current shardings
 
 
+HEAP_ARENAS = 2  # glibc malloc arenas for the whole trainer process (glibc's default: 8 per core)
+_M_ARENA_MAX = -8  # mallopt's parameter number (malloc.h)
+
+
+def limit_heap_arenas(arenas: int = HEAP_ARENAS) -> None:
+  """Caps glibc's malloc arenas (mallopt M_ARENA_MAX, as MALLOC_ARENA_MAX=2 does), before the trainer starts its
+  threads. Each thread that meets a busy arena gets one of its own, up to 8 per core, and memory freed in one is
+  reused only there: orbax's writer threads, started anew for every asynchronous save, then spread a run's
+  transient buffers over many arenas, and resident memory creeps up by arenas' worth (bench/RESULTS.md, "Soak").
+  The host side of a step is a few threads; two arenas serve it."""
+  try:
+    ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, arenas)
+  except (OSError, AttributeError):  # not glibc: nothing to do
+    pass
+
+
 def release_freed_memory() -> None:
   """Hands the memory freed since the last call back to the OS (glibc's malloc_trim). Each asynchronous save
   copies the state to host buffers in orbax's writer threads, and glibc keeps what they free in its arenas: the
