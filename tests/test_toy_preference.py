@@ -23,6 +23,12 @@ SEEDS = (0, 1, 2)
 # (bench/RESULTS.md, "Reference mismatch in the toy world"). The twin's captions limit its rate to 3e-5 (at 1e-4 they
 # fall 11 points), where the bench measured a rise of 0.25 +- 0.03 over 3 seeds: the claim is less than half of it.
 RUNS = {"sdxl": ("1e-4", "100", 0.2), "flux": ("3e-5", "100", 0.1)}
+# The bases themselves, judged on 270 samples on seeds their builds' metrics.json did not use: they follow their
+# captions and keep the world's bias (trained on 10 % filled). Issue 17's bar for the SDXL base, 80 % (96.7 %
+# measured); for the twin, its measured 83.9 % (180 samples) less 3.5 standard errors of the difference between
+# that rate and a 270-sample one (3.5 x 0.035).
+CAPTION_BARS = {"sdxl": 0.80, "flux": 0.71}
+BASE_FILLED_AT_MOST = 0.20
 CAPTION_POINTS = 0.05  # "within a few points": a 270-sample rate near 0.95 (SDXL) has a standard error of 0.013,
 # near 0.84 (the twin) 0.022; the mean of 3 seeds, 1.7x less
 
@@ -40,6 +46,7 @@ def test_mapo_raises_the_filled_rate_significantly_and_keeps_captions(tmp_path, 
   proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   base = json.loads((tmp_path / "summary.json").read_text())["base"]
+  assert base["caption_accuracy"] >= CAPTION_BARS[family] and base["filled_rate"] <= BASE_FILLED_AT_MOST, base
   results = json.loads((tmp_path / "results.json").read_text())
   finals = [results[f"mismatch/mapo/lr={float(LR):g}/seed={s}"]["final"] for s in SEEDS]
   gain = np.array([f["filled_rate"] - base["filled_rate"] for f in finals])
