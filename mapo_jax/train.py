@@ -290,8 +290,9 @@ def step_text(config: ml_collections.ConfigDict, mesh, ids_shapes: dict[str, tup
   empty = {TEXT_IDS_PREFIX + k: v[0] for k, v in text_pipe.tokenize([""]).items()}
   if (given := {k: tuple(v.shape) for k, v in empty.items()}) != ids_shapes:
     raise config_lib.ConfigError("data.cache_dir", f"{config.data.cache_dir} holds token ids {ids_shapes}, but the "
-                                 f"tokenizers of {config.pipeline} give {given}: encoded with another pipeline, or at another "
-                                 "max_sequence_length (`encode --max_sequence_length`, config.max_sequence_length)?")
+                                 f"tokenizers of {config.pipeline} give {given}: encoded with another pipeline, or at "
+                                 "another max_sequence_length (`encode --max_sequence_length`, "
+                                 "config.max_sequence_length)?")
   return text_pipe.step_text(), empty
 
 

@@ -41,7 +41,7 @@ from mapo_jax.data.cache import EncodeSettings, read_manifest, write_cache
 from mapo_jax.data.sources import ParquetSource, open_source
 from mapo_jax.encode import make_encoder
 from mapo_jax.models import AutoencoderKL, CLIPTextModel, save_text_encoder, save_unet, save_vae
-from mapo_jax.pipelines import family, flux, load_pipeline
+from mapo_jax.pipelines import family, flux, load_pipeline, text_options
 from mapo_jax.run.workdir import remove_stale_temporaries
 from mapo_jax.models.presets import MICRO_SDXL_UNET
 from mapo_jax.models.unet import UNet2DConditionModel
@@ -118,10 +118,15 @@ def random_model(build, seed: int):
   return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
 
 
+def toy_t5_tokens(folder: str | os.PathLike) -> int:
+  """The T5 length a toy pipeline folder's prompts are encoded at: FLUX_T5_TOKENS for the FLUX twin, 0 (none) for
+  the SDXL base."""
+  return FLUX_T5_TOKENS if family(folder) is flux else 0
+
+
 def load_toy(folder: str | os.PathLike, components=None):
-  """`load_pipeline` for a toy pipeline folder of either family: the FLUX twin's prompts at FLUX_T5_TOKENS."""
-  kwargs = {"max_sequence_length": FLUX_T5_TOKENS} if family(folder) is flux else {}
-  return load_pipeline(folder, components, **kwargs)
+  """`load_pipeline` for a toy pipeline folder of either family, its prompts at `toy_t5_tokens`."""
+  return load_pipeline(folder, components, **text_options(folder, toy_t5_tokens(folder)))
 
 
 def write_pipeline(out: Path, seed: int = 0, *, unet: UNet2DConditionModel | None = None,
@@ -237,8 +242,8 @@ def ensure_assets(folder: str | os.PathLike, base: str = "sdxl") -> dict[str, Pa
   def encoder(source):
     def encode(tmp: Path) -> None:
       pipe = load_toy(paths["pipeline"], components=family(paths["pipeline"]).FROZEN)
-      tokens = FLUX_T5_TOKENS if base == "flux" else 0
-      write_cache(source, tmp, make_encoder(pipe), EncodeSettings(resolution=TOY_SIZE, max_sequence_length=tokens),
+      settings = EncodeSettings(resolution=TOY_SIZE, max_sequence_length=toy_t5_tokens(paths["pipeline"]))
+      write_cache(source, tmp, make_encoder(pipe), settings,
                   pipeline=str(paths["pipeline"]), batch_size=128, process_index=0, process_count=1)
     return encode
 

@@ -1,6 +1,7 @@
 """Preference training in the toy world (mapo_jax/toy/world.py) from a pretrained, biased base (the SDXL-layout
-mapo_jax/toy/base/ or its FLUX.1 twin mapo_jax/toy/flux_base/; mapo_jax/toy/pretrain.py), with the trainer's own step (mapo_jax/training/train_step.py), fast
-enough to run every objective many times (bench/reference_mismatch.py, tests/test_toy_preference.py):
+mapo_jax/toy/base/ or its FLUX.1 twin mapo_jax/toy/flux_base/; mapo_jax/toy/pretrain.py), with the trainer's own
+step (mapo_jax/training/train_step.py), fast enough to run every objective many times (bench/reference_mismatch.py,
+tests/test_toy_preference.py):
 
     aligner = Aligner(demo.load_toy(demo.BASE))      # or demo.load_toy(demo.FLUX_BASE)
     run = aligner.run("mapo", preferred="filled", lr=1e-4, steps=100, seed=0)

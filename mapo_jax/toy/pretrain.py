@@ -100,7 +100,7 @@ FLUX_TRANSFORMER = dict(  # FLUX.1's layout (both block kinds, 3-axis RoPE summi
 FLUX_SCHEDULER = dict(flux.SCHEDULER_CONFIG)  # FLUX.1-dev's
 # The embedded guidance the transformer trains at (config.flow.guidance's default, train_dreambooth_lora_flux.py's
 # --guidance_scale) and samples with (FluxPipeline's guidance_scale default).
-FLUX_TRAIN_GUIDANCE = FLUX_GUIDANCE = 3.5
+FLUX_TRAIN_GUIDANCE = FLUX_GUIDANCE = flux.TRAIN_GUIDANCE
 FLUX_SAMPLE_STEPS = 20
 FLUX_STEPS, FLUX_BATCH, FLUX_LR = 10000, 32, 2e-3  # 5000 steps: 51 % caption-correct, broken outlines
 
