@@ -368,7 +368,7 @@ def test_export_cli_and_generate_lora(folders, name, tmp_path):
       "--output-latents", str(tmp_path / "latents.npy")]))
   assert rel_l2(np.load(tmp_path / "latents.npy"), theirs) <= RTOL
   if name == "flux":  # evaluate --lora-b samples B through the same loader: generate's images from the same seeds
-    args = Namespace(negative_prompt=None, steps=STEPS, guidance=float(guidance), seed=0, height=SIZE, width=SIZE,
+    args = Namespace(negative_prompt=None, max_sequence_length=0, steps=STEPS, guidance=float(guidance), seed=0, height=SIZE, width=SIZE,
                      sampler="euler", batch_size=8, true_cfg=1.0)
     images = evaluate.sample(str(folder), PROMPTS, args, str(diffusers_file))
     generate.main(generate.parse_flags([
