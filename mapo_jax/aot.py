@@ -32,24 +32,33 @@ import re
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: v5p-8, v5litepod-16, v6e-8, v4-32, v5e:2x2, ...")
-_ARCHITECTURE = flags.DEFINE_string("architecture", None, "a diffusers pipeline folder or a models/presets.py UNETS name")
-_MAX_BATCH = flags.DEFINE_bool("max_batch", False, "search the largest global_batch_size that fits; also "
-                               "spelled --max-batch")
-_DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "write the compiled step's HLO text to this file")
-_TEXT = flags.DEFINE_enum("text", "auto", ["auto", "ids", "embeddings"],
-                          "how the batch conditions: ids, token ids that the step encodes with the frozen text towers "
-                          "(a token ids cache, `encode --text ids`); embeddings, cached prompt embeddings; auto, ids "
-                          "where the family encodes in the step and its text towers fit the denoiser")
-_SAMPLE = flags.DEFINE_bool("sample", False, "compile the sampling path instead of the train step: one denoiser "
-                            "call on config.global_batch_size latents (double it for classifier-free guidance), "
-                            "weights in config.param_dtype")
+
+
+def define_flags() -> SimpleNamespace:
+  """The command line's flags, defined by the running program only (train.define_flags says why)."""
+  return SimpleNamespace(
+      config=config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True),
+      topology=flags.DEFINE_string("topology", None, "TPU slice: v5p-8, v5litepod-16, v6e-8, v4-32, v5e:2x2, ..."),
+      architecture=flags.DEFINE_string("architecture", None,
+                                       "a diffusers pipeline folder or a models/presets.py UNETS name"),
+      max_batch=flags.DEFINE_bool("max_batch", False, "search the largest global_batch_size that fits; also "
+                                  "spelled --max-batch"),
+      dump_hlo=flags.DEFINE_string("dump_hlo", None, "write the compiled step's HLO text to this file"),
+      text=flags.DEFINE_enum("text", "auto", ["auto", "ids", "embeddings"],
+                             "how the batch conditions: ids, token ids that the step encodes with the frozen text "
+                             "towers (a token ids cache, `encode --text ids`); embeddings, cached prompt embeddings; "
+                             "auto, ids where the family encodes in the step and its text towers fit the denoiser"),
+      sample=flags.DEFINE_bool("sample", False, "compile the sampling path instead of the train step: one denoiser "
+                               "call on config.global_batch_size latents (double it for classifier-free guidance), "
+                               "weights in config.param_dtype"))
+
+
 DASHED_FLAGS = ("max-batch", "dump-hlo")
 
 FITS, DOES_NOT_FIT, ERROR = 0, 1, 2
@@ -479,13 +488,13 @@ def build_target(config, topology: str, model_name: str | None = None, *, config
 def text_length(config, family) -> dict[str, int]:
   """The T5 length the run encodes prompts at (config.max_sequence_length; 0: the family's default), as the
   families' abstract_batch / abstract_step_text take it; ConfigError for a family without T5."""
-  if not config.max_sequence_length:
-    return {}
-  if not hasattr(family, "MAX_SEQUENCE_LENGTH"):
-    from mapo_jax.config import ConfigError
-    raise ConfigError("max_sequence_length", f"{config.max_sequence_length}: {family.__name__.rsplit('.', 1)[-1]} "
-                      "pipelines have no T5 tokens (0 for them)")
-  return {"max_sequence_length": config.max_sequence_length}
+  from mapo_jax import pipelines
+  from mapo_jax.config import ConfigError
+  try:
+    return pipelines.family_text_options(family, config.max_sequence_length,
+                                         f"{config.max_sequence_length}: {family.__name__.rsplit('.', 1)[-1]} pipelines")
+  except ValueError as e:
+    raise ConfigError("max_sequence_length", str(e)) from None
 
 
 def abstract_batch(target: Target, config, global_batch_size: int) -> dict:
@@ -591,32 +600,33 @@ def run(config, topology: str, model_name: str | None = None, *, config_file: st
   return best
 
 
-def main(argv) -> int:
+def main(cli: SimpleNamespace, argv) -> int:
   del argv
-  if not _TOPOLOGY.value:
+  if not cli.topology.value:
     print("--topology is required (e.g. v5p-8, v5litepod-16, v6e-8, v5e:2x2)", file=sys.stderr)
     return ERROR
   import jax
   if not os.environ.get("JAX_PLATFORMS"):
     jax.config.update("jax_platforms", "cpu")  # the host compiles; never probe for local accelerators
   config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+  config, topology, architecture = cli.config.value, cli.topology.value, cli.architecture.value
   try:
-    if _SAMPLE.value:
-      report = sample_report(_CONFIG.value, _TOPOLOGY.value, _ARCHITECTURE.value, config_file=config_file)
+    if cli.sample.value:
+      report = sample_report(config, topology, architecture, config_file=config_file)
     else:
-      report = run(_CONFIG.value, _TOPOLOGY.value, _ARCHITECTURE.value, config_file=config_file,
-                   max_batch=_MAX_BATCH.value, text=_TEXT.value)
+      report = run(config, topology, architecture, config_file=config_file, max_batch=cli.max_batch.value,
+                   text=cli.text.value)
   except Exception as e:  # noqa: BLE001  (a bad config, topology or model: the message says which)
     print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
     print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
     return ERROR
   print_report(report)
-  if _DUMP_HLO.value and report.compiled is not None:
-    Path(_DUMP_HLO.value).write_text(report.compiled.as_text())
+  if cli.dump_hlo.value and report.compiled is not None:
+    Path(cli.dump_hlo.value).write_text(report.compiled.as_text())
   print(report.json())
   return status(report)
 
 
 if __name__ == "__main__":
   from mapo_jax import config as config_lib
-  app.run(main, flags_parser=functools.partial(config_lib.parse_command_line, dashed=DASHED_FLAGS, doc=__doc__))
+  app.run(functools.partial(main, define_flags()), flags_parser=functools.partial(config_lib.parse_command_line, dashed=DASHED_FLAGS, doc=__doc__))

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import jax
@@ -59,24 +59,47 @@ from mapo_jax.training import objectives, optim
 from mapo_jax.training.build import (Built, build, compile_step, denoiser_param_dtype, model_options,
                                      needs_reference_model)
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "output folder; an existing one is resumed (required)")
-_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
-    "allow_config_change", False, "resume even though the objective, model, resolution or data changed; "
-    "also spelled --allow-config-change")
-_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "print every config key with its value and exit; "
-                                  "also spelled --print-config")
-_STOP_AFTER = flags.DEFINE_integer(
-    "stop_after_step", None, "stop after this step as a preemption would (checkpoint, exit 0); "
-    "also spelled --stop-after-step")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
-                                   "host:port of process 0 (multi-host GPU/CPU)")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", 1)),
-                                      "processes in a multi-host job")
-_PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", 0)),
-                                   "this process's index in a multi-host job")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with the cluster "
-                                 "auto-detected (TPU pod slices, SLURM); launch/tpu_pod.sh sets it")
+
+
+@dataclasses.dataclass(frozen=True)
+class Processes:
+  """How this process joins a multi-host run: an explicit coordinator (GPU/CPU clusters), `distributed`
+  (jax.distributed's auto-detection: TPU pod slices, SLURM), or neither (one process). The command line's
+  flags, defaulting to the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables."""
+  coordinator_address: str | None = None
+  num_processes: int = 1
+  process_id: int = 0
+  distributed: bool = False
+
+  @classmethod
+  def from_env(cls) -> Processes:
+    return cls(os.environ.get("JAX_COORDINATOR_ADDRESS"), int(os.environ.get("JAX_NUM_PROCESSES", 1)),
+               int(os.environ.get("JAX_PROCESS_ID", 0)))
+
+
+def define_flags():
+  """The command line's flags. Defined by the running program only, not on import: mapo_jax.aot defines a
+  `--config` too, and a process (a notebook, a test) may import both modules."""
+  env = Processes.from_env()
+  return SimpleNamespace(
+      config=config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True),
+      workdir=flags.DEFINE_string("workdir", None, "output folder; an existing one is resumed (required)"),
+      allow_config_change=flags.DEFINE_bool(
+          "allow_config_change", False, "resume even though the objective, model, resolution or data changed; "
+          "also spelled --allow-config-change"),
+      print_config=flags.DEFINE_bool("print_config", False, "print every config key with its value and exit; "
+                                     "also spelled --print-config"),
+      stop_after=flags.DEFINE_integer(
+          "stop_after_step", None, "stop after this step as a preemption would (checkpoint, exit 0); "
+          "also spelled --stop-after-step"),
+      coordinator=flags.DEFINE_string("coordinator_address", env.coordinator_address,
+                                      "host:port of process 0 (multi-host GPU/CPU)"),
+      num_processes=flags.DEFINE_integer("num_processes", env.num_processes, "processes in a multi-host job"),
+      process_id=flags.DEFINE_integer("process_id", env.process_id, "this process's index in a multi-host job"),
+      distributed=flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with the cluster "
+                                    "auto-detected (TPU pod slices, SLURM); launch/tpu_pod.sh sets it"))
+
+
 DASHED_FLAGS = ("stop-after-step", "allow-config-change", "print-config")  # absl only knows underscores
 
 
@@ -131,10 +154,11 @@ class Run:
       self.lock.release()
 
 
-def open_run(config: ml_collections.ConfigDict, workdir: Path, allow_config_change: bool) -> Run:
+def open_run(config: ml_collections.ConfigDict, workdir: Path, allow_config_change: bool,
+             processes: Processes) -> Run:
   config_lib.validate(config)
   use_compile_cache(config.compile_cache)
-  initialize_distributed(config.peer_timeout_s)
+  initialize_distributed(config.peer_timeout_s, processes)
   config_lib.validate_for_devices(config, jax.device_count(), jax.process_count())
   lead = jax.process_index() == 0
   lock = WorkdirLock(workdir) if lead else None
@@ -164,16 +188,17 @@ def use_compile_cache(folder: str) -> None:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(folder))
 
 
-def initialize_distributed(peer_timeout_s: int) -> None:
+def initialize_distributed(peer_timeout_s: int, processes: Processes) -> None:
   """jax.distributed for multi-host runs: explicit coordinator (GPU/CPU clusters) or a TPU pod slice. A process
   without a heartbeat for `peer_timeout_s` (config.peer_timeout_s) is declared lost by the coordination
   service: every other process then stops (`lost_processes`) instead of waiting in a collective forever."""
   timeouts = dict(heartbeat_timeout_seconds=peer_timeout_s)
-  if _COORDINATOR.value:
+  if processes.coordinator_address:
     if jax.config.jax_platforms == "cpu":  # CPU collectives across processes need gloo
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, **timeouts)
-  elif _DISTRIBUTED.value or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # several TPU hosts
+    jax.distributed.initialize(processes.coordinator_address, processes.num_processes, processes.process_id,
+                               **timeouts)
+  elif processes.distributed or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # several TPU hosts
     jax.distributed.initialize(**timeouts)
 
 
@@ -564,22 +589,23 @@ def export(run: Run, built: Built, state, first_step: int, initial_norm: float, 
   multihost_utils.sync_global_devices("export")
 
 
-def main(argv) -> None:
-  del argv
+def main(cli: SimpleNamespace) -> None:
   limit_heap_arenas()  # a long run's resident memory stays flat (run/checkpoint.py says why)
-  if _PRINT_CONFIG.value:
-    print("\n".join(f"config.{k} = {v!r}" for k, v in config_lib.flatten(_CONFIG.value).items()))
+  if cli.print_config.value:
+    print("\n".join(f"config.{k} = {v!r}" for k, v in config_lib.flatten(cli.config.value).items()))
     return
-  if not _WORKDIR.value:
+  if not cli.workdir.value:
     raise config_lib.UsageError("--workdir is required: the run's output folder (an existing one is resumed)")
-  train(_CONFIG.value, Path(_WORKDIR.value).absolute(), allow_config_change=_ALLOW_CONFIG_CHANGE.value,
-        stop_after=_STOP_AFTER.value)
+  processes = Processes(cli.coordinator.value, cli.num_processes.value, cli.process_id.value, cli.distributed.value)
+  train(cli.config.value, Path(cli.workdir.value).absolute(), allow_config_change=cli.allow_config_change.value,
+        stop_after=cli.stop_after.value, processes=processes)
 
 
 def train(config: ml_collections.ConfigDict, workdir: Path, *, allow_config_change: bool = False,
-          stop_after: int | None = None) -> None:
-  """One run, phase by phase: what `python -m mapo_jax.train` does after parsing its flags."""
-  run = open_run(config, workdir, allow_config_change)
+          stop_after: int | None = None, processes: Processes | None = None) -> None:
+  """One run, phase by phase: what `python -m mapo_jax.train` does after parsing its flags. `processes`:
+  how to join a multi-host run (default: the environment's JAX_* variables, `Processes.from_env`)."""
+  run = open_run(config, workdir, allow_config_change, processes or Processes.from_env())
   try:
     mesh = make_mesh(run)
     models = load_models(config, mesh)
@@ -631,12 +657,13 @@ def log_background_error(exc_type, exc_value) -> None:
     logging.warning("in a background thread: %s", line[:500])
 
 
-def run(argv) -> None:
+def run(cli: SimpleNamespace, argv) -> None:
+  del argv
   logging.get_absl_handler().addFilter(quiet_orbax)
   sys.unraisablehook = lambda u: log_background_error(u.exc_type, u.exc_value)
   threading.excepthook = lambda a: log_background_error(a.exc_type, a.exc_value)
   try:
-    main(argv)
+    main(cli)
   except USER_ERRORS as e:
     print(f"\nerror: {e}", file=sys.stderr)  # on a line of its own, whatever a thread printed last
     sys.stdout.flush()
@@ -647,4 +674,4 @@ def run(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(run, flags_parser=functools.partial(config_lib.parse_command_line, dashed=DASHED_FLAGS, doc=__doc__))
+  app.run(functools.partial(run, define_flags()), flags_parser=functools.partial(config_lib.parse_command_line, dashed=DASHED_FLAGS, doc=__doc__))

@@ -167,10 +167,13 @@ def expected_shard_bytes(unet_config, mesh_shape, dtype_bytes):
 
 
 @needs_libtpu
-def test_cli_mapo_fits_v5e_2x2_with_the_splash_kernel(tmp_path):
+def test_cli_dpo_fits_v5e_2x2_with_the_splash_kernel_and_a_bf16_reference(tmp_path):
+  """One TPU compile from the command line (the suite's costliest kind, so one serves every check): DPO, whose
+  step holds the most (policy, bf16 reference, Adam), on the demo config at 256 px with the splash kernels."""
   hlo = tmp_path / "step.hlo"
   cmd = [sys.executable, "-m", "mapo_jax.aot", "--config", os.path.join(REPO, "configs/demo.py"),
-         "--config.resolution=256", "--config.global_batch_size=8", "--architecture", "micro", "--topology", "v5e:2x2", "--dump-hlo", str(hlo)]
+         "--config.objective=dpo", "--config.ref_param_dtype=bfloat16", "--config.resolution=256",
+         "--config.global_batch_size=8", "--architecture", "micro", "--topology", "v5e:2x2", "--dump-hlo", str(hlo)]
   before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
@@ -189,33 +192,17 @@ def test_cli_mapo_fits_v5e_2x2_with_the_splash_kernel(tmp_path):
   params = expected_shard_bytes(MICRO_SDXL_UNET, report["mesh"], 4)  # demo: float32 parameters
   assert report["params_bytes"] == params
   assert 2 * params <= report["opt_state_bytes"] < 2 * params + 1024  # Adam's two moments, plus counters
-  assert report["reference_bytes"] == 0  # MaPO has no reference model
+  assert report["reference_bytes"] == expected_shard_bytes(MICRO_SDXL_UNET, report["mesh"], 2)  # bf16
   assert report["peak_bytes"] == (report["argument_bytes"] + report["temp_bytes"] + report["output_bytes"]
                                   - report["alias_bytes"])
+  # 8 pairs, 2 micro-batches (the demo's accumulation), 4 chips: one pair per chip per micro-batch.
   assert report["flops"] > 0 and report["estimated_step_seconds"] > 0 and report["micro_pairs_per_chip"] == 1
-  # Model FLOPs: 8 pairs x 2 latents x (forward + backward = 3 forwards), against the lowered forward's count.
+  # Model FLOPs: 8 pairs x 2 latents x (forward + backward = 3 forwards) plus DPO's reference forward,
+  # against the lowered forward's count.
   assert report["model_flops"] > 0 and report["mfu"] == pytest.approx(
       report["model_flops"] / (4 * 197e12 * report["estimated_step_seconds"]))
-  assert "tpu_custom_call" in hlo.read_text()  # the Mosaic (splash attention) kernels
-
-
-@needs_libtpu
-def test_run_dpo_fits_v5p_2x2x1_with_a_bf16_reference():
-  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(REPO, "configs/demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.objective, config.resolution, config.ref_param_dtype = "dpo", 256, "bfloat16"
-  config.global_batch_size = 8  # 8 pairs, 2 micro-batches, 4 chips: one pair per chip per micro-batch
-  report = aot.run(config, "v5p:2x2x1", "micro")
-  assert report.fits and report.error is None, report.error
-  assert report.attention == "pallas" and report.hbm_bytes == 95 * GIB and report.chips == 4
-  mesh = dict(data=1, fsdp=4, tensor=1)
-  assert report.params_bytes == expected_shard_bytes(MICRO_SDXL_UNET, mesh, 4)
-  assert report.reference_bytes == expected_shard_bytes(MICRO_SDXL_UNET, mesh, 2)
-  # Splash forward for the reference and the policy, dq and dkv kernels for the policy's backward.
-  assert report.compiled.as_text().count("tpu_custom_call") > 0
-  assert math.isclose(report.micro_pairs_per_chip, 1)
+  # The Mosaic kernels: splash forward for the reference and the policy, dq and dkv for the policy's backward.
+  assert "tpu_custom_call" in hlo.read_text()
 
 
 def test_host_memory_warning_names_swap_when_the_host_is_short(monkeypatch):
@@ -285,5 +272,5 @@ def test_the_compiled_batch_holds_config_max_sequence_length_t5_tokens(preset, t
   assert default[1] - got[1] == family.MAX_SEQUENCE_LENGTH - 24 and got[0] == 4
   _, _, tokens = family.abstract_step_text(None, **aot.text_length(config, family))
   assert tokens[t5_tower] == 24
-  with pytest.raises(config_lib.ConfigError, match="^config.max_sequence_length: 24: sd pipelines have no T5"):
+  with pytest.raises(config_lib.ConfigError, match="^config.max_sequence_length: 24: sd pipelines, whose prompts have no T5"):
     aot.text_length(config, sd)

@@ -18,6 +18,15 @@ def test_more_than_the_fraction_of_the_last_window_stops():
     check_skipped(history, 100 + SKIP_WINDOW + 10, 41, 0.1)  # 11 in the last 100 (steps 111..210)
 
 
+def test_the_history_keeps_only_the_window():
+  """A long run's checks (every 10 steps for 10 SKIP_WINDOWs) leave at most a window's worth in the history."""
+  history = [(0, 0)]
+  for step in range(10, 10 * SKIP_WINDOW + 1, 10):
+    check_skipped(history, step, 0, 0.1)
+  assert len(history) <= SKIP_WINDOW // 10 + 1 and history[-1] == (10 * SKIP_WINDOW, 0)
+  assert history[0][0] <= 9 * SKIP_WINDOW  # the window's base is kept
+
+
 def test_export_refuses_non_finite_or_grown_parameters():
   params = {"a": jnp.ones((3,)), "b": [jnp.full((4,), 2.0)]}
   norm = float(np.sqrt(3 + 16))

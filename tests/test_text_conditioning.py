@@ -177,10 +177,8 @@ def test_encode_max_sequence_length_is_the_cache_s_t5_length_and_the_trainer_hol
 
 def test_a_t5_length_for_a_pipeline_without_t5_is_refused_naming_the_key(demo_assets, capsys):
   from mapo_jax import config as config_lib
-  from absl import flags
-  if "config" in flags.FLAGS:  # mapo_jax.aot's flags, imported by another test in this process, collide with train's
-    pytest.skip("mapo_jax.aot's absl flags are defined in this process")
-  from mapo_jax import train
+  from mapo_jax import aot, train  # both import in one process (neither defines its flags on import)
+  del aot
   config = config_lib.base_config()
   config.pipeline, config.max_sequence_length = str(demo_assets / "pipeline"), 256
   with pytest.raises(config_lib.ConfigError, match="^config.max_sequence_length: 256: .* StableDiffusionXLPipeline "

@@ -64,11 +64,17 @@ def text_options(path: str | os.PathLike, max_sequence_length: int) -> dict[str,
   a length."""
   if not max_sequence_length:
     return {}
-  module = family(path)
+  name = json.loads((Path(path) / "model_index.json").read_text())["_class_name"]
+  return family_text_options(family(path), max_sequence_length, f"{path} is a {name} folder")
+
+
+def family_text_options(module: ModuleType, max_sequence_length: int, what: str) -> dict[str, int]:
+  """`text_options` for a family module (`aot` has no folder): ValueError naming `what` for a family without T5."""
+  if not max_sequence_length:
+    return {}
   if not hasattr(module, "MAX_SEQUENCE_LENGTH"):
-    name = json.loads((Path(path) / "model_index.json").read_text())["_class_name"]
-    raise ValueError(f"{path} is a {name} folder, whose prompts have no T5 tokens (a T5 length applies to FLUX.1 "
-                     "and SD3 pipelines only; 0 for the others)")
+    raise ValueError(f"{what}, whose prompts have no T5 tokens (a T5 length applies to FLUX.1 and SD3 pipelines "
+                     "only; 0 for the others)")
   if not 1 <= max_sequence_length <= 512:
     raise ValueError(f"{max_sequence_length} T5 tokens: the pipelines take 1..512")
   return {"max_sequence_length": max_sequence_length}

@@ -48,9 +48,12 @@ class DivergedError(RuntimeError):
 
 def check_skipped(history: list[tuple[int, int]], step: int, skipped: int, max_fraction: float) -> None:
   """DivergedError when more than max_fraction × SKIP_WINDOW of the last SKIP_WINDOW steps skipped their
-  update. `history` holds (step, cumulative skipped) of earlier checks, oldest first; this one is added."""
+  update. `history` holds (step, cumulative skipped) of earlier checks, oldest first; this one is added, and
+  checks older than the window's base are dropped."""
   history.append((step, skipped))
-  base_step, base_skipped = next(((s, k) for s, k in reversed(history) if s <= step - SKIP_WINDOW), history[0])
+  base = next((i for i in range(len(history) - 1, -1, -1) if history[i][0] <= step - SKIP_WINDOW), 0)
+  del history[:base]  # older checks are never a base again (steps only grow): a week-long run keeps a window
+  base_step, base_skipped = history[0]
   recent = skipped - base_skipped
   if recent > max_fraction * SKIP_WINDOW:
     raise DivergedError(f"{recent} of the last {step - base_step} steps skipped their update for a non-finite "
