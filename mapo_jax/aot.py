@@ -39,7 +39,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 
-
 def define_flags() -> SimpleNamespace:
   """The command line's flags, defined by the running program only (train.define_flags says why)."""
   return SimpleNamespace(
@@ -491,8 +490,9 @@ def text_length(config, family) -> dict[str, int]:
   from mapo_jax import pipelines
   from mapo_jax.config import ConfigError
   try:
+    name = family.__name__.rsplit(".", 1)[-1]
     return pipelines.family_text_options(family, config.max_sequence_length,
-                                         f"{config.max_sequence_length}: {family.__name__.rsplit('.', 1)[-1]} pipelines")
+                                         f"{config.max_sequence_length}: {name} pipelines")
   except ValueError as e:
     raise ConfigError("max_sequence_length", str(e)) from None
 
@@ -629,4 +629,5 @@ def main(cli: SimpleNamespace, argv) -> int:
 
 if __name__ == "__main__":
   from mapo_jax import config as config_lib
-  app.run(functools.partial(main, define_flags()), flags_parser=functools.partial(config_lib.parse_command_line, dashed=DASHED_FLAGS, doc=__doc__))
+  app.run(functools.partial(main, define_flags()),
+          flags_parser=functools.partial(config_lib.parse_command_line, dashed=DASHED_FLAGS, doc=__doc__))

@@ -60,7 +60,6 @@ from mapo_jax.training.build import (Built, build, compile_step, denoiser_param_
                                      needs_reference_model)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Processes:
   """How this process joins a multi-host run: an explicit coordinator (GPU/CPU clusters), `distributed`
@@ -77,7 +76,7 @@ class Processes:
                int(os.environ.get("JAX_PROCESS_ID", 0)))
 
 
-def define_flags():
+def define_flags() -> SimpleNamespace:
   """The command line's flags. Defined by the running program only, not on import: mapo_jax.aot defines a
   `--config` too, and a process (a notebook, a test) may import both modules."""
   env = Processes.from_env()
@@ -674,4 +673,5 @@ def run(cli: SimpleNamespace, argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(functools.partial(run, define_flags()), flags_parser=functools.partial(config_lib.parse_command_line, dashed=DASHED_FLAGS, doc=__doc__))
+  app.run(functools.partial(run, define_flags()),
+          flags_parser=functools.partial(config_lib.parse_command_line, dashed=DASHED_FLAGS, doc=__doc__))
