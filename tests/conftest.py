@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random diffusers/transformers models saved with `save_pretrained`."""
 import functools
 import os
+import shutil
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tests run tiny models, so compiling dominates their time: XLA:CPU's cheaper code generation (same
@@ -236,10 +237,18 @@ def micro_sdxl_pipeline_dir(tmp_path_factory):
   return path
 
 
-# The slowest files first: `--dist loadfile` hands whole files to the two workers in this order, so the long
-# ones run side by side early instead of leaving one worker alone at the end (pytest --durations=15).
-SLOWEST_FILES = ("test_multihost.py", "test_toy_preference.py", "test_train.py", "test_aot.py", "test_unpaired.py",
-                 "test_reliability.py", "test_train_step.py", "test_lora.py")
+# The slowest files first (per-file sums of `pytest --durations=0`, 2026-12-03): `--dist loadfile` hands whole files
+# to the two workers in this order, so the long ones run side by side early instead of leaving one worker alone at
+# the end. xdist would otherwise reorder files by their number of tests (`--loadscope-reorder`, its default), which
+# put these few-test files last.
+SLOWEST_FILES = ("test_multihost.py", "test_recipes.py", "test_train.py", "test_reliability.py",
+                 "test_toy_preference.py", "test_train_step.py", "test_lora.py", "test_aot.py", "test_optimizers.py",
+                 "test_unpaired.py", "test_text_conditioning.py")
+
+
+def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep SLOWEST_FILES' order
+    config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(items):
@@ -252,13 +261,29 @@ def pytest_collection_modifyitems(items):
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def built_once(tmp_path_factory, name, build):
+  """A session fixture's folder, built once for the whole run even under xdist: the workers share the base temporary
+  folder's parent, and the first to take the lock builds while the others wait, then reuse it. Users must only read
+  it (or copy it first)."""
+  import fcntl
+  root = tmp_path_factory.getbasetemp()
+  root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+  path = root / name
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (root / f"{name}.built").exists():  # absent too after a builder failed: then this one tries
+      shutil.rmtree(path, ignore_errors=True)
+      path.mkdir()
+      build(path)
+      (root / f"{name}.built").touch()
+  return path
+
+
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory):
-  """The demo's tiny pipeline, pairs and cache (mapo_jax/toy/demo.py), created once per session."""
+  """The demo's tiny pipeline, pairs and cache (mapo_jax/toy/demo.py), created once per run."""
   from mapo_jax.toy import demo
-  path = tmp_path_factory.mktemp("demo_assets")
-  demo.ensure_assets(path)
-  return path
+  return built_once(tmp_path_factory, "demo_assets", demo.ensure_assets)
 
 
 @pytest.fixture(scope="session")
@@ -293,7 +318,17 @@ def run_trainer(env, workdir, assets, *args, config="configs/demo.py", timeout=6
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory, demo_assets, trainer_env):
-  """The whole demo (configs/demo.py as written) in one workdir, shared by the train/export tests."""
-  workdir = tmp_path_factory.mktemp("demo_run")
-  proc = run_trainer(trainer_env(), workdir, demo_assets, judge=True)
-  return workdir, proc
+  """The whole demo (configs/demo.py as written) in one workdir, shared by the train/export tests: (workdir, the
+  trainer's CompletedProcess). Run once for the whole run; its output is kept beside the workdir for the workers
+  that did not run it."""
+  import subprocess
+
+  def build(folder):
+    proc = run_trainer(trainer_env(), folder / "workdir", demo_assets, judge=True)
+    (folder / "stdout").write_text(proc.stdout)
+    (folder / "stderr").write_text(proc.stderr)
+
+  folder = built_once(tmp_path_factory, "demo_run", build)
+  proc = subprocess.CompletedProcess("mapo_jax.train", 0, (folder / "stdout").read_text(),
+                                     (folder / "stderr").read_text())
+  return folder / "workdir", proc

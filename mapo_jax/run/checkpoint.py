@@ -80,19 +80,61 @@ def release_freed_memory() -> None:
     pass
 
 
-def skip_tensorstore_byte_counters() -> None:
-  """Stops orbax from reading TensorStore's byte counters around every array write and read. orbax (0.12) reads them
-  only to log raw throughput (`tensorstore_utils.get_tensorstore_raw_bytes`), through TensorStore's
-  `experimental_collect_matching_metrics`, and TensorStore 0.1.86 never frees the Python lists and dicts that call
-  returns: the demo checkpointing every 100 steps grew by 5.9 MiB per 1000 steps (bench/RESULTS.md, "Soak";
-  tests/test_checkpoint.py counts the objects). With no counter (None) orbax skips that log line and its
-  jax.monitoring scalars; what it writes and reads is unchanged."""
+class _FileSpec(dict):
+  """`tensorstore.KvStore.Spec` of a plain local-file spec, {"driver": "file", "path": p}, resolved in Python:
+  TensorStore resolves it to itself. A dict, so it also opens wherever a Spec does."""
+
+  def to_json(self) -> dict:
+    return dict(self)
+
+
+class _KvStore:
+  """tensorstore.KvStore, except that `Spec` of a plain file spec resolves in Python (`_FileSpec`)."""
+
+  def __init__(self, kvstore: Any):
+    self._kvstore = kvstore
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._kvstore, name)
+
+  def Spec(self, spec: Any) -> Any:  # noqa: N802 (TensorStore's name)
+    if isinstance(spec, dict) and set(spec) == {"driver", "path"} and spec["driver"] == "file":
+      return _FileSpec(spec)
+    return self._kvstore.Spec(spec)
+
+
+class _TensorStore:
+  """The tensorstore module as orbax's tensorstore_utils sees it: the same but for `_KvStore`."""
+
+  def __init__(self, module: Any):
+    self._module = module
+    self.KvStore = _KvStore(module.KvStore)  # noqa: N815 (TensorStore's name)
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._module, name)
+
+
+def avoid_tensorstore_json_leaks() -> None:
+  """TensorStore 0.1.86 never frees what it builds when it converts JSON to Python objects (each call's dicts,
+  lists and strings stay allocated). orbax (0.12) makes two such calls on every save, and a run saves thousands of
+  times, so both are avoided here; what orbax writes and reads is unchanged:
+  - Byte counters: around every array write and read orbax reads TensorStore's counters
+    (`tensorstore_utils.get_tensorstore_raw_bytes`, through `experimental_collect_matching_metrics`) only to log
+    throughput. With no counter (None) it skips that log line and its jax.monitoring scalars. The demo
+    checkpointing every 100 steps grew by 5.9 MiB per 1000 steps from this alone (bench/RESULTS.md, "Soak").
+  - Spec resolution: for every array it writes, orbax resolves its local folder's file spec to JSON
+    (`ts.KvStore.Spec(spec).to_json()`, about 280 bytes kept per call) only to see that the driver is "file" and
+    to reuse that JSON, which equals the spec. `_TensorStore` does this in Python for plain file specs; every
+    other spec (gcs, ocdbt) still goes to TensorStore.
+  tests/test_checkpoint.py counts what repeated saves leave allocated."""
   try:
     from orbax.checkpoint._src.serialization import tensorstore_utils
-  except ImportError:  # another orbax layout: nothing to skip
+  except ImportError:  # another orbax layout: nothing to avoid
     return
   if hasattr(tensorstore_utils, "get_tensorstore_raw_bytes"):
     tensorstore_utils.get_tensorstore_raw_bytes = lambda direction=None: None
+  if hasattr(tensorstore_utils, "ts") and not isinstance(tensorstore_utils.ts, _TensorStore):
+    tensorstore_utils.ts = _TensorStore(tensorstore_utils.ts)
 
 
 def _train_part(state: TrainState) -> dict[str, Any]:
@@ -113,7 +155,7 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike, *, keep: int = 3, save_timeout_s: float = 900.0):
     self.directory = Path(os.path.abspath(directory))
-    skip_tensorstore_byte_counters()
+    avoid_tensorstore_json_leaks()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self.save_timeout_s = save_timeout_s
