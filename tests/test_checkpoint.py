@@ -88,7 +88,9 @@ def test_repeated_saves_keep_no_python_objects(tmp_path):
   After a warm-up, 40 more saves must add fewer than 40 tracked objects and fewer than 40 blocks per array: a
   quarter of the leak."""
   import gc
+
   import optax
+
   from mapo_jax.training import train_step
   params = {f"w{i}": jnp.full((64, 64), float(i)) for i in range(6)}
   state = train_step.init_state(params, optax.adam(1e-3), 0)
@@ -113,6 +115,7 @@ def test_file_specs_resolve_as_tensorstore_resolves_them(tmp_path):
   """avoid_tensorstore_json_leaks resolves orbax's plain file specs in Python: the JSON must be TensorStore's own, and
   every other spec must still reach TensorStore."""
   import tensorstore
+
   from mapo_jax.run.checkpoint import _TensorStore
   ts = _TensorStore(tensorstore)
   for path in ("/tmp/a/", f"{tmp_path}/x y/1.orbax-checkpoint-tmp/params/", "/data/ü/ocdbt.process_0/"):

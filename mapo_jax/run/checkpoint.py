@@ -97,7 +97,7 @@ class _KvStore:
   def __getattr__(self, name: str) -> Any:
     return getattr(self._kvstore, name)
 
-  def Spec(self, spec: Any) -> Any:  # noqa: N802 (TensorStore's name)
+  def Spec(self, spec: Any) -> Any:  # TensorStore's name
     if isinstance(spec, dict) and set(spec) == {"driver", "path"} and spec["driver"] == "file":
       return _FileSpec(spec)
     return self._kvstore.Spec(spec)
@@ -108,7 +108,7 @@ class _TensorStore:
 
   def __init__(self, module: Any):
     self._module = module
-    self.KvStore = _KvStore(module.KvStore)  # noqa: N815 (TensorStore's name)
+    self.KvStore = _KvStore(module.KvStore)  # TensorStore's name
 
   def __getattr__(self, name: str) -> Any:
     return getattr(self._module, name)
