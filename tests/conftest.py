@@ -237,13 +237,14 @@ def micro_sdxl_pipeline_dir(tmp_path_factory):
   return path
 
 
-# The slowest files first (per-file sums of `pytest --durations=0`, 2026-12-03): `--dist loadfile` hands whole files
-# to the two workers in this order, so the long ones run side by side early instead of leaving one worker alone at
-# the end. xdist would otherwise reorder files by their number of tests (`--loadscope-reorder`, its default), which
-# put these few-test files last.
-SLOWEST_FILES = ("test_multihost.py", "test_recipes.py", "test_train.py", "test_reliability.py",
-                 "test_toy_preference.py", "test_train_step.py", "test_lora.py", "test_aot.py", "test_optimizers.py",
-                 "test_unpaired.py", "test_text_conditioning.py")
+# The slowest files first (per-file sums of `pytest --durations=0` from a cold compilation cache, as CI runs,
+# 2026-12-03): `--dist loadfile` hands whole files to the two workers in this order, so the long ones run side by
+# side early instead of leaving one worker alone at the end. xdist would otherwise reorder files by their number of
+# tests (`--loadscope-reorder`, its default), which put these few-test files last.
+SLOWEST_FILES = ("test_multihost.py", "test_recipes.py", "test_toy_preference.py", "test_train_step.py",
+                 "test_reliability.py", "test_lora.py", "test_train.py", "test_optimizers.py",
+                 "test_objectives_step.py", "test_text_conditioning.py", "test_aot.py", "test_flow_step.py",
+                 "test_unpaired.py")
 
 
 def pytest_configure(config):
