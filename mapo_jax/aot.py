@@ -46,8 +46,9 @@ def define_flags() -> SimpleNamespace:
       topology=flags.DEFINE_string("topology", None, "TPU slice: v5p-8, v5litepod-16, v6e-8, v4-32, v5e:2x2, ..."),
       architecture=flags.DEFINE_string("architecture", None,
                                        "a diffusers pipeline folder or a models/presets.py UNETS name"),
-      max_batch=flags.DEFINE_bool("max_batch", False, "search the largest global_batch_size that fits; also "
-                                  "spelled --max-batch"),
+      max_batch=flags.DEFINE_bool("max_batch", False, "search the largest global_batch_size that fits, "
+                                  "from the config's (doubling or halving, then interpolating); also spelled "
+                                  "--max-batch"),
       dump_hlo=flags.DEFINE_string("dump_hlo", None, "write the compiled step's HLO text to this file"),
       text=flags.DEFINE_enum("text", "auto", ["auto", "ids", "embeddings"],
                              "how the batch conditions: ids, token ids that the step encodes with the frozen text "
@@ -172,7 +173,8 @@ class Report:
   flops: float | None = None
   estimated_step_seconds: float | None = None
   model_flops: float | None = None  # the step's useful FLOPs, all chips (`model_flops_per_step`): no remat, no kernels' bookkeeping
-  mfu: float | None = None  # model_flops / (chips x peak bf16 FLOP/s x estimated_step_seconds)
+  mfu: float | None = None  # model_flops / (chips x peak bf16 FLOP/s x estimated_step_seconds), when complete
+  estimate_leaves_out: list = dataclasses.field(default_factory=list)  # `estimate_gaps`: why mfu is None
   compile_seconds: float | None = None
   error: str | None = None
   compiled: Any = dataclasses.field(default=None, repr=False)
@@ -199,12 +201,27 @@ def compile_report(target: Target, config, global_batch_size: int) -> Report:
   if not compile_into(report, slc, lambda: compile_step(built.train_step, mesh, built.state, batch, built.frozen)):
     return report
   report.model_flops = model_flops_per_step(target, config, global_batch_size)
+  report.estimate_leaves_out = estimate_gaps(report.compiled.as_text())
   peak = slc.generation.bf16_tflops * 1e12 * slc.chips
-  if report.estimated_step_seconds and peak:
+  if report.estimated_step_seconds and peak and not report.estimate_leaves_out:
     report.mfu = report.model_flops / (peak * report.estimated_step_seconds)
-    if report.mfu > 1:  # faster than the chips' peak: XLA's estimate left work out (Pallas kernels, scan bodies
-      report.mfu = report.estimated_step_seconds = None  # counted once; FLUX.1-dev on v5p-8 came out at 670 %)
   return report
+
+
+# The compiled program's parts that XLA's cost model does not count in full, so that its FLOPs and step time
+# fall short of the step's: a Pallas kernel is an opaque custom call to it, and a loop's body is counted once
+# whatever its trip count (FLUX.1-dev's scanned blocks on v5p-8 came out at 670 % MFU). An MFU from such an
+# estimate would be too high, so `aot` gives none and says which parts; the complete program for an estimate
+# is the same step with `--config.attention=xla --config.scan_blocks=false --config.accum_steps=1`.
+ESTIMATE_GAPS = {
+    "Pallas kernels (attention=pallas)": re.compile(r"custom_call_target=\"tpu_custom_call\""),
+    "loops counted once (scan_blocks, accum_steps > 1)": re.compile(r"\swhile\("),
+}
+
+
+def estimate_gaps(hlo_text: str) -> list[str]:
+  """What XLA's cost estimate of this compiled HLO leaves out (ESTIMATE_GAPS); empty when it counts it all."""
+  return [name for name, pattern in ESTIMATE_GAPS.items() if pattern.search(hlo_text)]
 
 
 def compile_into(report: Report, slc, compile_fn) -> bool:
@@ -313,9 +330,12 @@ def print_report(r: Report) -> None:
   if r.error:
     print(f"compile error: {r.error}")
   if r.flops is not None:
-    print(f"XLA cost model (an estimate, per chip): {r.flops:.4g} FLOP per step (remat's recompute included, "
-          f"Pallas kernels' not), {r.estimated_step_seconds if r.estimated_step_seconds is not None else float('nan'):.4g} "
-          "s per step")
+    seconds = r.estimated_step_seconds if r.estimated_step_seconds is not None else float("nan")
+    print(f"XLA cost model (an estimate, per chip): {r.flops:.4g} FLOP per step (remat's recompute included), "
+          f"{seconds:.4g} s per step")
+  if r.estimate_leaves_out:
+    print(f"XLA's estimate leaves out: {'; '.join(r.estimate_leaves_out)}, so no MFU; for one, compile the same "
+          "step with --config.attention=xla --config.scan_blocks=false --config.accum_steps=1")
   if r.model_flops is not None:
     print(f"model FLOPs: {r.model_flops:.4g} per step ({r.model_flops / r.global_batch_size:.4g} per pair)"
           + (f"; MFU at XLA's estimate: {100 * r.mfu:.1f} % of {r.chips} chips' bf16 peak" if r.mfu else ""))
@@ -368,26 +388,47 @@ def status(r: Report) -> int:
   return ERROR
 
 
-def search_max_batch(probe, unit: int, limit: int = 1 << 14):
-  """Largest multiple k*unit that `probe(global_batch_size) -> Report` fits: doubling k, then bisection.
-  Returns (best report or None, the first report that did not fit or errored)."""
-  best, k, failed = None, 1, None
+def required_bytes(r: Report) -> int | None:
+  """Bytes per chip the probe's step needs: its peak when it compiled, else the HBM plus what XLA said is
+  missing; None when the compiler named no size."""
+  if r.peak_bytes is not None:
+    return r.peak_bytes
+  return r.hbm_bytes + r.missing_bytes if r.missing_bytes is not None else None
+
+
+def search_max_batch(probe, unit: int, limit: int = 1 << 14, start: int = 1):
+  """Largest multiple k*unit that `probe(global_batch_size) -> Report` fits. From k = `start`: doubling k while
+  it fits (halving while it does not), then a search between the last fit and the first failure. A step's
+  memory is close to linear in its batch, so each probe there is the batch where the line through the two
+  bracketing probes' sizes (`required_bytes`) meets the HBM, kept strictly inside the bracket; bisection where a
+  size is unknown. Returns (best report or None, the first report above it that did not fit or errored)."""
+  best, failed, k = None, None, max(1, start)
   while k * unit <= limit:
     r = probe(k * unit)
-    if not r.fits:
+    if r.fits:
+      best = r
+      if failed is not None:
+        break
+      k *= 2
+    else:
       failed = r
-      break
-    best, k = r, 2 * k
+      if best is not None or status(r) == ERROR or k == 1:
+        break
+      k //= 2
   if best is None or failed is None or status(failed) == ERROR:
     return best, failed
   lo, hi = best.global_batch_size // unit, failed.global_batch_size // unit
   while hi - lo > 1:
     mid = (lo + hi) // 2
+    low_bytes, high_bytes = required_bytes(best), required_bytes(failed)
+    if low_bytes is not None and high_bytes is not None and high_bytes > low_bytes:
+      at_hbm = lo + (best.hbm_bytes - low_bytes) * (hi - lo) // (high_bytes - low_bytes)
+      mid = min(max(at_hbm, lo + 1), hi - 1)
     r = probe(mid * unit)
     if r.fits:
       lo, best = mid, r
     else:
-      hi = mid
+      hi, failed = mid, r
       if status(r) == ERROR:
         return best, r
   return best, failed
@@ -587,12 +628,14 @@ def run(config, topology: str, model_name: str | None = None, *, config_file: st
         f"per micro-batch) ...")
     r = probe(size)
     verdict = ("fits" if r.fits else "error" if status(r) == ERROR else "does not fit")
-    log(f"probe: global_batch_size={size}: {verdict}, peak {gib(r.peak_bytes).strip()} of "
-        f"{gib(r.hbm_bytes).strip()}, {r.compile_seconds:.0f} s")
+    needs = (f"peak {gib(r.peak_bytes).strip()}" if r.peak_bytes is not None else
+             f"needs at least {gib(required_bytes(r)).strip()} (the compiler's figure)")
+    log(f"probe: global_batch_size={size}: {verdict}, {needs} of {gib(r.hbm_bytes).strip()}, "
+        f"{r.compile_seconds:.0f} s")
     log(r.json())  # each probe's row as it finishes: a search cut short keeps what it measured
     return r
 
-  best, failed = search_max_batch(logged, unit)
+  best, failed = search_max_batch(logged, unit, start=config.global_batch_size // unit)
   if best is None:
     return failed
   log(f"largest batch that fits: global_batch_size={best.global_batch_size} "

@@ -31,7 +31,7 @@ Where ours deviates, and why:
 - bf16 compute on float32 master weights (`dtype`, `param_dtype`), reference stored in bf16
   (`ref_param_dtype`); the launcher runs `--mixed_precision="fp16"` (fp16 weights for the reference).
   bf16 is the TPU-native format and needs no loss scaling.
-- accum_steps 32 on the target slice's 4 chips (16 pairs per chip per micro-batch) instead of 1 pair x 128 on
+- accum_steps 16 on the target slice's 4 chips (32 pairs per chip per micro-batch) instead of 1 pair x 128 on
   16 GPUs: the same 2048 pairs per step; per-pair objectives are invariant to the split
   (mapo_jax/training/train_step.py).
 - Adafactor from optax parts, as transformers' Adafactor where it maps (mapo_jax/training/optim.py lists the
@@ -39,9 +39,11 @@ Where ours deviates, and why:
 - The empty prompt is drawn per pair from the step's key (mapo_jax/training/train_step.py `augment_batch`) instead
   of Python's `random`, so a resumed run takes the same choices.
 
-Target slice: v5p-8 (4 chips, 95 GiB each). The 2048 pairs run as 32 micro-batches of 16 pairs per chip, at a peak of
-44.82 GiB per chip (`python -m mapo_jax.aot --config configs/sdxl_dpo.py --topology v5p-8`; bench/RESULTS.md).
-On v5litepod-8 (8 chips, 16 GiB each) 4 pairs per chip do not fit (17.61 GiB) and 2 do (12.63 GiB): add
+Target slice: v5p-8 (4 chips, 95 GiB each). The 2048 pairs run as 16 micro-batches of 32 pairs per chip. That
+micro-batch peaks at 77.55 GiB per chip in a compile of 4096 pairs per step (`python -m mapo_jax.aot --config
+configs/sdxl_dpo.py --topology v5p-8 --config.global_batch_size=4096 --max-batch`; bench/RESULTS.md), which holds
+the same micro-batch and twice this step's batch. The largest micro-batch that fits is 40 pairs per chip (91.25 GiB);
+16 pairs per chip (`--config.accum_steps=32`) peak at 44.82 GiB. On v5litepod-8 (8 chips, 16 GiB each) 4 pairs per chip do not fit (17.61 GiB) and 2 do (12.63 GiB): add
 `--config.accum_steps=128` there for the same 2048 pairs per step.
 """
 from mapo_jax.config import base_config, use_dpo_recipe
@@ -49,5 +51,5 @@ from mapo_jax.config import base_config, use_dpo_recipe
 
 def get_config():
   config = use_dpo_recipe(base_config())
-  config.accum_steps = 32  # v5p-8: 4 chips x 16 pairs per micro-batch x 32 = 2048 (docstring: target slice)
+  config.accum_steps = 16  # v5p-8: 4 chips x 32 pairs per micro-batch x 16 = 2048 (docstring: target slice)
   return config
