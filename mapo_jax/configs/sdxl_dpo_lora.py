@@ -38,6 +38,10 @@ Where ours deviates, and why:
 - A drawn as PEFT's default (kaiming-uniform) instead of `init_lora_weights="gaussian"` (A ~ N(0, std 1/r));
   B = 0 either way, so step 0 is the base model exactly.
 - float32 AdamW instead of 8-bit AdamW; bf16 base and compute instead of fp16 (no loss scaling on TPU).
+
+Target slice: v5litepod-8 (8 chips, 16 GiB each). The 16 pairs run as written, 2 micro-batches of 1 pair per chip, at a
+peak of 3.19 GiB per chip (`python -m mapo_jax.aot --config configs/sdxl_dpo_lora.py --topology v5litepod-8`;
+bench/RESULTS.md).
 """
 from mapo_jax.config import SDXL_FP16_FIX_VAE, base_config
 

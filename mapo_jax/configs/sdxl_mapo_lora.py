@@ -27,6 +27,11 @@ Every value (tests/test_config.py checks this table against the resolved config)
 
 Where ours deviates, and why: as configs/sdxl_mapo.py, and A drawn as PEFT's default (kaiming-uniform)
 instead of `init_lora_weights="gaussian"` (A ~ N(0, std 1/r)); B = 0 either way, so step 0 is the base model exactly.
+
+Target slice: v5litepod-8 (8 chips, 16 GiB each). The 128 pairs run as written, 2 micro-batches of 8 pairs per chip:
+that micro-batch peaks at 14.02 GiB per chip (`python -m mapo_jax.aot --config configs/sdxl_mapo_lora.py --topology
+v5litepod-8 --config.global_batch_size=64 --config.accum_steps=1`, one micro-batch of the same size;
+bench/RESULTS.md).
 """
 from mapo_jax.config import SDXL_FP16_FIX_VAE, base_config
 
