@@ -8,6 +8,7 @@ import of its parent package's `__init__` (Python runs it first, but a package t
 would otherwise form a circle with each of them). Tests and benches are not part of the graph.
 """
 import ast
+import os
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mapo_jax"
@@ -89,3 +90,15 @@ def test_models_do_not_import_rewards_or_training():
       bad = sorted(t for t in targets if t.startswith(("mapo_jax.rewards", "mapo_jax.training", "mapo_jax.run",
                                                         "mapo_jax.toy")))
       assert not bad, f"{name} imports {bad}"
+
+
+def test_the_trainer_starts_without_importing_torch():
+  """Every trainer process pays its imports at start-up. The package reads torch's file formats without torch
+  (mapo_jax/convert/torch_pickle.py), and tensorboardX would import torch only to accept torch tensors: with
+  torch installed that took 2-5 s of each start (run/metrics.py)."""
+  import subprocess
+  import sys
+  probe = "import sys, mapo_jax.train, mapo_jax.generate, mapo_jax.export; print('torch' in sys.modules)"
+  out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.stdout.strip() == "False"

@@ -41,7 +41,8 @@ Where ours deviates, and why:
 Target slice: v5p-8 (4 chips, 95 GiB each). The 128 pairs run as written, 2 micro-batches of 16 pairs per chip, at a
 peak of 44.78 GiB per chip (`python -m mapo_jax.aot --config configs/sdxl_mapo.py --topology v5p-8`; bench/RESULTS.md).
 On v5litepod-8 (8 chips, 16 GiB each) 2 pairs per chip fit (10.06 GiB): add `--config.accum_steps=8` there for the
-same 128 pairs per step.
+same 128 pairs per step. On v6e-8 (8 chips, 32 GiB each) it runs as written, 2 micro-batches of 8 pairs per chip, at
+28.70 GiB (`--topology v6e-8`).
 """
 from mapo_jax.config import SDXL_FP16_FIX_VAE, base_config
 

@@ -13,12 +13,30 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tensorboardX import SummaryWriter
+
+
+def _import_summary_writer():
+  """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports torch when it is installed, only
+  to accept torch tensors (we log numpy), and that import took 2-5 s of every trainer's start-up (more than JAX's).
+  While sys.modules["torch"] is None, `import torch` raises ModuleNotFoundError, which tensorboardX expects."""
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
+SummaryWriter = _import_summary_writer()
 
 WANDB_MODES = ("online", "offline")
 
