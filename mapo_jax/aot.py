@@ -211,8 +211,8 @@ def compile_report(target: Target, config, global_batch_size: int) -> Report:
 # The compiled program's parts that XLA's cost model does not count in full, so that its FLOPs and step time
 # fall short of the step's: a Pallas kernel is an opaque custom call to it, and a loop's body is counted once
 # whatever its trip count (FLUX.1-dev's scanned blocks on v5p-8 came out at 670 % MFU). An MFU from such an
-# estimate would be too high, so `aot` gives none and says which parts; the complete program for an estimate
-# is the same step with `--config.attention=xla --config.scan_blocks=false --config.accum_steps=1`.
+# estimate would be too high, so `aot` gives none and says which parts, and names the same step's complete program.
+COMPLETE_ESTIMATE_FLAGS = "--config.attention=xla --config.scan_blocks=false --config.accum_steps=1"
 ESTIMATE_GAPS = {
     "Pallas kernels (attention=pallas)": re.compile(r"custom_call_target=\"tpu_custom_call\""),
     "loops counted once (scan_blocks, accum_steps > 1)": re.compile(r"\swhile\("),
@@ -335,7 +335,7 @@ def print_report(r: Report) -> None:
           f"{seconds:.4g} s per step")
   if r.estimate_leaves_out:
     print(f"XLA's estimate leaves out: {'; '.join(r.estimate_leaves_out)}, so no MFU; for one, compile the same "
-          "step with --config.attention=xla --config.scan_blocks=false --config.accum_steps=1")
+          f"step with {COMPLETE_ESTIMATE_FLAGS}")
   if r.model_flops is not None:
     print(f"model FLOPs: {r.model_flops:.4g} per step ({r.model_flops / r.global_batch_size:.4g} per pair)"
           + (f"; MFU at XLA's estimate: {100 * r.mfu:.1f} % of {r.chips} chips' bf16 peak" if r.mfu else ""))
